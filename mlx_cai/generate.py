@@ -1,0 +1,187 @@
+"""Batched generation for lists of chat conversations on a local MLX model.
+
+`generate_iter` yields `(index, Generation)` as each batch finishes, so callers can append results to
+JSONL as they go; `generate` collects them in input order. Prompts are sorted by length into batches
+(less padding), left-padded, prefilled in chunks, then decoded step by step with the next step queued
+before the host reads the current tokens (no idle gap per step).
+
+Sampling is per row: each conversation has its own seed, so its sample does not depend on which other
+prompts share its batch (a resumed run samples the same as an uninterrupted one).
+
+Context policy: a prompt longer than `context_length - max_tokens` is left-truncated (the oldest tokens
+are dropped) and `Generation.truncated` counts the dropped tokens; `context_policy="error"` raises instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+from mlx_cai import backend  # noqa: F401  (BLAS before mlx.core)
+
+import mlx.core as mx
+
+from mlx_cai import sampling
+
+Conversation = Sequence[dict]
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample. Defaults are greedy with a 256-token budget."""
+
+    max_tokens: int = 256  # new tokens per response
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    repetition_penalty: float = 1.0  # >1 discourages tokens seen in the last `repetition_context` tokens
+    repetition_context: int = 64
+    seed: int = 0  # base seed; row i of a call uses seeds[i] if given, else seed + i
+    context_policy: str = "truncate"  # "truncate" (left, recorded) or "error"
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if self.context_policy not in ("truncate", "error"):
+            raise ValueError("context_policy must be 'truncate' or 'error'")
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop" (an end token) or "length" (hit max_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+    truncated: int = 0  # prompt tokens dropped from the left by the context policy
+    tokens: list[int] = field(default_factory=list, repr=False)
+
+
+class ContextError(ValueError):
+    """A prompt does not fit the context window under context_policy='error'."""
+
+
+def context_length(model, tokenizer) -> int:
+    args = getattr(model, "args", None)
+    n = getattr(args, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", None)
+    return int(n) if n and n < 10**7 else 4096
+
+
+def encode(tokenizer, conversation: Conversation) -> list[int]:
+    """Token ids of a conversation with the chat template and the assistant generation prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True))
+    # A base model without a template: plain concatenation of the turns.
+    return list(tokenizer.encode("\n\n".join(m["content"] for m in conversation) + "\n\n"))
+
+
+def fit_context(ids: list[int], limit: int, policy: str) -> tuple[list[int], int]:
+    """Left-truncate `ids` to `limit` tokens (policy 'truncate') or raise (policy 'error')."""
+    if len(ids) <= limit:
+        return ids, 0
+    if policy == "error":
+        raise ContextError(f"prompt has {len(ids)} tokens, more than the {limit} that fit with max_tokens")
+    return ids[len(ids) - limit :], len(ids) - limit
+
+
+def _make_cache(model, left_padding: list[int]):
+    from mlx_lm.models.cache import BatchKVCache
+
+    return [BatchKVCache(left_padding) for _ in model.layers]
+
+
+def _prefill(model, tokens: mx.array, cache, chunk: int) -> None:
+    """Run all prompt tokens but the last through the model, filling the cache only (no logits needed)."""
+    n = tokens.shape[1] - 1
+    for start in range(0, n, chunk):
+        model(tokens[:, start : min(start + chunk, n)], cache=cache)
+        mx.eval([c.state[:2] for c in cache])
+
+
+def _decode_batch(model, prompts: list[list[int]], seeds: list[int], cfg: SamplingConfig, eos: set[int],
+                  prefill_chunk: int, on_step: Callable[[int], None] | None):
+    """Generate for one batch of token lists. Returns (tokens per row, finish reason per row)."""
+    B = len(prompts)
+    L = max(len(p) for p in prompts)
+    pad = [L - len(p) for p in prompts]
+    tokens = mx.array([[0] * p + ids for p, ids in zip(pad, prompts)])
+    cache = _make_cache(model, pad)
+    _prefill(model, tokens, cache, prefill_chunk)
+
+    sampler = sampling.Sampler(cfg, seeds, prompts)
+    rows = list(range(B))  # original row of each active position
+    out: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+
+    def step(y, push=True):
+        if push:
+            sampler.push(y)
+        logits = model(y[:, None], cache=cache)[:, -1, :]
+        return sampler(logits)
+
+    y = step(tokens[:, -1], push=False)  # the last prompt token is already in the window
+    mx.async_eval(y)
+    for n in range(cfg.max_tokens):
+        next_y = step(y) if n + 1 < cfg.max_tokens else None
+        if next_y is not None:
+            mx.async_eval(next_y)
+        finished = []
+        for pos, tok in enumerate(y.tolist()):
+            r = rows[pos]
+            if tok in eos:
+                reasons[r] = "stop"
+                finished.append(pos)
+            else:
+                out[r].append(tok)
+        if on_step:
+            on_step(len(rows) - len(finished))
+        if next_y is None or len(finished) == len(rows):
+            break
+        if finished:
+            # Drop finished rows so later steps only pay for live ones.
+            keep = [p for p in range(len(rows)) if p not in set(finished)]
+            idx = mx.array(keep)
+            for c in cache:
+                c.filter(idx)
+            next_y = next_y[idx]
+            sampler.filter(keep)
+            rows = [rows[p] for p in keep]
+        y = next_y
+    return out, reasons
+
+
+def generate_iter(model, tokenizer, conversations: Sequence[Conversation], config: SamplingConfig | None = None, *,
+                  batch_size: int = 32, seeds: Sequence[int] | None = None, prefill_chunk: int = 256,
+                  on_tokens: Callable[[int], None] | None = None) -> Iterator[tuple[int, Generation]]:
+    """Yield (index into `conversations`, Generation) batch by batch, longest prompts first."""
+    cfg = config or SamplingConfig()
+    if seeds is None:
+        seeds = [cfg.seed + i for i in range(len(conversations))]
+    limit = context_length(model, tokenizer) - cfg.max_tokens
+    if limit < 1:
+        raise ContextError(f"max_tokens {cfg.max_tokens} leaves no room in the {limit + cfg.max_tokens}-token context")
+    encoded = [fit_context(encode(tokenizer, c), limit, cfg.context_policy) for c in conversations]
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        toks, reasons = _decode_batch(model, [encoded[i][0] for i in idx], [seeds[i] for i in idx], cfg, eos,
+                                      prefill_chunk, on_tokens)
+        for j, i in enumerate(idx):
+            ids, dropped = encoded[i]
+            yield i, Generation(text=tokenizer.decode(toks[j]), finish_reason=reasons[j], prompt_tokens=len(ids),
+                                completion_tokens=len(toks[j]) + (reasons[j] == "stop"), truncated=dropped,
+                                tokens=toks[j])
+
+
+def generate(model, tokenizer, conversations: Sequence[Conversation], config: SamplingConfig | None = None,
+             **kwargs) -> list[Generation]:
+    """Generations for `conversations`, in input order."""
+    results: list[Generation | None] = [None] * len(conversations)
+    for i, g in generate_iter(model, tokenizer, conversations, config, **kwargs):
+        results[i] = g
+    return results  # type: ignore[return-value]

@@ -1,0 +1,116 @@
+"""JSONL, the interchange format of every stage: read with line-numbered errors, append-and-flush, resume.
+
+A stage writes one record per line with a stable `id` and flushes after each, so a killed run can be
+continued: `done_ids(path)` says what is already there, and a torn last line (the kill came mid-write)
+is dropped by `repair_tail` before appending resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+class RecordError(ValueError):
+    """Bad input file; the message names the file and line."""
+
+
+def stable_id(*parts: Any, prefix: str = "") -> str:
+    """A short id that depends only on the inputs (so reruns produce the same ids)."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()
+    return prefix + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]:
+    """Yield the JSON objects of `path`, skipping blank lines; a bad line raises RecordError naming it."""
+    path = Path(path)
+    required = tuple(required)
+    if not path.exists():
+        raise RecordError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or delete that line") from None
+            if not isinstance(obj, dict):
+                raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            missing = [k for k in required if k not in obj]
+            if missing:
+                raise RecordError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+            yield obj
+
+
+def repair_tail(path: str | Path) -> int:
+    """Drop a torn final line (no newline, not valid JSON) left by a kill mid-write. Returns bytes removed."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    with path.open("rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return 0
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+            f.write(b"\n")  # a complete record that only lacks its newline: keep it
+            return 0
+        except ValueError:
+            f.truncate(cut)
+            return len(data) - cut
+
+
+def load_done(path: str | Path, key: str = "id") -> dict[str, dict]:
+    """Records already in an output file, by id (after repairing a torn tail)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    repair_tail(path)
+    return {r[key]: r for r in read_jsonl(path) if key in r}
+
+
+def done_ids(path: str | Path, key: str = "id") -> set[str]:
+    return set(load_done(path, key))
+
+
+class JsonlWriter:
+    """Append records to a JSONL file, flushed and fsynced per record so a kill loses at most one."""
+
+    def __init__(self, path: str | Path, sync: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        repair_tail(self.path)
+        self._f = self.path.open("a", encoding="utf-8")
+        self._sync = sync
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+        if self._sync:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> Path:
+    """Write a whole file at once via a temporary sibling and rename (for outputs that are not appended)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path

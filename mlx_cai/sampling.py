@@ -1,0 +1,78 @@
+"""Per-row token sampling: repetition penalty, temperature, top-p, each row with its own random stream.
+
+Pure array functions plus a small stateful `Sampler` that holds the per-row keys and recent tokens.
+Per-row keys (advanced with `vmap(split)`) make a row's sample independent of its batch neighbours.
+"""
+
+from __future__ import annotations
+
+from mlx_cai import backend  # noqa: F401
+
+import mlx.core as mx
+
+
+def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
+    """CTRL-style penalty. logits (B, V); recent (B, W) token ids, -1 for empty slots.
+
+    A seen token's logit is divided by `penalty` if positive, multiplied if negative.
+    """
+    B, V = logits.shape
+    valid = recent >= 0
+    idx = mx.where(valid, recent, 0)
+    seen = mx.zeros((B, V), dtype=mx.bool_)
+    seen = mx.put_along_axis(seen, idx, valid, axis=-1)
+    penalized = mx.where(logits > 0, logits / penalty, logits * penalty)
+    return mx.where(seen, penalized, logits)
+
+
+def top_p_mask(logprobs: mx.array, top_p: float) -> mx.array:
+    """Keep the smallest set of tokens whose probability mass reaches `top_p`. logprobs (B, V) -> same, -inf elsewhere."""
+    order = mx.argsort(-logprobs, axis=-1)
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    cum = mx.cumsum(mx.exp(sorted_lp), axis=-1)
+    # keep a token if the mass before it is still below top_p (so the top token is always kept)
+    keep_sorted = (cum - mx.exp(sorted_lp)) < top_p
+    keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+    return mx.where(keep, logprobs, -mx.inf)
+
+
+_split = mx.vmap(lambda k: mx.random.split(k))
+
+
+class Sampler:
+    """Samples one token per row from (B, V) logits under a SamplingConfig."""
+
+    def __init__(self, cfg, seeds, prompts: list[list[int]]):
+        self.cfg = cfg
+        self.keys = mx.stack([mx.random.key(int(s)) for s in seeds]) if cfg.temperature > 0 else None
+        W = cfg.repetition_context
+        # The window starts with the end of the prompt, as in mlx-lm and HF; -1 marks empty slots.
+        self.recent = mx.array([([-1] * W + p)[-W:] for p in prompts]) if cfg.repetition_penalty != 1.0 else None
+
+    def __call__(self, logits: mx.array) -> mx.array:
+        cfg = self.cfg
+        logits = logits.astype(mx.float32)
+        if self.recent is not None:
+            logits = apply_repetition_penalty(logits, self.recent, cfg.repetition_penalty)
+        if cfg.temperature == 0:
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits / cfg.temperature
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        if cfg.top_p < 1.0:
+            logprobs = top_p_mask(logprobs, cfg.top_p)
+        pairs = _split(self.keys)
+        self.keys, sub = pairs[:, 0], pairs[:, 1]
+        noise = mx.vmap(lambda k: mx.random.gumbel(shape=logprobs.shape[-1:], key=k))(sub)
+        return mx.argmax(logprobs + noise, axis=-1)
+
+    def push(self, tokens: mx.array) -> None:
+        """Slide the repetition window by the tokens just sampled (B,), lazily on device."""
+        if self.recent is not None:
+            self.recent = mx.concatenate([self.recent[:, 1:], tokens[:, None].astype(self.recent.dtype)], axis=1)
+
+    def filter(self, keep: list[int]) -> None:
+        idx = mx.array(keep)
+        if self.keys is not None:
+            self.keys = self.keys[idx]
+        if self.recent is not None:
+            self.recent = self.recent[idx]
