@@ -103,12 +103,17 @@ class OpenAIBackend:
         return self._client
 
     def check(self) -> None:
+        import openai
+
+        client = self.client()
         try:
-            self.client().models.list()
-        except BackendError:
-            raise
-        except Exception as e:
+            client.models.list()
+        except (openai.APIConnectionError, openai.APITimeoutError) as e:
             raise BackendError(f"{self.name} is not reachable: {_first_line(e)}") from None
+        except openai.AuthenticationError as e:
+            raise BackendError(f"{self.name}: authentication failed ({_first_line(e)}); check ${self.api_key_env}") from None
+        except Exception:  # reachable; some servers (mlx_lm.server) answer /models oddly
+            pass
 
     def _one(self, conversation: Conversation, config: SamplingConfig, seed: int) -> Generation:
         import openai

@@ -109,10 +109,27 @@ def should_dequantize(override: bool | None = None) -> bool:
 
 
 def dequantize(model: nn.Module, dtype=mx.float32) -> nn.Module:
-    """Replace quantized layers by dense ones and cast floating parameters to `dtype`."""
-    from mlx_lm.utils import dequantize_model
+    """Replace quantized layers by dense ones in `dtype`, computing in float32 (GGUF scales are float16:
+    dequantizing in float16 would round every weight once more), and cast other floating params."""
+    dense = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        f32 = lambda a: None if a is None else a.astype(mx.float32)  # noqa: E731
+        w = mx.dequantize(module.weight, f32(module.scales), f32(module.get("biases")), module.group_size,
+                          module.bits, module.mode).astype(dtype)
+        if isinstance(module, nn.QuantizedEmbedding):
+            layer = nn.Embedding(*w.shape)
+        else:
+            layer = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
+            if "bias" in module:
+                layer.bias = module.bias
+        layer.weight = w
+        dense.append((name, layer))
+    if dense:
+        from mlx.utils import tree_unflatten
 
-    dequantize_model(model)
+        model.update_modules(tree_unflatten(dense))
     model.apply(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x)
     mx.eval(model.parameters())
     return model

@@ -17,10 +17,9 @@ def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float)
     A seen token's logit is divided by `penalty` if positive, multiplied if negative.
     """
     B, V = logits.shape
-    valid = recent >= 0
-    idx = mx.where(valid, recent, 0)
-    seen = mx.zeros((B, V), dtype=mx.bool_)
-    seen = mx.put_along_axis(seen, idx, valid, axis=-1)
+    # Empty slots scatter into a spare column V, so they can never clear a real token's mark.
+    idx = mx.where(recent >= 0, recent, V)
+    seen = mx.put_along_axis(mx.zeros((B, V + 1), dtype=mx.bool_), idx, mx.array(True), axis=-1)[:, :V]
     penalized = mx.where(logits > 0, logits / penalty, logits * penalty)
     return mx.where(seen, penalized, logits)
 

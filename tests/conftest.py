@@ -8,3 +8,24 @@ import mlx_cai.backend  # noqa: F401  (OpenBLAS before mlx.core, once for the wh
 # Converted models go to a throwaway home unless the caller chose one (CI reuses one per run).
 os.environ.setdefault("MLX_CAI_HOME", tempfile.mkdtemp(prefix="mlx-cai-test-home-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A random 2-layer llama (byte-level vocab of 261, ChatML-like template) as a .gguf file."""
+    from tinymodels import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf"
+    write_tiny_gguf(path, {})
+    return path
+
+
+@pytest.fixture
+def tiny(tiny_gguf):
+    """(model, tokenizer) of the tiny random llama, float32. Fresh per test: tests may change eos ids."""
+    from mlx_cai import models
+
+    return models.load(str(tiny_gguf))

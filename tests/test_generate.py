@@ -1,0 +1,103 @@
+"""The batched generation engine on a tiny random llama: padding, stopping, seeds, context policy."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_cai import sampling
+from mlx_cai.generate import ContextError, SamplingConfig, fit_context, generate
+
+PROMPTS = ["hi", "hello there, how are you today?", "a much longer prompt " * 6, "ok"]
+
+
+def convs(texts):
+    return [[{"role": "user", "content": t}] for t in texts]
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny):
+    model, tok = tiny
+    cfg = SamplingConfig(max_tokens=12)
+    together = generate(model, tok, convs(PROMPTS), cfg, batch_size=4)
+    alone = [generate(model, tok, convs([p]), cfg, batch_size=1)[0] for p in PROMPTS]
+    # Left padding, masks and per-row rotary offsets must make batching invisible.
+    assert [g.tokens for g in together] == [g.tokens for g in alone]
+    assert all(g.finish_reason == "length" and g.completion_tokens == 12 for g in together)
+
+
+def test_results_keep_input_order_across_batches(tiny):
+    model, tok = tiny
+    cfg = SamplingConfig(max_tokens=6)
+    one = generate(model, tok, convs(PROMPTS), cfg, batch_size=1)
+    two = generate(model, tok, convs(PROMPTS), cfg, batch_size=3)
+    assert [g.tokens for g in one] == [g.tokens for g in two]
+    assert [g.prompt_tokens for g in one] == [len(tok.apply_chat_template(c, add_generation_prompt=True))
+                                              for c in convs(PROMPTS)]
+
+
+def test_stops_on_end_token_and_counts_it(tiny):
+    model, tok = tiny
+    free = generate(model, tok, convs(["hello"]), SamplingConfig(max_tokens=10))[0]
+    stop_at = free.tokens[3]
+    first = free.tokens.index(stop_at)
+    tok.eos_token_ids = {2, stop_at}
+    g = generate(model, tok, convs(["hello", "ok"]), SamplingConfig(max_tokens=10), batch_size=2)[0]
+    assert g.finish_reason == "stop"
+    assert g.tokens == free.tokens[:first]
+    assert g.completion_tokens == first + 1  # the end token was generated too
+    assert g.text == tok.decode(free.tokens[:first])
+
+
+def test_row_seeds_make_samples_independent_of_batch(tiny):
+    model, tok = tiny
+    cfg = SamplingConfig(max_tokens=10, temperature=1.0, top_p=0.9)
+    a = generate(model, tok, convs(PROMPTS), cfg, batch_size=4, seeds=[11, 12, 13, 14])
+    b = generate(model, tok, convs(PROMPTS[2:3]), cfg, batch_size=1, seeds=[13])
+    assert a[2].tokens == b[0].tokens
+    c = generate(model, tok, convs(PROMPTS[2:3]), cfg, batch_size=1, seeds=[99])
+    assert c[0].tokens != b[0].tokens
+    greedy = generate(model, tok, convs(PROMPTS[2:3]), SamplingConfig(max_tokens=10))
+    assert greedy[0].tokens != b[0].tokens
+
+
+def test_context_policy_truncates_left_or_errors(tiny):
+    model, tok = tiny
+    long = "word " * 400  # ~2000 byte tokens, over the 256-token context
+    g = generate(model, tok, convs([long]), SamplingConfig(max_tokens=8))[0]
+    assert g.prompt_tokens == 256 - 8 and g.truncated > 0
+    with pytest.raises(ContextError, match="more than the 248"):
+        generate(model, tok, convs([long]), SamplingConfig(max_tokens=8, context_policy="error"))
+    assert fit_context(list(range(10)), 4, "truncate") == ([6, 7, 8, 9], 6)
+
+
+def test_repetition_penalty_changes_greedy_output(tiny):
+    model, tok = tiny
+    plain = generate(model, tok, convs(["hello"]), SamplingConfig(max_tokens=24))[0]
+    assert len(set(plain.tokens)) < len(plain.tokens)  # a random model repeats itself
+    pen = generate(model, tok, convs(["hello"]), SamplingConfig(max_tokens=24, repetition_penalty=50.0,
+                                                                   repetition_context=64))[0]
+    assert len(set(pen.tokens)) > len(set(plain.tokens))
+
+
+def test_repetition_penalty_math():
+    logits = mx.array([[2.0, -1.0, 0.5, 3.0]])
+    recent = mx.array([[0, 1, -1]])  # tokens 0 and 1 seen; -1 is an empty slot
+    out = np.array(sampling.apply_repetition_penalty(logits, recent, 2.0))
+    np.testing.assert_allclose(out, [[1.0, -2.0, 0.5, 3.0]])  # 2/2, -1*2, unchanged, unchanged
+
+
+def test_top_p_keeps_smallest_nucleus():
+    probs = np.array([[0.5, 0.3, 0.15, 0.05]])
+    lp = mx.array(np.log(probs))
+    kept = np.isfinite(np.array(sampling.top_p_mask(lp, 0.7)))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5+0.3 >= 0.7
+    kept = np.isfinite(np.array(sampling.top_p_mask(lp, 0.1)))
+    assert kept.tolist() == [[True, False, False, False]]  # the top token is always kept
+
+
+def test_sampling_config_validation():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(ValueError, match="context_policy"):
+        SamplingConfig(context_policy="drop")

@@ -1,0 +1,51 @@
+"""JSONL records: line-numbered errors, torn-tail repair, append-and-resume."""
+
+import json
+
+import pytest
+
+from mlx_cai import records
+
+
+def test_read_reports_file_and_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"id": 1}\n\n{"id": 2\n')
+    with pytest.raises(records.RecordError, match=r"x.jsonl:3: malformed JSON"):
+        list(records.read_jsonl(p))
+    p.write_text('{"id": 1}\n[1, 2]\n')
+    with pytest.raises(records.RecordError, match=r"x.jsonl:2: expected a JSON object"):
+        list(records.read_jsonl(p))
+    p.write_text('{"id": 1}\n{"x": 2}\n')
+    with pytest.raises(records.RecordError, match=r"x.jsonl:2: missing field\(s\) id"):
+        list(records.read_jsonl(p, required=["id"]))
+
+
+def test_torn_tail_is_dropped_and_complete_tail_kept(tmp_path):
+    p = tmp_path / "o.jsonl"
+    p.write_text('{"id": "a"}\n{"id": "b", "te')
+    assert records.repair_tail(p) > 0
+    assert p.read_text() == '{"id": "a"}\n'
+    p.write_text('{"id": "a"}\n{"id": "b"}')  # complete record, only the newline missing
+    assert records.repair_tail(p) == 0
+    assert p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+
+
+def test_writer_appends_after_repair_and_done_ids(tmp_path):
+    p = tmp_path / "o.jsonl"
+    p.write_text('{"id": "a"}\n{"id": "b", "te')
+    with records.JsonlWriter(p) as w:
+        w.write({"id": "c"})
+    assert [json.loads(x)["id"] for x in p.read_text().splitlines()] == ["a", "c"]
+    assert records.done_ids(p) == {"a", "c"}
+
+
+def test_stable_id_depends_only_on_inputs():
+    assert records.stable_id("x", 1) == records.stable_id("x", 1)
+    assert records.stable_id("x", 1) != records.stable_id("x", 2)
+    assert records.stable_id({"b": 1, "a": 2}) == records.stable_id({"a": 2, "b": 1})
+
+
+def test_atomic_write_leaves_no_temp(tmp_path):
+    p = records.write_jsonl_atomic(tmp_path / "d" / "f.jsonl", [{"id": 1}, {"id": 2}])
+    assert len(p.read_text().splitlines()) == 2
+    assert [x.name for x in p.parent.iterdir()] == ["f.jsonl"]

@@ -1,0 +1,102 @@
+"""Tiny llama GGUF files written with llama.cpp's own `gguf` Python package, for tests.
+
+`write_tiny_gguf` returns, per tensor, the float32 reference from gguf-py's dequantizer (an independent
+implementation of the block formats).
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+Q = gguf.GGMLQuantizationType
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _tokenizer_kv(w: "gguf.GGUFWriter") -> int:
+    """A byte-level BPE vocab: 3 control tokens, 256 bytes, 2 merges. Returns the vocab size."""
+    control = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    byte_tokens = [_bytes_to_unicode()[b] for b in range(256)]
+    merges = ["h e", "l l"]
+    tokens = control + byte_tokens + ["he", "ll"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * len(control) + [1] * (len(tokens) - len(control)))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return len(tokens)
+
+
+def write_tiny_gguf(path, qtypes: dict[str, "gguf.GGMLQuantizationType"], arch: str = "llama", seed: int = 0):
+    """A random llama GGUF; `qtypes` maps a tensor-name substring to its type (default F32).
+    Returns {gguf tensor name: float32 reference after the format's own quantize+dequantize}."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    vocab = _tokenizer_kv(w)
+    w.add_context_length(256)
+    w.add_embedding_length(HIDDEN)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(HIDDEN // HEADS)
+    kv_dim = HIDDEN // HEADS * KV_HEADS
+    shapes = {"token_embd.weight": (vocab, HIDDEN), "output_norm.weight": (HIDDEN,)}
+    for i in range(LAYERS):
+        b = f"blk.{i}."
+        shapes.update({b + "attn_q.weight": (HIDDEN, HIDDEN), b + "attn_k.weight": (kv_dim, HIDDEN),
+                       b + "attn_v.weight": (kv_dim, HIDDEN), b + "attn_output.weight": (HIDDEN, HIDDEN),
+                       b + "ffn_gate.weight": (FFN, HIDDEN), b + "ffn_up.weight": (FFN, HIDDEN),
+                       b + "ffn_down.weight": (HIDDEN, FFN), b + "attn_norm.weight": (HIDDEN,),
+                       b + "ffn_norm.weight": (HIDDEN,)})
+    reference = {}
+    for name, shape in shapes.items():
+        data = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if len(shape) == 1:
+            data = 1 + data
+        qtype = next((t for key, t in qtypes.items() if key in name and len(shape) == 2), Q.F32)
+        if qtype == Q.F32:
+            w.add_tensor(name, data)
+            reference[name] = data
+        elif qtype == Q.F16:
+            w.add_tensor(name, data.astype(np.float16))
+            reference[name] = data.astype(np.float16).astype(np.float32)
+        else:
+            packed = gguf.quants.quantize(data, qtype)
+            w.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=qtype)
+            reference[name] = gguf.quants.dequantize(packed, qtype).reshape(shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return reference
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _flatten(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], tree
