@@ -22,6 +22,7 @@ from mlx_cai import backend  # noqa: F401  (BLAS before mlx.core)
 import mlx.core as mx
 
 from mlx_cai import sampling
+from mlx_cai.fastllama import FastLlama, FastRunner
 
 Conversation = Sequence[dict]
 
@@ -88,76 +89,90 @@ def fit_context(ids: list[int], limit: int, policy: str) -> tuple[list[int], int
     return ids[len(ids) - limit :], len(ids) - limit
 
 
-def _make_cache(model, left_padding: list[int]):
-    from mlx_lm.models.cache import BatchKVCache
+class GenericRunner:
+    """The decode-loop interface over any mlx-lm model, with its left-padded BatchKVCache."""
 
-    return [BatchKVCache(left_padding) for _ in model.layers]
+    def __init__(self, model, tokens: mx.array, pad: list[int], prefill_chunk: int = 256):
+        from mlx_lm.models.cache import BatchKVCache
+
+        self.model, self.tokens, self.chunk = model, tokens, prefill_chunk
+        self.cache = [BatchKVCache(pad) for _ in model.layers]
+
+    def prefill(self) -> mx.array:
+        # All prompt tokens but the last only fill the cache (their logits are never computed: lazy graph).
+        n = self.tokens.shape[1] - 1
+        for start in range(0, n, self.chunk):
+            self.model(self.tokens[:, start : min(start + self.chunk, n)], cache=self.cache)
+            mx.eval([c.state[:2] for c in self.cache])
+        return self.step(self.tokens[:, -1])
+
+    def step(self, y: mx.array) -> mx.array:
+        return self.model(y[:, None], cache=self.cache)[:, -1, :]
+
+    def keep(self, idx: mx.array) -> None:
+        for c in self.cache:
+            c.filter(idx)
 
 
-def _prefill(model, tokens: mx.array, cache, chunk: int) -> None:
-    """Run all prompt tokens but the last through the model, filling the cache only (no logits needed)."""
-    n = tokens.shape[1] - 1
-    for start in range(0, n, chunk):
-        model(tokens[:, start : min(start + chunk, n)], cache=cache)
-        mx.eval([c.state[:2] for c in cache])
+def _decode_batch(runner, prompts: list[list[int]], seeds: list[int], cfg: SamplingConfig, eos: set[int],
+                  on_step: Callable[[int], None] | None):
+    """Generate for one batch. Returns (tokens per row, finish reason per row).
 
-
-def _decode_batch(model, prompts: list[list[int]], seeds: list[int], cfg: SamplingConfig, eos: set[int],
-                  prefill_chunk: int, on_step: Callable[[int], None] | None):
-    """Generate for one batch of token lists. Returns (tokens per row, finish reason per row)."""
+    The next step is queued (async_eval) before the host reads the current tokens. Finished rows keep
+    decoding (their tokens are ignored) until at most half the batch is live, then the batch is compacted:
+    few distinct shapes for the compiled path, little wasted work for the generic one.
+    """
     B = len(prompts)
-    L = max(len(p) for p in prompts)
-    pad = [L - len(p) for p in prompts]
-    tokens = mx.array([[0] * p + ids for p, ids in zip(pad, prompts)])
-    cache = _make_cache(model, pad)
-    _prefill(model, tokens, cache, prefill_chunk)
-
     sampler = sampling.Sampler(cfg, seeds, prompts)
-    rows = list(range(B))  # original row of each active position
+    rows = list(range(B))  # original row of each batch position
+    live = [True] * B
     out: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
 
-    def step(y, push=True):
-        if push:
-            sampler.push(y)
-        logits = model(y[:, None], cache=cache)[:, -1, :]
-        return sampler(logits)
-
-    y = step(tokens[:, -1], push=False)  # the last prompt token is already in the window
+    y = sampler(runner.prefill())
     mx.async_eval(y)
     for n in range(cfg.max_tokens):
-        next_y = step(y) if n + 1 < cfg.max_tokens else None
-        if next_y is not None:
+        next_y = None
+        if n + 1 < cfg.max_tokens:
+            sampler.push(y)
+            next_y = sampler(runner.step(y))
             mx.async_eval(next_y)
-        finished = []
+        new = 0
         for pos, tok in enumerate(y.tolist()):
-            r = rows[pos]
+            if not live[pos]:
+                continue
             if tok in eos:
-                reasons[r] = "stop"
-                finished.append(pos)
+                reasons[rows[pos]] = "stop"
+                live[pos] = False
             else:
-                out[r].append(tok)
+                out[rows[pos]].append(tok)
+                new += 1
         if on_step:
-            on_step(len(rows) - len(finished))
-        if next_y is None or len(finished) == len(rows):
+            on_step(new)
+        n_live = sum(live)
+        if next_y is None or n_live == 0:
             break
-        if finished:
-            # Drop finished rows so later steps only pay for live ones.
-            keep = [p for p in range(len(rows)) if p not in set(finished)]
+        if n_live <= len(rows) // 2:
+            keep = [p for p in range(len(rows)) if live[p]]
             idx = mx.array(keep)
-            for c in cache:
-                c.filter(idx)
-            next_y = next_y[idx]
+            runner.keep(idx)
             sampler.filter(keep)
+            next_y = next_y[idx]
             rows = [rows[p] for p in keep]
+            live = [True] * len(keep)
         y = next_y
     return out, reasons
 
 
 def generate_iter(model, tokenizer, conversations: Sequence[Conversation], config: SamplingConfig | None = None, *,
                   batch_size: int = 32, seeds: Sequence[int] | None = None, prefill_chunk: int = 256,
-                  on_tokens: Callable[[int], None] | None = None) -> Iterator[tuple[int, Generation]]:
-    """Yield (index into `conversations`, Generation) batch by batch, longest prompts first."""
+                  on_tokens: Callable[[int], None] | None = None,
+                  use_fast: bool = True) -> Iterator[tuple[int, Generation]]:
+    """Yield (index into `conversations`, Generation) batch by batch, longest prompts first.
+
+    Dense llama-family models take the compiled path (mlx_cai.fastllama); others, or `use_fast=False`,
+    the generic mlx-lm path. Both give the same greedy tokens (tested).
+    """
     cfg = config or SamplingConfig()
     if seeds is None:
         seeds = [cfg.seed + i for i in range(len(conversations))]
@@ -167,10 +182,16 @@ def generate_iter(model, tokenizer, conversations: Sequence[Conversation], confi
     encoded = [fit_context(encode(tokenizer, c), limit, cfg.context_policy) for c in conversations]
     eos = set(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    fast = FastLlama.build(model) if use_fast else None
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        toks, reasons = _decode_batch(model, [encoded[i][0] for i in idx], [seeds[i] for i in idx], cfg, eos,
-                                      prefill_chunk, on_tokens)
+        prompts = [encoded[i][0] for i in idx]
+        L = max(len(p) for p in prompts)
+        pad = [L - len(p) for p in prompts]
+        tokens = mx.array([[0] * k + p for k, p in zip(pad, prompts)])
+        runner = FastRunner(fast, tokens, pad, cfg.max_tokens) if fast else GenericRunner(model, tokens, pad,
+                                                                                           prefill_chunk)
+        toks, reasons = _decode_batch(runner, prompts, [seeds[i] for i in idx], cfg, eos, on_tokens)
         for j, i in enumerate(idx):
             ids, dropped = encoded[i]
             yield i, Generation(text=tokenizer.decode(toks[j]), finish_reason=reasons[j], prompt_tokens=len(ids),

@@ -1,12 +1,17 @@
 """Shared fixtures: MLX prepared first, a private cache home, tiny random llamas, the embedded model."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import mlx_cai.backend  # noqa: F401  (OpenBLAS before mlx.core, once for the whole suite)
 
-# Converted models go to a throwaway home unless the caller chose one (CI reuses one per run).
-os.environ.setdefault("MLX_CAI_HOME", tempfile.mkdtemp(prefix="mlx-cai-test-home-"))
+# Converted models go to a throwaway home (removed at exit) unless the caller chose one.
+if "MLX_CAI_HOME" not in os.environ:
+    _home = tempfile.mkdtemp(prefix="mlx-cai-test-home-")
+    os.environ["MLX_CAI_HOME"] = _home
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
