@@ -97,3 +97,39 @@ def test_info_reports_blas_and_device():
     r = runner.invoke(app, ["info"])
     assert r.exit_code == 0, r.output
     assert "OpenBLAS" in r.output and "GFLOP/s" in r.output and "cpu" in r.output
+
+
+def test_local_mlx_folder_and_offline_hub_spec(tiny_gguf, monkeypatch):
+    folder = models.resolve(str(tiny_gguf))
+    model, tok = models.load(str(folder))
+    assert model.mlx_cai_info.path == str(folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        models.load("nobody/no-such-model-xyz")
+    except models.ModelError as e:
+        assert "cannot fetch 'nobody/no-such-model-xyz'" in str(e) and "\n" not in str(e)
+    else:
+        raise AssertionError("expected ModelError")
+
+
+def test_chat_streams_multi_turn(tiny_gguf):
+    r = runner.invoke(app, ["chat", "-m", str(tiny_gguf), "--max-tokens", "4", "--temperature", "0"],
+                      input="hello\nand again\n\n")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("bot>") == 2
+
+
+def test_keep_quantized_flag(tmp_path, monkeypatch):
+    from tinymodels import Q, write_tiny_gguf
+
+    monkeypatch.setenv("MLX_CAI_HOME", str(tmp_path / "home"))
+    path = tmp_path / "q.gguf"
+    write_tiny_gguf(path, {"ffn_": Q.Q4_0})
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    for flag in ("--keep-quantized", "--dequantize"):
+        out = tmp_path / f"o{flag}.jsonl"
+        r = runner.invoke(app, ["generate", str(prompts), "-o", str(out), "-m", str(path), "--max-tokens", "3", flag])
+        assert r.exit_code == 0, r.output
+        [rec] = lines(out)
+        assert rec["dequantized"] is (flag == "--dequantize")

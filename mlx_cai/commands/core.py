@@ -91,6 +91,8 @@ def generate(
     repetition_penalty: float = typer.Option(1.0),
     batch_size: int = typer.Option(32, help="prompts decoded together"),
     seed: int = typer.Option(0),
+    dequantize: Optional[bool] = typer.Option(None, "--dequantize/--keep-quantized",
+                                              help="default: dequantize to float32 on CPU, keep quantized on GPU"),
 ) -> None:
     """Generate a response for every prompt into OUTPUT (one JSON object per line: id, prompt, response,
     finish_reason, prompt_tokens, completion_tokens). Resumable: rerun after a kill to continue."""
@@ -109,7 +111,7 @@ def generate(
         ui.note(f"{len(items)} prompts, {len(done)} already in {output}, {len(todo)} to go")
         from mlx_cai import models
 
-        m, tok = models.load(model, adapter)
+        m, tok = models.load(model, adapter, dequantize_weights=dequantize)
         with ui.progress("generate", total=len(items), done=len(done)) as (bar, _, _rate):
             generation.run(m, tok, todo, output, cfg, batch_size=batch_size, seed=seed,
                            on_record=lambda r: bar.tick(1), on_tokens=lambda n: bar.tick(0, n))

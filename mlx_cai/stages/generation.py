@@ -85,6 +85,7 @@ def run(model, tokenizer, items: list[PromptItem], output: str | Path, config: S
     """Generate for `items` and append records to `output` as each batch finishes."""
     info = getattr(model, "mlx_cai_info", None)
     provenance = {"model": getattr(info, "spec", None), "adapter": getattr(info, "adapter", None),
+                  "dequantized": getattr(info, "dequantized", None),
                   "temperature": config.temperature, "top_p": config.top_p, "max_tokens": config.max_tokens,
                   "repetition_penalty": config.repetition_penalty, "seed": seed, **(extra or {})}
     with records.JsonlWriter(output) as w:
