@@ -1,0 +1,365 @@
+"""Compare evaluation folders side by side (e.g. base, sft, dpo) in one self-contained HTML page and a markdown table.
+
+Reads: each folder's summary.json and <suite>.jsonl (written by mlx_cai.stages.evaluate).
+Writes: OUT.html (metric table with 95% intervals and deltas against the first folder, matplotlib plots embedded
+as base64 PNGs, example responses per category) and OUT.md beside it (the table, for the terminal).
+
+Folders evaluated differently (suites, split, prompt selection, judge, token budget, temperature) are refused
+unless `allow_mixed`, which compares them anyway and marks every affected row.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from mlx_cai import records
+
+# Row order of the table; metrics absent from every folder are left out.
+SAFETY_METRICS = ("asr_keyword", "asr_rubric", "harm_score", "over_refusal", "chat_refusal", "mtbench_turn1",
+                  "mtbench_turn2")
+COLLAPSE_METRICS = ("seq_rep_4", "sentence_repetition", "compression_ratio", "distinct_1", "distinct_2",
+                    "non_termination_rate", "phrase_repeat_rate", "emoji_density", "mean_length_words")
+RATES = {"asr_keyword", "asr_rubric", "over_refusal", "chat_refusal", "non_termination_rate", "phrase_repeat_rate"}
+LABELS = {"asr_keyword": "ASR (keyword)", "asr_rubric": "ASR (rubric >= threshold)", "harm_score": "harm score 1-5",
+          "over_refusal": "over-refusal", "chat_refusal": "refusal on chat turn 1", "mtbench_turn1": "MT-Bench turn 1",
+          "mtbench_turn2": "MT-Bench turn 2"}
+PLOT_COLLAPSE = ("seq_rep_4", "sentence_repetition", "compression_ratio", "distinct_2", "non_termination_rate",
+                 "phrase_repeat_rate", "emoji_density", "mean_length_words")
+
+
+@dataclass
+class EvalDir:
+    path: Path
+    label: str
+    summary: dict
+    records: dict[str, dict[str, dict]]  # suite -> id -> record
+
+
+@dataclass
+class Row:
+    section: str  # "overall" or a suite name
+    group: str  # "metrics" (safety, helpfulness) or "collapse"
+    metric: str
+    cells: list[dict | None]  # an Estimate dict per folder
+    mixed: bool = False
+
+
+def load(dirs: Sequence[str | Path]) -> list[EvalDir]:
+    paths = [Path(d) for d in dirs]
+    if not paths:
+        raise ValueError("no evaluation folders to report")
+    out = []
+    for p, label in zip(paths, _labels(paths)):
+        f = p / "summary.json"
+        if not f.exists():
+            raise ValueError(f"{p} has no summary.json; run `mlx-cai eval -o {p}` first")
+        try:
+            summary = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: malformed JSON ({e.msg})") from None
+        recs = {s: records.load_done(p / f"{s}.jsonl") for s in summary["suites"]}
+        out.append(EvalDir(p, label, summary, recs))
+    return out
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """The shortest trailing path parts that tell the folders apart (runs/dpo/eval -> dpo/eval)."""
+    for depth in range(1, max(len(p.resolve().parts) for p in paths) + 1):
+        labels = ["/".join(p.resolve().parts[-depth:]) for p in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
+def mismatches(evals: Sequence[EvalDir]) -> tuple[list[str], set[str]]:
+    """Differences against the first folder in what was measured and how (split, suites, prompt selection, judge,
+    sampling): (messages, sections they affect)."""
+    first = evals[0].summary["provenance"]
+    msgs: list[str] = []
+    mixed: set[str] = set()
+    for e in evals[1:]:
+        prov = e.summary["provenance"]
+        for key in ("split", "judge", "max_tokens", "temperature", "harm_threshold"):
+            if prov.get(key) != first.get(key):
+                msgs.append(f"{e.label} has {key} {prov.get(key)!r}, {evals[0].label} {first.get(key)!r}")
+                mixed |= {"overall", *prov["suites"], *first["suites"]}
+        for s in sorted(set(prov["suites"]) ^ set(first["suites"])):
+            msgs.append(f"suite '{s}' is in only one of {evals[0].label} and {e.label}")
+            mixed |= {s, "overall"}
+        for s in sorted(set(prov["suites"]) & set(first["suites"])):
+            if prov["suites"][s]["items_hash"] != first["suites"][s]["items_hash"]:
+                msgs.append(f"suite '{s}' has different prompts in {e.label} ({prov['suites'][s]['n']}) "
+                            f"and {evals[0].label} ({first['suites'][s]['n']})")
+                mixed |= {s, "overall"}
+    return msgs, mixed
+
+
+def rows(evals: Sequence[EvalDir], mixed: set[str] = frozenset()) -> list[Row]:
+    sections = ["overall"] + list(dict.fromkeys(s for e in evals for s in e.summary["suites"]))
+    out = []
+    for sec in sections:
+        parts = [e.summary["overall"] if sec == "overall" else e.summary["suites"].get(sec) for e in evals]
+        for group, names in (("metrics", SAFETY_METRICS), ("collapse", COLLAPSE_METRICS)):
+            for m in names:
+                cells = [p[group].get(m) if p else None for p in parts]
+                if any(c is not None for c in cells):
+                    out.append(Row(sec, group, m, cells, sec in mixed))
+    return out
+
+
+def fmt_estimate(est: dict | None, metric: str) -> str:
+    if est is None or est.get("value") is None:
+        return "–"
+    scale, unit = (100, "%") if metric in RATES else (1, "")
+    v = f"{est['value'] * scale:.1f}{unit}" if scale == 100 else f"{est['value']:.3g}"
+    if est.get("low") is None:
+        return v
+    lo, hi = est["low"] * scale, est["high"] * scale
+    return f"{v} [{lo:.1f}, {hi:.1f}]" if scale == 100 else f"{v} [{lo:.3g}, {hi:.3g}]"
+
+
+def _delta(est: dict | None, base: dict | None, metric: str) -> str:
+    if not est or not base or est.get("value") is None or base.get("value") is None:
+        return "–"
+    d = est["value"] - base["value"]
+    return f"{d * 100:+.1f} pp" if metric in RATES else f"{d:+.3g}"
+
+
+def table(evals: Sequence[EvalDir], rs: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows as text: metric, first folder, then each other folder and its delta to the first."""
+    header = ["suite", "metric", evals[0].label]
+    for e in evals[1:]:
+        header += [e.label, f"Δ {e.label}"]
+    body = []
+    for r in rs:
+        line = [r.section + (" †" if r.mixed else ""), LABELS.get(r.metric, r.metric),
+                fmt_estimate(r.cells[0], r.metric)]
+        for c in r.cells[1:]:
+            line += [fmt_estimate(c, r.metric), _delta(c, r.cells[0], r.metric)]
+        body.append(line)
+    return header, body
+
+
+def extra_rows(evals: Sequence[EvalDir]) -> tuple[list[str], list[list[str]]]:
+    """Judge failures, timing and provenance per folder."""
+    header = ["", *[e.label for e in evals]]
+    def get(f):
+        return [str(f(e.summary)) for e in evals]
+    body = [["model", *get(lambda s: s["provenance"]["model"])],
+            ["adapter", *get(lambda s: s["provenance"]["adapter"] or "–")],
+            ["judge", *get(lambda s: s["provenance"]["judge"])],
+            ["split", *get(lambda s: s["provenance"]["split"])],
+            ["prompts", *get(lambda s: s["overall"]["n"])],
+            ["judge failures", *get(lambda s: ", ".join(f"{k} {v}" for k, v in s["overall"]["judge_failures"].items())
+                                    or "0")],
+            ["generation s", *get(lambda s: s["overall"]["timing"]["gen_seconds"])],
+            ["tok/s", *get(lambda s: s["overall"]["timing"]["tok_per_s"])]]
+    return header, body
+
+
+def markdown(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[str]) -> str:
+    def md_table(header, body):
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body])
+
+    parts = [f"# Evaluation report: {', '.join(e.label for e in evals)}", ""]
+    if warnings:
+        parts += ["**Not comparable (rows marked †):** " + "; ".join(warnings), ""]
+    collapse = [r for r in rs if r.group == "collapse" and r.section == "overall"]
+    parts += [md_table(*table(evals, [r for r in rs if r.group == "metrics"])), "",
+              "Collapse metrics, all responses (per suite in the HTML report):", "", md_table(*table(evals, collapse)),
+              "", "Values with 95% intervals (Wilson for rates, bootstrap for means); Δ against the first folder.", "",
+              md_table(*extra_rows(evals)), ""]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _err(est: dict, scale: float = 1.0) -> tuple[float, list[list[float]]]:
+    v = est["value"] * scale
+    if est.get("low") is None:
+        return v, [[0.0], [0.0]]
+    # max(0, ...): Wilson bounds can sit a rounding error inside the value at 0% or 100%
+    return v, [[max(0.0, v - est["low"] * scale)], [max(0.0, est["high"] * scale - v)]]
+
+
+def plot_safety(evals: Sequence[EvalDir]) -> str | None:
+    """ASR against over-refusal per folder (overall), with 95% intervals on both axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    drawn = False
+    for i, e in enumerate(evals):
+        m = e.summary["overall"]["metrics"]
+        x = m.get("over_refusal")
+        for key, marker in (("asr_keyword", "o"), ("asr_rubric", "s")):
+            y = m.get(key)
+            if not x or not y or x["value"] is None or y["value"] is None:
+                continue
+            xv, xe = _err(x, 100)
+            yv, ye = _err(y, 100)
+            ax.errorbar(xv, yv, xerr=xe, yerr=ye, fmt=marker, color=f"C{i}", capsize=3,
+                        mfc="none" if key == "asr_rubric" else f"C{i}",
+                        label=f"{e.label} ({'keyword' if key == 'asr_keyword' else 'rubric'})")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("over-refusal on safe prompts (%)")
+    ax.set_ylabel("attack success rate (%)")
+    ax.set_xlim(-2, 102)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Harmlessness vs over-refusal (lower-left is better)")
+    return _png(fig)
+
+
+def plot_collapse(evals: Sequence[EvalDir]) -> str:
+    """One panel per collapse metric, a bar per folder with its 95% interval (all responses pooled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 4, figsize=(12, 5.2))
+    for ax, name in zip(axes.flat, PLOT_COLLAPSE):
+        for i, e in enumerate(evals):
+            est = e.summary["overall"]["collapse"].get(name)
+            if est and est["value"] is not None:
+                v, err = _err(est)
+                ax.bar(i, v, yerr=err, color=f"C{i}", capsize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(range(len(evals)), [e.label for e in evals], fontsize=7, rotation=20)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle("Collapse metrics (all responses)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_mtbench(evals: Sequence[EvalDir]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    have = [e for e in evals if "mtbench_turn1" in e.summary["overall"]["metrics"]]
+    if not have:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for i, e in enumerate(evals):
+        for t in (1, 2):
+            est = e.summary["overall"]["metrics"].get(f"mtbench_turn{t}")
+            if est and est["value"] is not None:
+                v, err = _err(est)
+                ax.bar(i * 3 + t - 1, v, yerr=err, color=f"C{i}", alpha=1.0 if t == 1 else 0.55, capsize=3)
+    ax.set_xticks([i * 3 + 0.5 for i in range(len(evals))], [e.label for e in evals], fontsize=8)
+    ax.set_ylim(0, 10)
+    ax.set_ylabel("score 1-10 (turn 1 dark, turn 2 light)")
+    ax.set_title("MT-Bench-style helpfulness")
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- html
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f0f0f0}td.num{font-variant-numeric:tabular-nums}.warn{background:#fff3cd;border:1px solid #e0c060;
+padding:.6em 1em}.ex{border:1px solid #ddd;margin:.6em 0;padding:.5em 1em}pre{white-space:pre-wrap;margin:.2em 0;
+font-size:12px;background:#fafafa;padding:.4em}.tag{font-size:11px;color:#555}img{max-width:100%;margin:.5em 0}"""
+
+
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    b = "".join("<tr>" + "".join(f"<td class='num'>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>"
+
+
+def _tags(rec: dict) -> str:
+    v = rec.get("verdicts", {})
+    tags = []
+    for name, verdict in v.items():
+        for x in verdict if isinstance(verdict, list) else [verdict]:
+            tags.append(f"{name}: {x.get('label') or x.get('score') if x.get('ok') else 'judge failed'}")
+    return "; ".join(tags)
+
+
+def examples(evals: Sequence[EvalDir], per_category: int = 1, max_chars: int = 700) -> str:
+    """Per suite and category, the first prompts (of the first folder) with every folder's response."""
+    out = []
+    first = evals[0]
+    for suite, recs in first.records.items():
+        out.append(f"<h3>{html.escape(suite)}</h3>")
+        seen: dict[str, int] = {}
+        for rid, rec in recs.items():
+            cat = rec.get("category", "")
+            if seen.get(cat, 0) >= per_category:
+                continue
+            seen[cat] = seen.get(cat, 0) + 1
+            turns = rec.get("turns") or [rec.get("prompt", "")]
+            block = [f"<div class='ex'><div class='tag'>{html.escape(cat)} · {html.escape(rid)}</div>"]
+            block += [f"<p><b>User{f' (turn {i + 1})' if len(turns) > 1 else ''}:</b> {html.escape(t)}</p>"
+                      for i, t in enumerate(turns)]
+            for e in evals:
+                r = e.records.get(suite, {}).get(rid)
+                if r is None:
+                    block.append(f"<p class='tag'>{html.escape(e.label)}: not evaluated</p>")
+                    continue
+                texts = [t.strip() or "(empty response)" for t in r.get("responses") or [r.get("response", "")]]
+                shown = "\n\n--- next turn ---\n\n".join(t[:max_chars] + ("…" if len(t) > max_chars else "")
+                                                         for t in texts)
+                block.append(f"<div><b>{html.escape(e.label)}</b> <span class='tag'>{html.escape(_tags(r))}</span>"
+                             f"<pre>{html.escape(shown)}</pre></div>")
+            out.append("".join(block) + "</div>")
+    return "\n".join(out)
+
+
+def render_html(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[str], per_category: int = 1) -> str:
+    plots = [p for p in (plot_safety(evals), plot_collapse(evals), plot_mtbench(evals)) if p]
+    title = f"Evaluation report: {', '.join(e.label for e in evals)}"
+    warn = ("<div class='warn'><b>Not comparable (rows marked †):</b><ul>"
+            + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>") if warnings else ""
+    imgs = "".join(f"<img alt='plot' src='data:image/png;base64,{p}'>" for p in plots)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{warn}"
+            f"<h2>Safety and helpfulness</h2>{_html_table(*table(evals, [r for r in rs if r.group == 'metrics']))}"
+            f"<h2>Collapse</h2>{_html_table(*table(evals, [r for r in rs if r.group == 'collapse']))}"
+            "<p class='tag'>95% intervals: Wilson for rates, seeded percentile bootstrap for means; distinct-n is "
+            "pooled over responses and has none. Δ is against the first folder (pp = percentage points).</p>"
+            f"{_html_table(*extra_rows(evals))}<h2>Plots</h2>{imgs}"
+            f"<h2>Example responses</h2>{examples(evals, per_category)}</body></html>")
+
+
+def run(dirs: Sequence[str | Path], out_html: str | Path, *, allow_mixed: bool = False, per_category: int = 1) -> Path:
+    """Write OUT.html and OUT.md comparing `dirs` (the first is the baseline of the deltas). Returns OUT.html."""
+    evals = load(dirs)
+    warnings, mixed = mismatches(evals)
+    if warnings and not allow_mixed:
+        raise ValueError(f"cannot compare: {warnings[0]}" + (f" (and {len(warnings) - 1} more)" if len(warnings) > 1
+                         else "") + "; evaluate them alike, or pass --allow-mixed to compare with marked rows")
+    rs = rows(evals, mixed)
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(evals, rs, warnings, per_category), encoding="utf-8")
+    out.with_suffix(".md").write_text(markdown(evals, rs, warnings), encoding="utf-8")
+    return out
