@@ -41,7 +41,7 @@ class TokenRate:
 
 
 @contextmanager
-def progress(description: str, total: int, done: int = 0) -> Iterator[tuple[Progress, int, TokenRate]]:
+def progress(description: str, total: int | None, done: int = 0) -> Iterator[tuple[Progress, int, TokenRate]]:
     """A rich progress bar with items, tok/s and ETA. Yields (progress, task id, token counter)."""
     rate = TokenRate()
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

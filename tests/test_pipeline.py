@@ -1,0 +1,89 @@
+"""The pipeline end to end on the tiny random llama: every stage, markers, skip on rerun, --until/--from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mlx_cai import pipeline
+from mlx_cai.cli import app
+
+
+def tiny_config(tmp_path, model: str) -> dict:
+    return {
+        "name": "t", "model": model, "seed": 0, "runs_dir": str(tmp_path / "runs"),
+        "revise": {"prompts": "train:harmful", "limit": 4, "shots": 1, "max_tokens": 8, "batch_size": 4, "temperature": 1.0},
+        "clean": {"helpful": "train:benign", "helpful_ratio": 1.0, "helpful_max_tokens": 8,
+                  "rules": ["emoji"], "valid_fraction": 0.25},
+        "sft": {"iters": 2, "batch_size": 2, "max_seq_length": 512, "steps_per_eval": 2, "steps_per_save": 1,
+                "lora_layers": 1},
+        "feedback": {"mode": "revision", "max_similarity": 1.0, "max_repetition": 1.0},
+        "dpo": {"iters": 2, "batch_size": 1, "max_seq_length": 512, "max_prompt_length": 256, "steps_per_eval": 2,
+                "steps_per_save": 1},
+        "eval": {"suites": ["harm", "benign"], "limit": 2, "max_tokens": 6, "batch_size": 4},
+    }
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_gguf):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, str(tiny_gguf))))
+    return path
+
+
+def test_whole_pipeline_runs_then_skips_everything(config_file, tmp_path):
+    cfg = pipeline.load_config(config_file)
+    calls = []
+    hooks = pipeline.Hooks(stage_start=lambda i, n, s: calls.append(("run", s)),
+                           stage_skip=lambda s, why: calls.append(("skip", s)))
+    run_dir = pipeline.run(cfg, until="clean", hooks=hooks)
+    assert calls == [("run", "revise"), ("run", "clean")]
+    calls.clear()
+    pipeline.run(cfg, hooks=hooks)
+    assert calls[:2] == [("skip", "revise"), ("skip", "clean")]
+    assert [c for c in calls if c[0] == "run"] == [("run", s) for s in pipeline.STAGES[2:]]
+    for s in pipeline.STAGES:
+        assert pipeline.marker(cfg, s).exists()
+    assert (run_dir / "final").resolve() == (run_dir / "dpo").resolve()
+    assert (run_dir / "final" / "adapters.safetensors").exists()
+    assert (run_dir / "report.html").exists() and (run_dir / "eval" / "dpo" / "summary.json").exists()
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["sft"]["iters"] == 2
+    calls.clear()
+    pipeline.run(cfg, hooks=hooks)
+    assert all(kind == "skip" for kind, _ in calls) and len(calls) == len(pipeline.STAGES)
+
+
+def test_changed_settings_are_refused_and_from_keeps_old_outputs(config_file, tmp_path):
+    cfg = pipeline.load_config(config_file)
+    pipeline.run(cfg, until="revise")
+    changed = pipeline.load_config(config_file, {"revise.max_tokens": 9})
+    with pytest.raises(pipeline.PipelineError, match="--from revise"):
+        pipeline.run(changed, until="revise")
+    pipeline.run(changed, start="revise", until="revise")
+    old = [p.name for p in cfg.run_dir.iterdir() if p.name.startswith("revise.jsonl.old-")]
+    assert len(old) == 1
+    marker = json.loads(pipeline.marker(cfg, "revise").read_text())
+    assert marker["config"]["max_tokens"] == 9
+
+
+def test_bad_configs_are_one_line_errors(tmp_path, config_file):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nrevise: {limit: 2, colour: red}\n")
+    with pytest.raises(pipeline.PipelineError, match=r"revise.colour is not a setting"):
+        pipeline.load_config(bad)
+    bad.write_text("name: x\nrevise: [1, 2\n")
+    with pytest.raises(pipeline.PipelineError, match=r"bad.yaml:\d+: invalid YAML"):
+        pipeline.load_config(bad)
+    r = CliRunner().invoke(app, ["run", str(config_file), "--dry-run", "--set", "sft.iters=0"])
+    assert r.exit_code == 1 and "iters must be >= 1" in r.output
+
+
+def test_shipped_configs_pass_dry_run():
+    for path in ("configs/demo.yaml", "configs/llama3-8b.yaml"):
+        r = CliRunner().invoke(app, ["run", path, "--dry-run"])
+        assert r.exit_code == 0, r.output
+        assert "config is valid" in r.output and "eval-dpo" in r.output
