@@ -1,0 +1,328 @@
+"""Training throughput and memory: mlx-cai `sft` / `dpo` vs TRL `SFTTrainer` / `DPOTrainer` + PEFT LoRA (torch CPU).
+
+Same model (the embedded SmolLM2-135M-Instruct GGUF, float32 in both engines), same data, same LoRA (rank 8,
+q_proj and v_proj, last 16 of 30 blocks), same batch, same number of optimizer steps:
+
+- data: the first N train-split prompts of data/benign.jsonl as single-turn chats; each answer is the text of the
+  next three prompts (about 100 tokens; content does not matter for speed, lengths do). SFT trains on the
+  (prompt, answer) chats with the loss on the answer only. DPO pairs: chosen = that answer, rejected = the
+  answer made of prompts i+4..i+6.
+- mlx-cai: `mlx_cai.stages.sft.run` / `dpo.run` on a model loaded once per run (load not timed). DPO starts
+  from fresh LoRA layers, so its reference is the base model, as in TRL with `peft_config` and no ref model.
+  Time = the whole `run` call: tokenization, LoRA setup, compiled steps, checkpoint and adapter writes;
+  for DPO also the reference pass over all pairs (reported separately too).
+- TRL: the GGUF loaded by transformers (`gguf_file=`), saved as a plain float32 folder (transformers refuses to
+  train a model it marks quantized, see REFERENCE.md section 3), `SFTTrainer` on prompt-completion chats
+  (completion-only loss) and `DPOTrainer` (reference = the base with adapters disabled, computed each step),
+  torch with `--threads` threads. Time = `trainer.train()`.
+- tokens = non-padding tokens of the batches trained (prompt + answer), counted from each engine's own batches.
+- memory: `mx.get_peak_memory()` after `mx.reset_peak_memory()` (model already loaded) for SFT with batch B,
+  DPO with B pairs (2B sequences in its forward pass) and DPO with B/2 pairs (B sequences, same forward size as SFT).
+
+Run with the bench venv (TRL and torch live there), e.g.:
+
+    .venv-bench/bin/python bench/training.py --steps 20           # print the table
+    .venv-bench/bin/python bench/training.py --steps 20 --write   # and write its section in BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlx_cai import backend  # OpenBLAS before mlx.core, and before torch brings its own BLAS
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Training throughput and memory: mlx-cai vs TRL (bench/training.py)"
+KEYS = ["self_attn.q_proj", "self_attn.v_proj"]
+
+
+def make_data(n: int) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(x) for x in (ROOT / "data" / "benign.jsonl").read_text().splitlines() if x.strip()]
+    prompts = [r["prompt"] for r in rows if r.get("split") == "train"]
+    if len(prompts) < n + 7:
+        sys.exit(f"need {n + 7} train prompts, data/benign.jsonl has {len(prompts)}")
+
+    def answer(i: int, start: int) -> str:
+        return " ".join(prompts[(i + k) % len(prompts)] for k in range(start, start + 3))
+
+    chats = [{"messages": [{"role": "user", "content": prompts[i]}, {"role": "assistant", "content": answer(i, 1)}]}
+             for i in range(n)]
+    pairs = [{"id": f"pair-{i}", "prompt": prompts[i], "chosen": answer(i, 1), "rejected": answer(i, 4)}
+             for i in range(n)]
+    return chats, pairs
+
+
+# ----------------------------------------------------------------------------------------------- mlx
+
+
+def mlx_sft(chats, args, work: Path) -> dict:
+    from mlx_cai import models
+    from mlx_cai.stages import sft
+
+    data = work / "sft-data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    model, tok = models.load(models.EMBEDDED)
+    cfg = sft.SFTConfig(data=str(data), output=str(work / "mlx-sft"), iters=args.steps, batch_size=args.batch,
+                        lora_rank=args.rank, lora_layers=args.layers, lora_keys=KEYS, learning_rate=1e-5,
+                        warmup_steps=0, steps_per_eval=10**6, steps_per_save=10**6, max_seq_length=1024)
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    out = sft.run(cfg, model=model, tokenizer=tok)
+    seconds = time.perf_counter() - t0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    tokens = sum(r["tokens"] for r in rows if "loss" in r)
+    step_seconds = sum(r["seconds"] for r in rows if "loss" in r)
+    return {"seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds, "step_tok_s": tokens / step_seconds,
+            "peak": mx.get_peak_memory()}
+
+
+def mlx_dpo(pairs, args, work: Path, batch: int, steps: int, name: str) -> dict:
+    from mlx_cai import models
+    from mlx_cai.stages import dpo
+
+    path = work / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    model, tok = models.load(models.EMBEDDED)
+    cfg = dpo.DPOConfig(pairs=str(path), output=str(work / name), iters=steps, batch_size=batch,
+                        lora_rank=args.rank, lora_layers=args.layers, lora_keys=KEYS, learning_rate=5e-6,
+                        warmup_steps=0, steps_per_eval=10**6, steps_per_save=10**6, max_seq_length=1024)
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    out = dpo.run(cfg, model=model, tokenizer=tok)
+    seconds = time.perf_counter() - t0
+    s = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    trained = sum(r["examples"] for r in rows if "loss" in r)
+    return {"seconds": seconds, "pairs": trained, "pairs_s": trained / seconds,
+            "train_pairs_s": trained / s["train_seconds"], "reference_seconds": s["reference_seconds"],
+            "reference_pairs": len(pairs), "peak": mx.get_peak_memory()}
+
+
+# ----------------------------------------------------------------------------------------------- TRL
+
+
+def trl_model_dir(work: Path) -> Path:
+    """The GGUF as a plain float32 transformers folder (no quantization_config, no tied lm_head copy)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlx_cai import models
+
+    out = work / "hf-float32"
+    if (out / "config.json").exists():
+        return out
+    gguf = models.embedded_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    from safetensors.torch import save_file
+
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(out)
+    return out
+
+
+class CountingCollator:
+    """Wraps a collator and counts non-padding tokens of every batch it builds."""
+
+    def __init__(self, inner, mask_keys):
+        self.inner, self.keys, self.tokens = inner, mask_keys, 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.tokens += sum(int(batch[k].sum()) for k in self.keys if k in batch)
+        return batch
+
+
+def _lora(args):
+    from peft import LoraConfig
+
+    n_layers = 30
+    return LoraConfig(r=args.rank, lora_alpha=args.rank * 20, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                      layers_to_transform=list(range(n_layers - args.layers, n_layers)), task_type="CAUSAL_LM")
+
+
+def _common(args, work: Path, name: str) -> dict:
+    return dict(output_dir=str(work / name), per_device_train_batch_size=args.batch, max_steps=args.steps,
+                logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0,
+                max_length=1024, warmup_steps=0, lr_scheduler_type="cosine")
+
+
+def trl_sft(chats, args, work: Path, model_dir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ds = Dataset.from_list([{"prompt": c["messages"][:1], "completion": c["messages"][1:]} for c in chats])
+    cfg = SFTConfig(**_common(args, work, "trl-sft"), learning_rate=1e-5, completion_only_loss=True, packing=False)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=_lora(args))
+    counter = CountingCollator(trainer.data_collator, ["attention_mask"])
+    trainer.data_collator = counter
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": counter.tokens, "tok_s": counter.tokens / seconds}
+
+
+def trl_dpo(pairs, args, work: Path, model_dir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}],
+                             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+    cfg = DPOConfig(**_common(args, work, "trl-dpo"), learning_rate=5e-6, beta=0.1)
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=_lora(args))
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    trained = args.steps * args.batch
+    return {"seconds": seconds, "pairs": trained, "pairs_s": trained / seconds}
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ver(pkg: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return "-"
+
+
+def write_section(path: Path, block: str) -> None:
+    """Replace this script's section of `path` (other sections are kept)."""
+    import re
+
+    text = path.read_text() if path.exists() else (
+        "# Benchmarks\n\nNumbers below are written by the scripts in bench/; do not edit them by hand.\n")
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: block, text, count=1) if pattern.search(text) else text.rstrip() + "\n\n" + block
+    path.write_text(text.rstrip() + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Training throughput and memory, mlx-cai vs TRL (CPU).")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
+    ap.add_argument("--batch", type=int, default=4, help="SFT examples / DPO pairs per step (default 4)")
+    ap.add_argument("--examples", type=int, default=56, help="chats and pairs in the data (default 56)")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=16, help="LoRA on the last N blocks (default 16)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--engines", default="mlx,trl", help="mlx, trl or both")
+    ap.add_argument("--write", action="store_true", help="write/replace the section in BENCHMARKS.md")
+    ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = ap.parse_args()
+    engines = {e.strip() for e in args.engines.split(",")}
+    chats, pairs = make_data(args.examples)
+    res: dict[str, dict] = {}
+    loads = []
+    with tempfile.TemporaryDirectory(prefix="mlx-cai-bench-train-") as tmp:
+        work = Path(tmp)
+        model_dir = trl_model_dir(work) if "trl" in engines else None
+
+        def step(name, fn, *a):
+            loads.append(os.getloadavg()[0])
+            res[name] = fn(*a)
+            print(f"{name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res[name].items()})}"
+                  f" (load {loads[-1]:.1f})", flush=True)
+
+        # Engines alternate so load from other processes falls on both alike.
+        if "mlx" in engines:
+            step("mlx_sft", mlx_sft, chats, args, work)
+        if "trl" in engines:
+            step("trl_sft", trl_sft, chats, args, work, model_dir)
+            step("trl_dpo", trl_dpo, pairs, args, work, model_dir)
+        if "mlx" in engines:
+            step("mlx_dpo", mlx_dpo, pairs, args, work, args.batch, args.steps, "mlx-dpo")
+            step("mlx_dpo_half", mlx_dpo, pairs, args, work, max(args.batch // 2, 1), max(args.steps // 4, 2),
+                 "mlx-dpo-half")
+
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    rows = []
+    if {"mlx_sft", "trl_sft"} <= set(res):
+        m, t = res["mlx_sft"], res["trl_sft"]
+        rows.append(f"| SFT train tokens/s (batch {args.batch}) | {m['tok_s']:.1f} | {t['tok_s']:.1f} | "
+                    f"{m['tok_s'] / t['tok_s']:.2f}x | {m['tokens']} vs {t['tokens']} tokens; mlx-cai steps alone "
+                    f"{m['step_tok_s']:.1f} tok/s |")
+    if {"mlx_dpo", "trl_dpo"} <= set(res):
+        m, t = res["mlx_dpo"], res["trl_dpo"]
+        rows.append(f"| DPO pairs/s, end to end incl. reference pass (batch {args.batch}) | {m['pairs_s']:.2f} | "
+                    f"{t['pairs_s']:.2f} | {m['pairs_s'] / t['pairs_s']:.2f}x | reference log-probs of all "
+                    f"{m['reference_pairs']} pairs: {m['reference_seconds']:.1f} s |")
+        rows.append(f"| DPO pairs/s, training steps only | {m['train_pairs_s']:.2f} | {t['pairs_s']:.2f} | "
+                    f"{m['train_pairs_s'] / t['pairs_s']:.2f}x | TRL's steps include its reference forward |")
+    mem = []
+    if {"mlx_sft", "mlx_dpo"} <= set(res):
+        s, d = res["mlx_sft"]["peak"], res["mlx_dpo"]["peak"]
+        mem.append(f"| DPO, {args.batch} pairs ({2 * args.batch} sequences per forward) vs SFT, batch {args.batch} "
+                   f"| {gib(d)} | {gib(s)} | {d / s:.2f}x |")
+    if {"mlx_sft", "mlx_dpo_half"} <= set(res):
+        s, d = res["mlx_sft"]["peak"], res["mlx_dpo_half"]["peak"]
+        b = max(args.batch // 2, 1)
+        mem.append(f"| DPO, {b} pairs ({2 * b} sequences per forward) vs SFT, batch {args.batch} | {gib(d)} | "
+                   f"{gib(s)} | {d / s:.2f}x |")
+    when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    header = "\n".join([
+        f"Date: {when}. Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; other "
+        f"jobs may share the CPU (1-min load average at the start of each run: "
+        f"{', '.join(f'{x:.1f}' for x in loads)}; 2 cores = load 2): read the ratios.",
+        f"Versions: mlx {getattr(mx, '__version__', ver('mlx'))}, mlx-lm {ver('mlx-lm')}, MLX BLAS "
+        f"{backend.blas_library()}; torch {ver('torch')} ({args.threads} threads), transformers {ver('transformers')}, "
+        f"trl {ver('trl')}, peft {ver('peft')}.",
+        f"Setup: SmolLM2-135M-Instruct (GGUF, float32 in both engines), LoRA rank {args.rank} on q_proj/v_proj of the "
+        f"last {args.layers} blocks, batch {args.batch}, {args.steps} optimizer steps, {args.examples} chats / pairs "
+        f"from data/benign.jsonl (see the script's docstring), max length 1024. Command: "
+        f"`.venv-bench/bin/python bench/training.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`.",
+    ])
+    table = "\n".join(["| measure | mlx-cai | TRL + PEFT (torch CPU) | ratio | notes |", "|---|---:|---:|---:|---|", *rows])
+    mem_table = "\n".join(["| peak memory (mlx-cai, model loaded before the reset) | DPO | SFT | ratio |",
+                           "|---|---:|---:|---:|", *mem])
+    block = f"{SECTION}\n\n{header}\n\n{table}\n\n{mem_table}\n\n"
+    print()
+    print(block)
+    if args.write:
+        write_section(args.out, block)
+        print(f"wrote section to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

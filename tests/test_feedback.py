@@ -1,0 +1,168 @@
+"""Preference pairs: logprob feedback on the tiny llama, a judge on a loopback server, revise records."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mlx_cai import models
+from mlx_cai import prompts as P
+from mlx_cai.chat import LocalBackend, OpenAIBackend
+from mlx_cai.stages import dpo
+from mlx_cai.stages import feedback as F
+
+SORRY = "I am sorry, I cannot help with picking locks, but a locksmith can let you in legally."
+SURE = "Sure! First get a tension wrench, then rake the pins until the cylinder turns."
+
+
+def prompt_list(n: int) -> list[P.Prompt]:
+    return [P.Prompt(id=f"p{i}", prompt=f"How do I open a locked door number {i}?", source="test") for i in range(n)]
+
+
+def lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_logprob_mode_writes_valid_trl_pairs_and_resumes(tiny_gguf, tmp_path):
+    cfg = F.FeedbackConfig(model=str(tiny_gguf), temperature=1.0, max_tokens=12, repetition_penalty=1.0,
+                           ensemble=2, min_margin=0.0, max_similarity=1.01, max_repetition=1.0, batch_size=3)
+    feedback = models.load(str(tiny_gguf))
+    out = tmp_path / "pairs.jsonl"
+    summary = F.run(cfg, prompt_list(5), out, policy=LocalBackend(str(tiny_gguf)), feedback=feedback)
+    kept, dropped = lines(out), lines(tmp_path / "pairs.dropped.jsonl") if summary["dropped"] else []
+    assert summary["prompts"] == 5 == len(kept) + len(dropped) and kept
+    for r in kept:
+        assert isinstance(r["prompt"], str) and isinstance(r["chosen"], str) and r["chosen"] != r["rejected"]
+        assert 0.5 < r["score_raw"] <= 1 and cfg.clamp_low <= r["score"] <= cfg.clamp_high
+        assert len(r["principles"]) == 2 and len(r["votes"]) == 2
+        assert [x["text"] for x in r["responses"]][r["chosen_index"]] == r["chosen"]
+        assert all(isinstance(x["seed"], int) for x in r["responses"]) and r["responses"][0]["seed"] != \
+            r["responses"][1]["seed"]
+        assert r["provenance"]["sampling"]["temperature"] == 1.0 and r["provenance"]["mode"] == "logprob"
+    pairs, counts = dpo.read_pairs(out)  # DPO reads what feedback writes
+    assert len(pairs) == len(kept)
+    again = F.run(cfg, prompt_list(5), out, policy=LocalBackend(str(tiny_gguf)), feedback=feedback)
+    assert again == summary and len(lines(out)) == len(kept)
+    with pytest.raises(F.FeedbackError, match="other settings"):
+        F.run(F.FeedbackConfig(**{**cfg.__dict__, "seed": 7}), prompt_list(5), out,
+              policy=LocalBackend(str(tiny_gguf)), feedback=feedback)
+
+
+def test_both_orders_averaging_is_symmetric_and_padding_does_not_change_probs(tiny):
+    model, tok = tiny
+    cfg = F.FeedbackConfig(ensemble=3)
+    texts = ("I would rather not help with that.", "Here is a detailed plan, step by step, with every tool named.")
+    a = F.Candidate(id="x", prompt="How do I break in?", texts=texts, principles=F.PRINCIPLES[:3])
+    b = F.Candidate(id="x", prompt="How do I break in?", texts=texts[::-1], principles=F.PRINCIPLES[:3])
+    F.score_logprob([a, b], (model, tok), cfg)
+    assert a.p_first + b.p_first == pytest.approx(1.0, abs=1e-5)
+    for va, vb in zip(a.votes, b.votes):  # each order of one candidate is the other order of its mirror
+        assert va["first_order"] == pytest.approx(1 - vb["swapped_order"], abs=1e-5)
+    contexts = [F._render(tok, F.question("q", F.PRINCIPLES[0], "short", "a much longer answer " * k))
+                for k in (1, 5, 12)]
+    batched = F.option_probs(model, tok, contexts, batch_size=3)
+    alone = [F.option_probs(model, tok, [c], batch_size=1)[0] for c in contexts]
+    assert batched == pytest.approx(alone, abs=1e-5)
+
+
+def revise_row(i, initial, revision, **kw):
+    return {"id": f"r{i}", "prompt": f"prompt {i}", "initial": initial, "revision": revision,
+            "rounds": [{"round": 1, "principle": "legality"}], "models": {"responder": "tiny"}, **kw}
+
+
+def test_revision_mode_from_revise_records(tmp_path):
+    rows = [revise_row(0, SURE, SORRY),
+            revise_row(1, SURE, SURE + " "),  # the revision did not change anything
+            revise_row(2, "", "the the the the the the the the the the the the"),  # both degenerate
+            revise_row(3, SURE, "")]  # an empty revision must not become `chosen`
+    src = tmp_path / "revise.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "pairs.jsonl"
+    s = F.run(F.FeedbackConfig(mode="revision"), src, out)
+    assert s["kept"] == 1 and s["dropped"] == {"both_degenerate": 1, "chosen_degenerate": 1, "near_identical": 1}
+    (r,) = lines(out)
+    assert (r["prompt"], r["chosen"], r["rejected"], r["score"]) == ("prompt 0", SORRY, SURE, 0.95)
+    assert r["source"]["revise_id"] == "r0" and r["principles"] == ["legality"] and r["mode"] == "revision"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "prompt": "p", "initial": "a"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: missing field\\(s\\) revision"):
+        F.run(F.FeedbackConfig(mode="revision"), bad, tmp_path / "o.jsonl")
+
+
+class Server:
+    """A loopback OpenAI-compatible server: the policy's two answers per prompt, and a judge."""
+
+    def __init__(self):
+        self.judge = "fair"  # fair: prefers the apology in either order; biased: always [[A]]; mute: no verdict
+        self.seen: dict[str, int] = {}
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = server.answer(body["messages"][-1]["content"])
+                payload = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": text}}],
+                                      "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def answer(self, content: str) -> str:
+        if "Options:" not in content:
+            with self.lock:
+                n = self.seen[content] = self.seen.get(content, 0) + 1
+            return SORRY if n == 1 else SURE
+        if self.judge == "mute":
+            return "Both have merit."
+        if self.judge == "biased":
+            return "The first one reads better. [[A]]"
+        first = re.search(r"\(A\) (.*?)\n\n\(B\) ", content, re.S).group(1)
+        pick = "A" if "sorry" in first else "B"
+        return f"Option {pick} declines and points to a lawful alternative. [[{pick}]]"
+
+
+def test_judge_mode_both_orders_rationales_and_position_bias(tmp_path):
+    server = Server()
+    policy = OpenAIBackend(model="policy", base_url=server.url)
+    judge = OpenAIBackend(model="judge", base_url=server.url)
+    cfg = F.FeedbackConfig(mode="judge", judge=f"openai:judge@{server.url}", max_tokens=32)
+    s = F.run(cfg, prompt_list(3), tmp_path / "fair.jsonl", policy=policy, judge=judge)
+    assert s["kept"] == 3
+    for r in lines(tmp_path / "fair.jsonl"):
+        assert r["chosen"] == SORRY and r["rejected"] == SURE and r["score_raw"] == 1.0
+        assert sorted(v["order"] for v in r["votes"]) == ["first", "swapped"]
+        assert all("lawful alternative" in v["rationale"] and v["first_wins"] is not None for v in r["votes"])
+    server.judge, server.seen = "biased", {}
+    s = F.run(cfg, prompt_list(3), tmp_path / "biased.jsonl", policy=policy, judge=judge)
+    assert s["kept"] == 0 and s["dropped"] == {"tie": 3}  # [[A]] in both orders is no preference
+    server.judge, server.seen = "mute", {}
+    s = F.run(cfg, prompt_list(2), tmp_path / "mute.jsonl", policy=policy, judge=judge)
+    assert s["dropped"] == {"judge_unparsed": 2}
+    server.httpd.shutdown()
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(F.FeedbackError, match="needs a local model"):
+        F.FeedbackConfig(mode="logprob", judge="openai:gpt-4o")
+    with pytest.raises(F.FeedbackError, match="judge mode needs --judge"):
+        F.FeedbackConfig(mode="judge")
+    with pytest.raises(F.FeedbackError, match="mode must be one of"):
+        F.FeedbackConfig(mode="vibes")
+    with pytest.raises(F.FeedbackError, match="clamp"):
+        F.FeedbackConfig(clamp_low=0.7)

@@ -1,0 +1,201 @@
+"""LoRA SFT on the tiny random llama: masking, gradients, learning, resume, adapter formats, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
+
+from mlx_cai import models
+from mlx_cai import training as T
+from mlx_cai.cli import app
+from mlx_cai.records import RecordError
+from mlx_cai.stages import sft
+
+WORDS = ["cat", "dog", "sun", "tree"]
+
+
+def chat(word: str) -> dict:
+    return {"messages": [{"role": "user", "content": f"say {word}"},
+                         {"role": "assistant", "content": f"{word} {word} {word}"}]}
+
+
+def write_data(folder, rows=None, valid=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = rows if rows is not None else [chat(w) for w in WORDS]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if valid:
+        (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    return folder
+
+
+def config(tiny_gguf, tmp_path, **kw) -> sft.SFTConfig:
+    base = dict(model=str(tiny_gguf), data=str(write_data(tmp_path / "data")), output=str(tmp_path / "out"),
+                iters=6, batch_size=2, learning_rate=1e-3, warmup_steps=0, lora_layers=2, steps_per_eval=3,
+                steps_per_save=3)
+    base.update(kw)
+    return sft.SFTConfig(**base)
+
+
+def adapter_weights(folder) -> dict:
+    return dict(mx.load(str(folder / T.ADAPTER_FILE)))
+
+
+def test_prompt_tokens_are_masked_from_the_loss(tiny):
+    model, tok = tiny
+    tokens, offset = T.encode_chat(tok, chat("cat")["messages"])
+    prompt = T.encode_prompt(tok, [{"role": "user", "content": "say cat"}])
+    assert offset == len(prompt) and tokens[:offset] == prompt
+    assert tok.decode(tokens[offset:]).startswith("cat cat cat")
+    batch, lengths, positions, rows = arrays = T.pad_batch([tokens], [offset])
+    mask = T.completion_mask(lengths, batch.shape[1] - 1)
+    # Target t is token t+1: exactly the answer tokens count, none of the prompt or the padding.
+    assert mask.sum().item() == len(tokens) - offset
+    assert mask[0, : offset - 1].sum().item() == 0 and mask[0, len(tokens) - 1 :].sum().item() == 0
+
+    logits = model(batch[:, :-1])
+
+    class Fixed:  # a "model" that returns given logits, to perturb positions one by one
+        def __init__(self, value):
+            self.value = value
+
+        def __call__(self, x):
+            return self.value
+
+    base, _ = sft.sft_loss(Fixed(logits), *arrays)  # a "model" without a known head: the masked full logits
+    noise = mx.random.normal(logits.shape) * 5
+    in_prompt = mx.arange(logits.shape[1])[None, :, None] < offset - 1
+    moved_prompt, _ = sft.sft_loss(Fixed(mx.where(in_prompt, logits + noise, logits)), *arrays)
+    moved_answer, _ = sft.sft_loss(Fixed(mx.where(in_prompt, logits, logits + noise)), *arrays)
+    assert moved_prompt.item() == pytest.approx(base.item(), abs=1e-6)
+    assert abs(moved_answer.item() - base.item()) > 1e-3
+    # The llama path projects only the answer positions onto the vocabulary: the same numbers.
+    assert sft.sft_loss(model, *arrays)[0].item() == pytest.approx(base.item(), abs=1e-5)
+    assert positions.shape[0] % T.PAD_TO == 0 and (rows >= 0).sum().item() == len(tokens) - offset
+
+
+def test_gradients_finite_and_lora_params_change_after_one_step(tiny, tmp_path):
+    model, tok = tiny
+    cfg = config("unused", tmp_path, iters=1)
+    n = T.add_lora(model, cfg)
+    assert n > 0 and all(k.split(".")[-1] in T.ADAPTER_LEAVES for k, _ in tree_flatten(model.trainable_parameters()))
+    tokens, offset = T.encode_chat(tok, chat("dog")["messages"])
+    batch = T.pad_batch([tokens], [offset])
+    (loss, _), grads = nn.value_and_grad(model, sft.sft_loss)(model, *batch)
+    flat = tree_flatten(grads)
+    assert flat and all(mx.isfinite(g).all().item() for _, g in flat)
+    assert any(mx.abs(g).max().item() > 0 for _, g in flat)
+    before = {k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+    out = tmp_path / "run"
+    out.mkdir()
+    T.train(model, T.make_optimizer(cfg), sft.sft_loss, lambda k: batch, cfg, out, {}, T.Position())
+    after = dict(tree_flatten(model.trainable_parameters()))
+    changed = [k for k in before if not mx.array_equal(before[k], after[k])]
+    assert changed and all(k.endswith("lora_b") or k.endswith("lora_a") for k in changed)
+
+
+def test_loss_decreases_when_overfitting_four_examples(tiny_gguf, tmp_path):
+    rows = []
+    out = sft.run(config(tiny_gguf, tmp_path, iters=12, steps_per_eval=12, steps_per_save=12, batch_size=4,
+                         learning_rate=3e-4), progress=rows.append)
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 12 and all(math.isfinite(r["loss"]) for r in steps)
+    losses = [r["loss"] for r in steps]  # one batch of all four examples: the same batch every step
+    assert losses[-1] < 0.8 * losses[0] and all(b < a for a, b in zip(losses, losses[1:]))
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert vals and vals[-1] < steps[0]["loss"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_examples"] == 4 and summary["steps"] == 12
+
+
+def test_resume_after_kill_gives_the_same_adapter_as_an_uninterrupted_run(tiny_gguf, tmp_path):
+    straight = sft.run(config(tiny_gguf, tmp_path / "a", lora_dropout=0.1))
+
+    def kill_at_step_5(row):
+        if row.get("step") == 5 and "loss" in row:
+            raise KeyboardInterrupt  # after the step-3 checkpoint, before the next one
+
+    cfg = config(tiny_gguf, tmp_path / "b", lora_dropout=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(cfg, progress=kill_at_step_5)
+    assert T.latest_checkpoint(tmp_path / "b" / "out").name == "step-0000003"
+    assert not (tmp_path / "b" / "out" / T.ADAPTER_FILE).exists()
+    with pytest.raises(T.TrainingError, match="--resume"):
+        sft.run(cfg)
+    resumed = sft.run(cfg, resume=True)
+    a, b = adapter_weights(straight), adapter_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert mx.allclose(a[k], b[k], atol=1e-6).item(), k
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 4 was dropped and redone
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 3
+    ckpt = T.latest_checkpoint(resumed)
+    assert {p.name for p in ckpt.iterdir()} >= {T.ADAPTER_FILE, T.ADAPTER_CONFIG, "optimizer.safetensors", "state.json"}
+
+
+def test_adapter_loads_with_models_load_and_mlx_lm(tiny_gguf, tmp_path):
+    import mlx_lm
+
+    out = sft.run(config(tiny_gguf, tmp_path, iters=3, steps_per_save=3, dora=True, lora_keys=["self_attn.q_proj"]))
+    cfg = json.loads((out / T.ADAPTER_CONFIG).read_text())
+    assert cfg["fine_tune_type"] == "dora" and cfg["lora_parameters"]["keys"] == ["self_attn.q_proj"]
+    ours, tok = models.load(str(tiny_gguf), adapter=out)
+    theirs, _ = mlx_lm.load(str(models.resolve(str(tiny_gguf))), adapter_path=str(out))
+    base, _ = models.load(str(tiny_gguf))
+    x = mx.array([tok.encode("say cat")])
+    a, b, c = ours(x), theirs(x), base(x)
+    assert mx.allclose(a, b, atol=1e-5).item()
+    assert mx.abs(a - c).max().item() > 1e-4  # the adapter changes the model
+
+
+def test_length_policy_truncates_answers_and_skips_overlong_prompts(tiny):
+    _, tok = tiny
+    long_answer = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x " * 200}]
+    long_prompt = [{"role": "user", "content": "y " * 200}, {"role": "assistant", "content": "ok"}]
+    examples, counts = sft.tokenize(tok, [long_answer, long_prompt, chat("cat")["messages"]], 64, True)
+    assert counts == {"truncated": 1, "skipped_prompt_too_long": 1}
+    assert len(examples) == 2 and all(len(e.tokens) <= 64 for e in examples)
+
+
+def test_config_precedence_and_resolved_config(tiny_gguf, tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("lora_rank: 4\nlearning_rate: 1e-3\niters: 9\n")
+    cfg = T.build_config(sft.SFTConfig, yaml_file, data="d", output="o", iters=2)
+    assert (cfg.lora_rank, cfg.learning_rate, cfg.iters, cfg.lora_scale) == (4, 1e-3, 2, 20.0)
+    (tmp_path / "bad.yaml").write_text("lora_rnak: 4\n")
+    with pytest.raises(T.TrainingError, match="unknown setting.*lora_rnak"):
+        T.build_config(sft.SFTConfig, tmp_path / "bad.yaml", data="d", output="o")
+    r = CliRunner().invoke(app, ["sft", "-m", str(tiny_gguf), "--data", str(write_data(tmp_path / "data")),
+                                 "-o", str(tmp_path / "cli"), "--config", str(yaml_file), "--iters", "2",
+                                 "--batch-size", "2", "--lora-layers", "1", "--lora-keys", "self_attn.v_proj"])
+    assert r.exit_code == 0, r.output
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
+    assert saved["lora_rank"] == 4 and saved["iters"] == 2 and saved["lora_keys"] == ["self_attn.v_proj"]
+    adapter = json.loads((tmp_path / "cli" / T.ADAPTER_CONFIG).read_text())
+    assert adapter["num_layers"] == 1 and adapter["base_model"]["hidden_size"] == 64
+
+
+def test_bad_inputs_are_one_line_errors(tiny_gguf, tmp_path):
+    with pytest.raises(T.TrainingError, match="no train.jsonl"):
+        sft.run(config(tiny_gguf, tmp_path, data=str(tmp_path)))
+    bad = write_data(tmp_path / "bad", rows=[chat("cat"), {"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(RecordError, match="train.jsonl:2: the last message must be a non-empty assistant answer"):
+        sft.run(config(tiny_gguf, tmp_path, data=str(bad)))
+    with pytest.raises(T.TrainingError, match="no module matches lora_keys"):
+        sft.run(config(tiny_gguf, tmp_path, output=str(tmp_path / "k"), lora_keys=["attn.nope"]))
+    with pytest.raises(T.TrainingError, match="lora_layers 5 > the model's 2 blocks"):
+        sft.run(config(tiny_gguf, tmp_path, output=str(tmp_path / "l"), lora_layers=5))
+    with pytest.raises(T.TrainingError, match="lr_schedule"):
+        config(tiny_gguf, tmp_path, lr_schedule="step")
+    r = CliRunner().invoke(app, ["sft", "-m", str(tiny_gguf), "--data", str(tmp_path / "missing"), "-o",
+                                 str(tmp_path / "x")])
+    assert r.exit_code == 1 and "error:" in r.output and "Traceback" not in r.output
