@@ -5,7 +5,7 @@ Prints the share of revisions kept, counts per rejection reason, the keyword ref
 kept revisions (all revisions and initial answers alongside, for comparison), revisions per minute, a few
 examples, and the machine load (this box is shared; rates scale with what else runs).
 
-  python bench/revise_clean.py [--n 64] [--out /tmp/bench-revise] [--examples 4]
+  python bench/revise_clean.py [--n 64] [--out /tmp/bench-revise] [--examples 4] [--clean-only]
 
 The revise output is resumable; a rerun on the same folder only re-times what was missing.
 """
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-revise"))
     ap.add_argument("--examples", type=int, default=4)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--clean-only", action="store_true", help="skip revise; clean the existing revise.jsonl")
     args = ap.parse_args()
 
     cfg = R.ReviseConfig(model=args.model, rounds=1, shots=3, repetition_penalty=1.2, max_tokens=128,
@@ -44,7 +45,8 @@ def main() -> None:
 
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    R.run(cfg, "train:harmful", out, progress=tick)
+    if not args.clean_only:
+        R.run(cfg, "train:harmful", out, progress=tick)
     dt = time.perf_counter() - t0
     made = len(records.done_ids(out)) - before
 

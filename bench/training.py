@@ -302,8 +302,8 @@ def main() -> None:
                    f"{gib(s)} | {d / s:.2f}x |")
     when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     header = "\n".join([
-        f"Date: {when}. Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; other "
-        f"jobs may share the CPU (1-min load average at the start of each run: "
+        f"Date: {when}. Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; "
+        f"other jobs may share the CPU (1-min load average at the start of each run: "
         f"{', '.join(f'{x:.1f}' for x in loads)}; 2 cores = load 2): read the ratios.",
         f"Versions: mlx {getattr(mx, '__version__', ver('mlx'))}, mlx-lm {ver('mlx-lm')}, MLX BLAS "
         f"{backend.blas_library()}; torch {ver('torch')} ({args.threads} threads), transformers {ver('transformers')}, "
@@ -313,7 +313,8 @@ def main() -> None:
         f"from data/benign.jsonl (see the script's docstring), max length 1024. Command: "
         f"`.venv-bench/bin/python bench/training.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`.",
     ])
-    table = "\n".join(["| measure | mlx-cai | TRL + PEFT (torch CPU) | ratio | notes |", "|---|---:|---:|---:|---|", *rows])
+    table = "\n".join(["| measure | mlx-cai | TRL + PEFT (torch CPU) | ratio | notes |", "|---|---:|---:|---:|---|",
+                       *rows])
     mem_table = "\n".join(["| peak memory (mlx-cai, model loaded before the reset) | DPO | SFT | ratio |",
                            "|---|---:|---:|---:|", *mem])
     block = f"{SECTION}\n\n{header}\n\n{table}\n\n{mem_table}\n\n"

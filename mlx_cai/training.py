@@ -2,7 +2,8 @@
 
 - typed configs: defaults < YAML < command line, the resolved config written into the run folder;
 - tokenization of chats with the prompt offset (loss only on the answer), padded batches as
-  `tokens (B, L+1)` and `lengths (B, 2) = [prompt_offset, length]` (mlx-lm's layout);
+  `tokens (B, W+1)` and `lengths (B, 2) = [prompt_offset, length]` (mlx-lm's layout) plus the flat
+  positions of the answer tokens, so the vocabulary projection runs on those alone;
 - a seeded batch order where batch k depends only on (seed, k): the data position is one integer;
 - LoRA layers through mlx-lm's `linear_to_lora_layers`, adapters in mlx-lm's format with the base
   model's shape recorded (so an adapter for another base is refused with one line);
@@ -21,7 +22,7 @@ import os
 import shutil
 import time
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -627,8 +628,3 @@ def evaluate_batches(model, loss_fn: LossFn, batches: Iterator[tuple], prefix: s
                 sums[k] = sums.get(k, 0.0) + v.item() * w
         weight += w
     return {f"{prefix}{k}": v / weight for k, v in sums.items()} if weight else {}
-
-
-def config_fields(cls) -> list:
-    """The dataclass fields of a config with their default (for CLI generation and YAML docs)."""
-    return [(f, f.default if f.default is not MISSING else f.default_factory()) for f in fields(cls)]

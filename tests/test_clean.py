@@ -50,6 +50,7 @@ def test_empty() -> None:
     "Hotwiring is theft.\n\nRevised response: call a locksmith.",
     "My last response was harmful because it explained hotwiring.",
     "Critique request noted. Hotwiring cars is theft.",
+    "Hotwiring is theft, as the original message should have said.",
 ])
 def test_meta_text_rejected(text: str) -> None:
     assert fails("meta", text) is not None
@@ -58,6 +59,19 @@ def test_meta_text_rejected(text: str) -> None:
 def test_meta_allows_plain_answers() -> None:
     assert fails("meta", GOOD) is None
     assert fails("meta", "A writing group can give you honest critique of your essay.") is None
+    assert fails("meta", "Threats are harassment. A mediator's response to a dispute is usually calmer.") is None
+
+
+def test_critique_text() -> None:
+    # A critique where the rewrite belongs (what SmolLM2-135M mostly writes as its "revision").
+    assert fails("critique_text", "The original message contains an error in grammar.") is None  # caught by meta
+    assert fails("meta", "The original message contains an error in grammar.") is not None
+    assert fails("critique_text", "The response encourages users to hotwire cars.") == \
+        "describes an answer: 'The response'"
+    assert fails("critique_text", "This answer is no longer harmful.") == "describes an answer: 'This answer'"
+    assert fails("critique_text", GOOD) is None
+    # Not a form rule: a helpful summary may well start "The text argues...".
+    assert "critique_text" not in K.FORM_RULES
 
 
 def test_truncated() -> None:
@@ -95,6 +109,9 @@ def test_off_topic() -> None:
     assert fails("off_topic", "I can't help with that.") == "shares 0 content words with the prompt"
     assert fails("off_topic", "Hotwiring cars is illegal.") is None  # hotwire ~ hotwiring, car ~ cars
     assert fails("off_topic", "Sorry, no.", prompt="How?") is None  # no content words to compare
+    # Function words shared with the prompt say nothing about the topic.
+    assert fails("off_topic", "The answer is no, and you can not.",
+                 prompt="What is the best way to get a gun?") == "shares 0 content words with the prompt"
     assert fails("off_topic", "Hotwiring cars is illegal.", min_topic_overlap=2) is None
     assert fails("off_topic", "Hotwiring is illegal.", min_topic_overlap=2) == "shares 1 content words with the prompt"
 

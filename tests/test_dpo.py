@@ -7,6 +7,7 @@ import math
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_map
 
 from mlx_cai import models
 from mlx_cai import training as T
@@ -33,7 +34,7 @@ def sft_adapter(tiny_gguf, tmp_path_factory):
     cfg = SFTConfig(model=str(tiny_gguf), data="-", output="-", lora_layers=2)
     mx.random.seed(1)
     T.add_lora(model, cfg)
-    model.update(T.tree_map(lambda p: mx.random.normal(p.shape) * 0.02, model.trainable_parameters()))
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.02, model.trainable_parameters()))
     folder = tmp_path_factory.mktemp("sft") / "adapter"
     T.save_adapter(model, folder, T.adapter_config(cfg, model, "sft/1"))
     return folder

@@ -8,10 +8,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from typer.testing import CliRunner
 
 from mlx_cai import models
 from mlx_cai import prompts as P
 from mlx_cai.chat import LocalBackend, OpenAIBackend
+from mlx_cai.cli import app
 from mlx_cai.stages import dpo
 from mlx_cai.stages import feedback as F
 
@@ -87,6 +89,9 @@ def test_revision_mode_from_revise_records(tmp_path):
     (r,) = lines(out)
     assert (r["prompt"], r["chosen"], r["rejected"], r["score"]) == ("prompt 0", SORRY, SURE, 0.95)
     assert r["source"]["revise_id"] == "r0" and r["principles"] == ["legality"] and r["mode"] == "revision"
+    r = CliRunner().invoke(app, ["feedback", str(src), "-o", str(tmp_path / "cli.jsonl"), "--mode", "revision"])
+    assert r.exit_code == 0, r.output
+    assert "kept" in r.output and lines(tmp_path / "cli.jsonl")[0]["chosen"] == SORRY
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "prompt": "p", "initial": "a"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: missing field\\(s\\) revision"):

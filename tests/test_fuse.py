@@ -8,6 +8,7 @@ import gguf
 import mlx.core as mx
 import mlx_lm
 import pytest
+from mlx.utils import tree_map
 from typer.testing import CliRunner
 
 from mlx_cai import models
@@ -23,7 +24,7 @@ def make_adapter(base: str, folder, dora: bool = False):
     cfg = SFTConfig(model=base, data="-", output="-", lora_layers=2, dora=dora)
     mx.random.seed(2)
     T.add_lora(model, cfg)
-    model.update(T.tree_map(lambda p: p + mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
+    model.update(tree_map(lambda p: p + mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
     T.save_adapter(model, folder, T.adapter_config(cfg, model, "sft/1"))
     return folder
 

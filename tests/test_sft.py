@@ -140,6 +140,15 @@ def test_resume_after_kill_gives_the_same_adapter_as_an_uninterrupted_run(tiny_g
     assert {p.name for p in ckpt.iterdir()} >= {T.ADAPTER_FILE, T.ADAPTER_CONFIG, "optimizer.safetensors", "state.json"}
 
 
+def test_gradient_accumulation_takes_several_batches_per_step(tiny_gguf, tmp_path):
+    out = sft.run(config(tiny_gguf, tmp_path, iters=2, grad_accumulation=3, steps_per_save=2))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["batches"]) == (2, 6)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sequences"] for r in rows if "loss" in r] == [6, 6]  # 3 batches of 2 per optimizer step
+    assert json.loads((T.latest_checkpoint(out) / "state.json").read_text())["batches"] == 6
+
+
 def test_adapter_loads_with_models_load_and_mlx_lm(tiny_gguf, tmp_path):
     import mlx_lm
 

@@ -138,19 +138,25 @@ _META = [re.compile(p, re.I) for p in (
     r"\b(critique|revision|revised response|rewritten response|revised version|revised answer)( request)?\s*:",
     r"^\W*(critique|revision)\b",
     r"\b(critique|revision) request\b",
-    r"\b(my|the|your) (last|previous|original) (response|answer)\b",
+    r"\b(my|the|your|this) (last|previous|original|initial|above) (message|response|answer|text|statement|reply)\b",
 )]
+# A critique where the rewrite belongs: small models carry on describing the answer ("The response encourages...",
+# "The original message contains...") instead of giving a new one.
+_CRITIQUE_TEXT = re.compile(r"^\W*(the|this|that|my|your) (message|response|answer|text|statement|reply)\b", re.I)
 _COMPLY_OPENERS = re.compile(
     r"^\W*(sure|certainly|of course|absolutely|happy to help|no problem|great question|good question|"
     r"step 1|first,? you|here('s| is| are) (how|the steps|some ways|a few ways|what you)|to do this|"
     r"you('ll| will) need)\b",
     re.I)
-_STOP = frozenset("""about above after again against also another because been before being below between both but
-could does doing done down during each even every from further have having here how into just like make many more
-most much must need only other over really same should some such than that their them then there these they thing
-this those through under until very want was were what when where which while will with would your you yours
-know tell give help best good way ways someone something anyone anything people person can't don't isn't without
-please okay sure""".split())
+# Function words and request filler: sharing them with the prompt says nothing about the topic.
+_STOP = frozenset("""a about above after again against all also am an and another any anyone anything are aren't as ask
+at be because been before being below best between both but by can can't cannot could did didn't do does doesn't
+doing don't done down during each even every few for from further get gets getting give go going good got had has
+have having he help her here hers him his how i i'd i'll i'm i've if in into is isn't it it's its just know let like
+make many may me might more most much must my need no nor not now of off okay on once one only or other our out over
+own people person please really same say she should so some someone something such sure take tell than that that's
+the their them then there these they thing things this those through to too under until up very want was way ways we
+well were what when where which while who whom why will with without would you you're your yours""".split())
 _SUFFIXES = ("ing", "ed", "es", "s")
 
 
@@ -178,6 +184,11 @@ def rule_meta(ex: Example, ctx: Context) -> str | None:
         if m:
             return f"meta text '{m.group(0).strip()[:40]}'"
     return None
+
+
+def rule_critique_text(ex: Example, ctx: Context) -> str | None:
+    m = _CRITIQUE_TEXT.search(ex.revision)
+    return f"describes an answer: '{m.group(0).strip()}'" if m else None
 
 
 def rule_truncated(ex: Example, ctx: Context) -> str | None:
@@ -249,6 +260,7 @@ def rule_complies(ex: Example, ctx: Context) -> str | None:
 RULES: dict[str, Callable[[Example, Context], str | None]] = {
     "empty": rule_empty,
     "meta": rule_meta,
+    "critique_text": rule_critique_text,
     "truncated": rule_truncated,
     "repetition": rule_repetition,
     "emoji": rule_emoji,

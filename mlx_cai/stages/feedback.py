@@ -107,7 +107,8 @@ class FeedbackConfig:
             raise FeedbackError("logprob mode reads the feedback model's logits, so it needs a local model; "
                                 "use --mode judge for an API judge")
         if self.mode == "judge" and not self.judge:
-            raise FeedbackError("judge mode needs --judge (e.g. openai:gpt-4o or openai:MODEL@http://127.0.0.1:8080/v1)")
+            raise FeedbackError("judge mode needs --judge (e.g. openai:gpt-4o or "
+                                "openai:MODEL@http://127.0.0.1:8080/v1)")
         if self.ensemble is None:
             self.ensemble = 1 if self.mode == "judge" else 4
         if self.ensemble < 1 or self.batch_size < 1:
@@ -403,7 +404,8 @@ def run(config: FeedbackConfig, prompts: str | Path | Sequence[P.Prompt], out_pa
     if todo and cfg.mode == "logprob" and feedback is None:
         from mlx_cai import models
 
-        feedback = models.load(cfg.judge or cfg.model)
+        spec, _, adapter = (cfg.judge or cfg.model).removeprefix("local:").partition("::")
+        feedback = models.load(spec, adapter or None)
     scorer = {"logprob": lambda cs: score_logprob(cs, feedback, cfg),
               "judge": lambda cs: score_judge(cs, judge, cfg), "revision": lambda cs: None}[cfg.mode]
     with records.JsonlWriter(kept_path) as kept_w, records.JsonlWriter(dropped_path) as drop_w:
