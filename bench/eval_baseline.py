@@ -33,15 +33,7 @@ COLLAPSE = ("seq_rep_4", "sentence_repetition", "distinct_2", "non_termination_r
             "mean_length_words")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
+from mlx_cai.backend import cpu_model  # noqa: E402  (shared machine description)
 
 def section(summary: dict, argv: list[str]) -> str:
     prov = summary["provenance"]

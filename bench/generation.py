@@ -41,15 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Generation throughput: mlx-cai vs transformers (bench/generation.py)"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
+from mlx_cai.backend import cpu_model  # noqa: E402  (shared machine description)
 
 def load_prompts(path: Path, n: int) -> list[list[dict]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

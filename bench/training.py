@@ -47,6 +47,8 @@ SECTION = "## Training throughput and memory: mlx-cai vs TRL (bench/training.py)
 KEYS = ["self_attn.q_proj", "self_attn.v_proj"]
 
 
+from mlx_cai.backend import cpu_model  # noqa: E402  (shared machine description)
+
 def make_data(n: int) -> tuple[list[dict], list[dict]]:
     rows = [json.loads(x) for x in (ROOT / "data" / "benign.jsonl").read_text().splitlines() if x.strip()]
     prompts = [r["prompt"] for r in rows if r.get("split") == "train"]
@@ -207,16 +209,6 @@ def trl_dpo(pairs, args, work: Path, model_dir: Path) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ver(pkg: str) -> str:

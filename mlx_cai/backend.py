@@ -119,3 +119,16 @@ def memory_summary() -> str:
         parts.append(f"{gib(avail)} available")
     parts.append(f"MLX peak {gib(mx.get_peak_memory())}")
     return ", ".join(parts)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for benchmark headers and `info`)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

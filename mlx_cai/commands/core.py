@@ -24,7 +24,7 @@ def info() -> None:
     import mlx.core as mx
 
     rows = [
-        ["platform", f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"],
+        ["platform", f"{platform.system()} {platform.machine()} ({backend.cpu_model()}), Python {platform.python_version()}"],
         ["mlx", getattr(mx, "__version__", "?")],
         ["device", backend.default_device()],
         ["blas", backend.blas_library()],
