@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -46,7 +47,7 @@ def progress(description: str, total: int | None, done: int = 0) -> Iterator[tup
     rate = TokenRate()
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal and not _force()) as p:
+    with _Progress(*columns, console=console, transient=False, disable=not console.is_terminal and not _force()) as p:
         task = p.add_task(description, total=total, completed=done, rate="")
 
         def tick(n_items: int = 0, n_tokens: int = 0):
@@ -56,6 +57,54 @@ def progress(description: str, total: int | None, done: int = 0) -> Iterator[tup
 
         p.tick = tick  # type: ignore[attr-defined]
         yield p, task, rate
+
+
+class _Progress(Progress):
+    """rich Progress that, when it cannot draw (output not a terminal: CI, `nohup`, a log file), prints one
+    plain line per task every MLX_CAI_PROGRESS_EVERY seconds (default 30) and when it ends."""
+
+    def __init__(self, *columns, **kw):
+        super().__init__(*columns, **kw)
+        self.every = float(os.environ.get("MLX_CAI_PROGRESS_EVERY", "30"))
+        self.printed: dict = {}
+
+    def update(self, task_id, **kw) -> None:  # type: ignore[override]
+        super().update(task_id, **kw)
+        if self.disable and time.monotonic() - self.printed.get(task_id, 0.0) >= self.every:
+            self.plain_line(task_id)
+
+    def add_task(self, *args, **kw):
+        task_id = super().add_task(*args, **kw)
+        self.printed[task_id] = time.monotonic()  # first line after `every` seconds, not at once
+        return task_id
+
+    def plain_line(self, task_id) -> None:
+        self.printed[task_id] = time.monotonic()
+        self.console.print(plain_status(self._tasks[task_id]), highlight=False, markup=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        if self.disable:
+            for task_id in list(self._tasks):
+                self.plain_line(task_id)
+        super().stop()
+
+
+def plain_status(task) -> str:
+    """'revise 32/96 (33%)  412 tok/s  elapsed 1:23  eta 2:40' for one rich task."""
+    done = f"{task.completed:,.0f}" + (f"/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else "")
+    parts = [f"{task.description} {done}"]
+    if task.fields.get("rate"):
+        parts.append(str(task.fields["rate"]))
+    parts.append(f"elapsed {_clock(task.elapsed or 0)}")
+    if task.total and not task.finished and task.time_remaining is not None:
+        parts.append(f"eta {_clock(task.time_remaining)}")
+    return "  ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _force() -> bool:
