@@ -76,7 +76,7 @@ def main() -> None:
     print(f"clean: {dt_clean:.2f} s")
     print(f"kept {s['kept']}/{s['records']} = {s['kept_share']:.1%}")
     for reason, n in sorted(s["reasons"].items(), key=lambda kv: -kv[1]):
-        print(f"  {reason:<12} {n:>3}  ({n / s['records']:.0%})")
+        print(f"  {reason:<14} {n:>3}  ({n / s['records']:.0%})")
     print(f"kept revisions:  {rates([r['revision'] for r in kept])}")
     print(f"all revisions:   {rates([r['revision'] for r in recs])}")
     print(f"initial answers: {rates([r['initial'] for r in recs])}")

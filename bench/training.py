@@ -16,6 +16,10 @@ q_proj and v_proj, last 16 of 30 blocks), same batch, same number of optimizer s
   (completion-only loss) and `DPOTrainer` (reference = the base with adapters disabled, computed each step),
   torch with `--threads` threads. Time = `trainer.train()`.
 - tokens = non-padding tokens of the batches trained (prompt + answer), counted from each engine's own batches.
+- threads: MLX's OpenBLAS uses what mlx_cai.backend picks at import (one thread when the load average is already
+  >= the core count, all cores otherwise; MLX_CAI_BLAS_THREADS overrides); torch gets the same number by default
+  (`--threads match`), because torch's OpenMP threads collapse under oversubscription just as OpenBLAS's do
+  (BENCHMARKS.md, "OpenBLAS threads under load"). The header prints both.
 - memory: `mx.get_peak_memory()` after `mx.reset_peak_memory()` (model already loaded) for SFT with batch B,
   DPO with B pairs (2B sequences in its forward pass) and DPO with B/2 pairs (B sequences, same forward size as SFT).
 
@@ -42,12 +46,12 @@ from mlx_cai import backend  # OpenBLAS before mlx.core, and before torch brings
 
 import mlx.core as mx
 
+from mlx_cai.backend import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Training throughput and memory: mlx-cai vs TRL (bench/training.py)"
 KEYS = ["self_attn.q_proj", "self_attn.v_proj"]
 
-
-from mlx_cai.backend import cpu_model  # noqa: E402  (shared machine description)
 
 def make_data(n: int) -> tuple[list[dict], list[dict]]:
     rows = [json.loads(x) for x in (ROOT / "data" / "benign.jsonl").read_text().splitlines() if x.strip()]
@@ -238,12 +242,15 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=56, help="chats and pairs in the data (default 56)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--layers", type=int, default=16, help="LoRA on the last N blocks (default 16)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", default="match", help="torch threads: a number, or 'match' (default) = the "
+                    "OpenBLAS thread count mlx_cai.backend chose")
     ap.add_argument("--engines", default="mlx,trl", help="mlx, trl or both")
     ap.add_argument("--write", action="store_true", help="write/replace the section in BENCHMARKS.md")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
     engines = {e.strip() for e in args.engines.split(",")}
+    blas_threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
+    args.threads = blas_threads if args.threads == "match" else int(args.threads)
     chats, pairs = make_data(args.examples)
     res: dict[str, dict] = {}
     loads = []
