@@ -86,8 +86,9 @@ class FastLlama:
         return fast
 
     # --- the model -------------------------------------------------------------------------------
-    def _layer(self, lyr: Layer, x, K, V, start, offsets, mask):
-        """x (B, T, hidden); K/V (B, KVH, S, D); writes slots [start, start+T); offsets (B,) rope positions."""
+    def _layer(self, lyr: Layer, x, K, V, start, offsets, mask, end=None):
+        """x (B, T, hidden); K/V (B, KVH, S, D); writes slots [start, start+T); offsets (B,) rope positions.
+        `end` (a python int, prefill only): attend to slots [0, end) instead of the whole static cache."""
         B, T, _ = x.shape
         H, KVH, D = self.n_heads, self.n_kv, self.head_dim
         h = mx.fast.rms_norm(x, lyr.norm_in, self.eps)
@@ -100,16 +101,18 @@ class FastLlama:
         k = mx.fast.rope(k, D, traditional=self.traditional, base=self.theta, scale=1.0, offset=offsets)
         K = mx.slice_update(K, k.astype(K.dtype), start, axes=(2,))
         V = mx.slice_update(V, v.astype(V.dtype), start, axes=(2,))
-        o = mx.fast.scaled_dot_product_attention(q, K, V, scale=self.scale, mask=mask)
+        Ka, Va = (K, V) if end is None else (K[:, :, :end], V[:, :, :end])
+        o = mx.fast.scaled_dot_product_attention(q, Ka, Va, scale=self.scale, mask=mask)
         x = x + o.transpose(0, 2, 1, 3).reshape(B, T, H * D) @ lyr.w_o.T
         h = mx.fast.rms_norm(x, lyr.norm_post, self.eps)
         g, u = mx.split(h @ lyr.w_gu.T, 2, axis=-1)
         return x + (nn.silu(g) * u) @ lyr.w_down.T, K, V
 
-    def _forward(self, tokens, caches, start, pad):
-        """tokens (B, T) at slots [start, start+T). Returns (last-position logits (B, V), new caches)."""
+    def _forward(self, tokens, caches, start, pad, end=None):
+        """tokens (B, T) at slots [start, start+T). Returns (last-position logits (B, V), new caches).
+        `end` = start + T as a python int (prefill): attention skips the empty slots after it."""
         B, T = tokens.shape
-        S = caches[0][0].shape[2]
+        S = caches[0][0].shape[2] if end is None else end
         slots = mx.arange(S)
         pos = start + mx.arange(T)  # (T,) slots being written
         offsets = start - pad  # (B,) rope position of the first new token per row
@@ -120,7 +123,7 @@ class FastLlama:
         x = self.embed[tokens]
         new = []
         for lyr, (K, V) in zip(self.layers, caches):
-            x, K, V = self._layer(lyr, x, K, V, start, offsets, mask)
+            x, K, V = self._layer(lyr, x, K, V, start, offsets, mask, end)
             new.append((K, V))
         x = mx.fast.rms_norm(x[:, -1, :], self.norm, self.eps)
         return x @ self.lm_head.T, new
@@ -139,7 +142,8 @@ class FastLlama:
         L = tokens.shape[1]
         logits = None
         for s in range(0, L, chunk):
-            logits, caches = self._forward(tokens[:, s : s + chunk], caches, mx.array(s), pad)
+            piece = tokens[:, s : s + chunk]
+            logits, caches = self._forward(piece, caches, mx.array(s), pad, end=s + piece.shape[1])
             mx.eval(caches)
         return logits, caches
 
