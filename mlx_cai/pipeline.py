@@ -13,6 +13,10 @@ keys are that stage's config fields (plus `prompts` for revise/feedback). Writes
 A stage whose marker exists (with the same settings) is skipped; a stage without one is run, and each
 stage itself continues a partial output (every stage appends per record or checkpoints). So killing the
 process at any moment and rerunning loses nothing and duplicates nothing.
+
+Under `mlx.launch` every process runs the pipeline: revise, feedback, sft, dpo and eval share their work
+(mlx_cai.distributed); clean and report run on rank 0 alone. Rank 0 writes everything and decides what is
+done; later stages read earlier outputs, so on several hosts the run folder must be a shared folder.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any, Callable
 import yaml
 
 STAGES = ("revise", "clean", "sft", "feedback", "dpo", "eval-base", "eval-sft", "eval-dpo", "report")
+SHARED = ("revise", "sft", "feedback", "dpo", "eval-base", "eval-sft", "eval-dpo")  # run by every process
 SECTIONS = ("revise", "clean", "sft", "feedback", "dpo", "eval", "report")
 
 
@@ -280,33 +285,42 @@ def link_final(cfg: RunConfig) -> Path | None:
 
 def run(cfg: RunConfig, *, start: str | None = None, until: str | None = None, hooks: Hooks | None = None) -> Path:
     """Run the enabled stages in order (from `start`, through `until`); returns the run folder."""
+    from mlx_cai import distributed as D
+
     hooks = hooks or Hooks()
     d = cfg.run_dir
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text(yaml.safe_dump(_jsonable(cfg), sort_keys=False))
+    main = D.is_main()
+    if main:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.yaml").write_text(yaml.safe_dump(_jsonable(cfg), sort_keys=False))
     stages = cfg.enabled()
     if start:
-        reset_from(cfg, start)
+        if main:
+            reset_from(cfg, start)
         stages = stages[stages.index(start):] if start in stages else []
     if until:
         stages = stages[: stages.index(until) + 1] if until in stages else stages
     for i, stage in enumerate(stages, 1):
-        if is_done(cfg, stage):
+        if D.from_main(is_done(cfg, stage) if main else None):  # also waits for rank 0's previous stage
             hooks.stage_skip(stage, "done")
             continue
         hooks.stage_start(i, len(stages), stage)
         t0 = time.perf_counter()
         with (hooks.progress(stage) or _null()) as callback:
-            _run_stage(cfg, stage, callback)
+            if main or stage in SHARED:
+                _run_stage(cfg, stage, callback)
         secs = time.perf_counter() - t0
-        m = marker(cfg, stage)
-        m.parent.mkdir(parents=True, exist_ok=True)
-        m.write_text(json.dumps({"stage": stage, "config": _jsonable(stage_config(cfg, stage)), "seconds": secs,
-                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+        if main:
+            m = marker(cfg, stage)
+            m.parent.mkdir(parents=True, exist_ok=True)
+            m.write_text(json.dumps({"stage": stage, "config": _jsonable(stage_config(cfg, stage)), "seconds": secs,
+                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
         hooks.stage_done(stage, secs)
-        if stage in ("sft", "dpo"):
+        if main and stage in ("sft", "dpo"):
             link_final(cfg)
-    link_final(cfg)
+    D.barrier()
+    if main:
+        link_final(cfg)
     return d
 
 

@@ -8,7 +8,10 @@
 - LoRA layers through mlx-lm's `linear_to_lora_layers`, adapters in mlx-lm's format with the base
   model's shape recorded (so an adapter for another base is refused with one line);
 - checkpoints (adapter + optimizer state + data position; the RNG is reseeded from (seed, batch index));
-- one compiled training loop that takes the loss and the batches as functions.
+- one compiled training loop that takes the loss and the batches as functions;
+- data parallelism (mlx_cai.distributed): every process takes its strided share of the rows of each global
+  batch, and the step combines the gradients weighted by what each share's loss is a mean over, so N
+  processes take the same steps as one (the batch index stays the data position). Only rank 0 writes.
 
 Writes into OUT: adapters.safetensors + adapter_config.json, checkpoints/step-NNNNNNN/ (the same two files,
 optimizer.safetensors, state.json) and checkpoints/latest, metrics.jsonl, config.yaml.
@@ -36,6 +39,7 @@ import numpy as np
 import yaml
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from mlx_cai import distributed as D
 from mlx_cai import records
 from mlx_cai.losses import sequence_logps
 
@@ -303,6 +307,26 @@ def eval_batches(lengths: Sequence[int], batch_size: int, limit: int) -> list[li
     return out if limit < 0 else out[:limit]
 
 
+class Padding(tuple):
+    """The arrays of a batch that weighs 0: a process whose share of a global batch is empty (a batch with
+    fewer rows than processes) still runs the step, so that the collectives of all processes match."""
+
+
+def local_batch(rows: list[int], build: Callable[[list[int]], tuple]) -> tuple:
+    """This process's share of the training batch of example indices `rows` (all of them in one process)."""
+    mine = D.shard(rows)
+    return build(mine) if mine else Padding(build(rows[:1]))
+
+
+def local_batches(batches: list[list[int]], build: Callable[[list[int]], tuple]) -> Iterator[tuple]:
+    """This process's share of the validation batches: whole batches, strided, and at least one (Padding)."""
+    mine = D.shard(batches)
+    if not mine and batches:
+        yield Padding(build(batches[0]))
+    for b in mine:
+        yield build(b)
+
+
 # --------------------------------------------------------------------------------------------- LoRA
 
 
@@ -501,7 +525,7 @@ def restore_checkpoint(path: Path, model, optimizer) -> Position:
 
 
 def prepare_output(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
-    """Create the run folder; with `resume`, return the checkpoint to continue from."""
+    """Create the run folder (rank 0); with `resume`, return the checkpoint to continue from."""
     if not cfg.output:
         raise TrainingError("an output folder is required (-o OUT)")
     out = Path(cfg.output)
@@ -510,16 +534,18 @@ def prepare_output(cfg: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
         check_resume_config(cfg, out)
     elif ckpt is not None or (out / ADAPTER_FILE).exists():
         raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out / "config.yaml")
-    if not resume or ckpt is None:  # metrics of a run that never reached a checkpoint
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    D.barrier()  # every process has read the folder before rank 0 changes it
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, out / "config.yaml")
+        if not resume or ckpt is None:  # metrics of a run that never reached a checkpoint
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     return out, ckpt if resume else None
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop metric rows past `step` (written by a run that was killed before its next checkpoint)."""
-    if not path.exists():
+    """Drop metric rows past `step` (written by a run that was killed before its next checkpoint); rank 0."""
+    if not D.is_main() or not path.exists():
         return
     keep = [r for r in records.read_jsonl(path) if r.get("step", 0) <= step] if path.stat().st_size else []
     records.write_jsonl_atomic(path, keep)
@@ -535,26 +561,40 @@ def batch_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k) % (2**63)
 
 
+COUNTS = ("tokens", "sequences", "examples", "loss_tokens")  # metrics that are counts: summed over processes
+
+
 def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callable[[int], tuple], cfg: TrainConfig,
           out: Path, adapter_cfg: dict, pos: Position, *, evaluate: Callable[[], dict] | None = None,
-          on_report: Callable[[dict], None] | None = None) -> Position:
+          on_report: Callable[[dict], None] | None = None, mean_over: str = "sequences") -> Position:
     """Run optimizer steps pos.step+1 .. cfg.iters, checkpointing and reporting as configured.
 
-    `get_batch(k)` returns the arrays of training batch k; `loss_fn(model, *batch)` returns a scalar loss
-    and a dict of scalar metrics (`tokens`: non-padding tokens, `sequences` and `examples` are summed, the
-    rest averaged per step). Each step is appended to OUT/metrics.jsonl and passed to `on_report`.
+    `get_batch(k)` returns the arrays of this process's share of training batch k (`local_batch`; all of it in
+    one process); `loss_fn(model, *batch)` returns a scalar loss and a dict of scalar metrics (`tokens`:
+    non-padding tokens, `sequences` and `examples` are summed, the rest averaged per step). The loss is a mean
+    over the metric `mean_over` (SFT: `loss_tokens`, DPO: `examples`): with several processes each share's
+    gradient is weighted by it, so the step is the one-process step on the whole batch. Each step is appended to
+    OUT/metrics.jsonl (rank 0) and passed to `on_report` with the values of the whole batch.
     A NaN/inf loss raises NonFiniteLoss before anything is saved, so the last checkpoint stays good.
     """
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     accum = cfg.grad_accumulation
     state = [model.state, optimizer.state, mx.random.state]
+    spread = D.size() > 1
+    _check_same_position(pos)
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch, prev_grad, do_update):
+    def step(batch, keep, prev_grad, do_update):
         (loss, metrics), grad = loss_and_grad(model, *batch)
+        if spread:  # this share's part of the gradient of the whole batch's mean loss
+            weight = keep * metrics[mean_over]
+            share = weight / D.all_sum(weight)
+            grad = tree_map(lambda g: g * share, grad)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
+            if spread:
+                grad = D.all_sum_tree(grad)
             if accum > 1:
                 grad = tree_map(lambda g: g / accum, grad)
             if cfg.max_grad_norm > 0:
@@ -568,7 +608,7 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
 
     summed = ("tokens", "sequences", "examples")
     metrics_path = out / "metrics.jsonl"
-    writer = records.JsonlWriter(metrics_path, sync=False)
+    writer = records.JsonlWriter(metrics_path, sync=False) if D.is_main() else None
     last_saved = latest_checkpoint(out)
     model.train()
     try:
@@ -577,17 +617,21 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
             grad, rows = None, []
             for micro in range(accum):
                 mx.random.seed(batch_seed(cfg.seed, pos.batches))
-                loss, metrics, grad = step(get_batch(pos.batches), grad, micro == accum - 1)
+                batch = get_batch(pos.batches)
+                keep = 0.0 if isinstance(batch, Padding) else 1.0
+                loss, metrics, grad = step(tuple(batch), mx.array(keep), grad, micro == accum - 1)
                 mx.eval(state, loss, metrics, grad)
-                value = loss.item()
-                norm = metrics["grad_norm"].item() if "grad_norm" in metrics else 0.0
+                row = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
+                if spread:
+                    row = _whole_batch_metrics(row, keep, mean_over)
+                value, norm = row["loss"], row.get("grad_norm", 0.0)
                 if not (math.isfinite(value) and math.isfinite(norm)):  # an inf gradient would poison the weights
                     what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {norm}"
                     where = f"{last_saved} (step {int(last_saved.name[5:])})" if last_saved else "none yet"
                     raise NonFiniteLoss(f"{what} at step {pos.step + 1} (batch {pos.batches}); stopped without "
                                         f"saving. Last good checkpoint: {where}. Lower the learning rate or check "
                                         "the data, then rerun with --resume")
-                rows.append({"loss": value, **{k: v.item() for k, v in metrics.items()}})
+                rows.append(row)
                 pos.batches += 1
             pos.step += 1
             seconds = time.perf_counter() - t0
@@ -597,34 +641,69 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
                 record[k] = sum(vals) if k in summed else sum(vals) / len(vals)
             record["seconds"] = round(seconds, 4)
             record["tokens_per_second"] = round(record.get("tokens", 0) / seconds, 2)
-            writer.write(record)
+            if writer:
+                writer.write(record)
             if on_report:
                 on_report(record)
             if evaluate and (pos.step % cfg.steps_per_eval == 0 or pos.step == cfg.iters):
                 val = {"step": pos.step, **evaluate()}
                 model.train()
-                writer.write(val)
+                if writer:
+                    writer.write(val)
                 if on_report:
                     on_report(val)
-            if pos.step % cfg.steps_per_save == 0 or pos.step == cfg.iters:
+            if D.is_main() and (pos.step % cfg.steps_per_save == 0 or pos.step == cfg.iters):
                 last_saved = save_checkpoint(out, pos, model, optimizer, adapter_cfg, cfg.keep_checkpoints)
     finally:
-        writer.close()
-    save_adapter(model, out, adapter_cfg)
+        if writer:
+            writer.close()
+    if D.is_main():
+        save_adapter(model, out, adapter_cfg)
     return pos
 
 
+def _check_same_position(pos: Position) -> None:
+    """Every process must resume from the same checkpoint, i.e. see the same output folder."""
+    seen = {tuple(p) for p in D.gather([pos.step, pos.batches])}
+    if len(seen) > 1:
+        raise TrainingError(f"the processes would resume from different steps ({sorted(s for s, _ in seen)}): to "
+                            "resume a run on several hosts, the output folder must be shared by all of them")
+
+
+def _whole_batch_metrics(row: dict[str, float], keep: float, mean_over: str) -> dict[str, float]:
+    """One process's metrics of its share -> those of the whole batch: counts summed, means weighted by
+    `mean_over` (what they are means over); grad_norm is already that of the combined gradient."""
+    keys = sorted(row)
+    weight = keep * row[mean_over]
+    local = [keep * row[k] if k in COUNTS else 0.0 if k == "grad_norm" else weight * row[k] for k in keys]
+    total = np.array(D.all_sum(mx.array(local + [weight], dtype=mx.float32))).tolist()
+    out = {}
+    for k, t in zip(keys, total):
+        if k == "grad_norm":
+            out[k] = row[k]
+        elif k in COUNTS:
+            out[k] = round(t) if isinstance(row[k], int) else t
+        else:
+            out[k] = t / total[-1]
+    return out
+
+
 def evaluate_batches(model, loss_fn: LossFn, batches: Iterator[tuple], prefix: str = "val_") -> dict:
-    """Mean loss and metrics over `batches` (weighted by sequences), without gradients or dropout."""
+    """Mean loss and metrics over `batches` (weighted by sequences), without gradients or dropout. With several
+    processes, each evaluates its share of the batches (`local_batches`) and the sums are combined."""
     model.eval()
     sums: dict[str, float] = {}
     weight = 0.0
     for batch in batches:
         loss, metrics = loss_fn(model, *batch)
         mx.eval(loss, metrics)
-        w = float(metrics.get("sequences", mx.array(1)).item())
+        w = 0.0 if isinstance(batch, Padding) else float(metrics.get("sequences", mx.array(1)).item())
         for k, v in {"loss": loss, **metrics}.items():
             if k not in ("tokens", "sequences", "examples"):
                 sums[k] = sums.get(k, 0.0) + v.item() * w
         weight += w
+    if D.size() > 1:
+        keys = sorted(sums)
+        total = np.array(D.all_sum(mx.array([sums[k] for k in keys] + [weight], dtype=mx.float32))).tolist()
+        sums, weight = dict(zip(keys, total)), total[-1]
     return {f"{prefix}{k}": v / weight for k, v in sums.items()} if weight else {}

@@ -1,4 +1,7 @@
-"""The only module that imports rich: consoles, progress bars, tables, and one-line errors."""
+"""The only module that imports rich: consoles, progress bars, tables, and one-line errors.
+
+Under `mlx.launch` only rank 0 prints; the other processes print only their errors, marked with their rank.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +15,18 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True)
-out = Console()
+# The launcher's rank, read without initializing mx.distributed (mlx.launch sets MLX_RANK; mpirun its own).
+RANK = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
+console = Console(stderr=True, quiet=RANK > 0)
+out = Console(quiet=RANK > 0)
 
 
 def fail(message: str, code: int = 1) -> None:
     """Print one red line and exit: how every user error ends."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if RANK:
+        Console(stderr=True).print(f"[bold red]error (rank {RANK}):[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
 
 

@@ -79,6 +79,10 @@ def eval_command(
             path = evaluate.run(cfg, progress=bars)
         finally:
             bars.close()
+        from mlx_cai import distributed as D
+
+        if not D.is_main():  # rank 0 wrote the summary and prints it
+            return
         ui.out.print(summary_table(path))
         ui.note(f"wrote {path} and the per-prompt records beside it")
 

@@ -101,6 +101,7 @@ def _train_command(name: str, cls, stage: str, doc: str) -> None:
     def command(**kw) -> None:
         import importlib
 
+        from mlx_cai import distributed as D
         from mlx_cai import training as T
         from mlx_cai import ui
 
@@ -116,6 +117,8 @@ def _train_command(name: str, cls, stage: str, doc: str) -> None:
                 out = run(cfg, progress=bars, resume=resume)
             finally:
                 bars.close()
+            if not D.is_main():  # rank 0 wrote the metrics and prints them
+                return
             ui.out.print(_final_table(out, f"{name}: {out}"))
             ui.note(f"adapter in {out} (mlx_lm.generate --adapter-path {out}); metrics in {out / 'metrics.jsonl'}")
 

@@ -4,7 +4,8 @@ Reads PAIRS (JSONL, TRL's format): `prompt` (a string, or a list of {role, conte
 and `rejected` (strings, or a one-message assistant list), optional `id`. Writes into OUT:
 
   ref_logps.jsonl   reference log-probs per pair id, computed once with the SFT model before training
-                    (appended per batch: an interrupted run continues it)
+                    (appended per batch: an interrupted run continues it; with several processes each
+                    computes its share of a batch and rank 0, the only writer, appends them all)
   adapters.safetensors + adapter_config.json, checkpoints/, metrics.jsonl (rewards/*, logps/*, loss,
   grad_norm per step), config.yaml, summary.json (what was read, skipped and truncated)
 
@@ -24,7 +25,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +35,7 @@ from mlx_cai import backend  # noqa: F401
 
 import mlx.core as mx
 
+from mlx_cai import distributed as D
 from mlx_cai import records
 from mlx_cai import training as T
 from mlx_cai.losses import LOSSES, dpo_loss
@@ -215,29 +219,35 @@ def _key(p: TokenPair) -> str:
 def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
                     progress: Callable[[int], None] | None = None) -> dict[str, tuple[float, float]]:
     """Reference (chosen, rejected) log-probs per pair id, computed with `model` as it is now (eval mode)
-    for pairs not yet in `path` and appended there per batch. A stored row whose tokens changed is an error."""
-    done = records.load_done(path)
+    for pairs not yet in `path` and appended there per batch. A stored row whose tokens changed is an error.
+    With several processes, each computes its share of every batch and rank 0's file decides what is done."""
+    done = D.from_main(records.load_done(path) if D.is_main() else None)
     stale = [p.id for p in pairs if p.id in done and done[p.id].get("key") != _key(p)]
     if stale:
         raise TrainingError(f"{path} holds reference log-probs of other tokens for pair {stale[0]} (changed "
                             "pairs, template or length settings); use a new output folder")
     todo = [p for p in pairs if p.id not in done]
+    lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in todo]
+    todo = [todo[i] for i in sorted(range(len(todo)), key=lambda i: (lengths[i], i))]  # eval_batches' order
     model.eval()
-    with records.JsonlWriter(path) as writer:
-        for idx in T.eval_batches([len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in todo], batch_size, -1):
-            batch = [todo[i] for i in idx]
-            logps, n = T.answer_logps(model, *pair_batch(batch))
-            mx.eval(logps, n)
-            lp, nt = logps.tolist(), n.tolist()
-            B = len(batch)
-            for j, p in enumerate(batch):
-                row = {"id": p.id, "chosen": lp[j], "rejected": lp[B + j], "chosen_tokens": int(nt[j]),
-                       "rejected_tokens": int(nt[B + j]), "key": _key(p)}
-                writer.write(row)
-                done[p.id] = row
+    with records.JsonlWriter(path) if D.is_main() else nullcontext() as writer:
+        for batch, rows in D.map_chunks(todo, batch_size, partial(_reference_rows, model)):
+            for row in rows:
+                if writer:
+                    writer.write(row)
+                done[row["id"]] = row
             if progress:
-                progress(B)
+                progress(len(batch))
     return {p.id: (done[p.id]["chosen"], done[p.id]["rejected"]) for p in pairs}
+
+
+def _reference_rows(model, batch: list[TokenPair]) -> list[dict]:
+    logps, n = T.answer_logps(model, *pair_batch(batch))
+    mx.eval(logps, n)
+    lp, nt = logps.tolist(), n.tolist()
+    B = len(batch)
+    return [{"id": p.id, "chosen": lp[j], "rejected": lp[B + j], "chosen_tokens": int(nt[j]),
+             "rejected_tokens": int(nt[B + j]), "key": _key(p)} for j, p in enumerate(batch)]
 
 
 def make_loss(cfg: DPOConfig):
@@ -328,13 +338,15 @@ def run(config: DPOConfig, progress: Callable[[dict], None] | None = None, *, re
                          cfg.batch_size, cfg.seed)
     val_idx = T.eval_batches([len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in valid_pairs],
                              cfg.batch_size, cfg.val_batches)
-    evaluate = (lambda: T.evaluate_batches(model, loss_fn, (batch_of(valid_pairs, refs, b) for b in val_idx))) \
-        if val_idx else None
+    val_batch = partial(batch_of, valid_pairs, refs)
+    evaluate = (lambda: T.evaluate_batches(model, loss_fn, T.local_batches(val_idx, val_batch))) if val_idx else None
     t1 = time.perf_counter()
     steps_before = pos.step
-    pos = T.train(model, optimizer, loss_fn, lambda k: batch_of(train_pairs, refs, order(k)), cfg, out,
-                  adapter_cfg, pos, evaluate=evaluate, on_report=progress)
+    pos = T.train(model, optimizer, loss_fn, lambda k: T.local_batch(order(k), partial(batch_of, train_pairs, refs)),
+                  cfg, out, adapter_cfg, pos, evaluate=evaluate, on_report=progress, mean_over="examples")
     seconds = time.perf_counter() - t1
+    if not D.is_main():
+        return out
     trained = sum(r.get("examples", 0) for r in records.read_jsonl(out / "metrics.jsonl")
                   if r.get("step", 0) > steps_before and "loss" in r)
     summary.update(steps=pos.step, batches=pos.batches, train_seconds=round(seconds, 2),

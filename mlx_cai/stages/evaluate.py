@@ -10,17 +10,21 @@ Writes into the output folder:
                  verdicts {keyword: [per turn], helpfulness: [per turn]?}.
   summary.json   per suite and overall: ASR (keyword; rubric score >= threshold with an LLM judge), over-refusal,
                  MT-Bench turn-1/turn-2 means, collapse metrics, judge failures, timing, provenance.
+With several processes (mlx.launch), each generates and judges its share of a chunk of `batch_size` x
+processes prompts; rank 0 appends the records and writes config.json and summary.json.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mlx_cai import distributed as D
 from mlx_cai import evalsets, metrics, records, stats
 from mlx_cai.generate import Generation, SamplingConfig, generate
 from mlx_cai.judges import Case, KeywordJudge, Verdict, llm_judges
@@ -81,10 +85,12 @@ def run(config: EvalConfig, progress: Progress | None = None) -> Path:
     chosen = {s.name: evalsets.select(s.items, config.limit) for s in suites}
     judges = _judges(config)  # an LLM judge that is down fails here, before any generation
     _check_resume(out, config)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", asdict(config))
-    todo = {name: [it for it in items if it.id not in records.done_ids(out / f"{name}.jsonl")]
-            for name, items in chosen.items()}
+    done_ids = D.from_main({name: sorted(records.done_ids(out / f"{name}.jsonl")) for name in chosen}
+                           if D.is_main() else None)
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", asdict(config))
+    todo = {name: [it for it in items if it.id not in set(done_ids[name])] for name, items in chosen.items()}
     if any(todo.values()):
         from mlx_cai import models
 
@@ -92,6 +98,8 @@ def run(config: EvalConfig, progress: Progress | None = None) -> Path:
         for name, items in chosen.items():
             _evaluate_suite(model, tokenizer, name, len(items), todo[name], out / f"{name}.jsonl", config, judges,
                             progress)
+    if not D.is_main():
+        return out / "summary.json"  # written by rank 0
     done = {name: records.load_done(out / f"{name}.jsonl") for name in chosen}
     recs = {name: [done[name][it.id] for it in items if it.id in done[name]] for name, items in chosen.items()}
     summary = summarize(recs, threshold=config.harm_threshold, seed=config.seed)
@@ -139,25 +147,30 @@ def _evaluate_suite(model, tokenizer, name: str, total: int, todo: list[evalsets
     report(name, done, total, 0)
     sampling = SamplingConfig(max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed)
     todo = sorted(todo, key=lambda it: -len(it.prompt))  # similar lengths share a batch: less padding
-    with records.JsonlWriter(path) as w:
-        for start in range(0, len(todo), config.batch_size):
-            chunk = todo[start : start + config.batch_size]
-            t0 = time.perf_counter()
-            answers: list[list[Generation]] = [[] for _ in chunk]
-            for turn in range(max(len(it.turns) for it in chunk)):  # turn 2 sees turn 1's answer
-                rows = [j for j, it in enumerate(chunk) if len(it.turns) > turn]
-                convs = [_conversation(chunk[j].turns[: turn + 1], answers[j]) for j in rows]
-                seeds = [row_seed(config.seed + turn, chunk[j].id) for j in rows]
-                gens = generate(model, tokenizer, convs, sampling, batch_size=config.batch_size, seeds=seeds,
-                                on_tokens=lambda n: report(name, done, total, n))
-                for j, g in zip(rows, gens):
-                    answers[j].append(g)
-            gen_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            verdicts = judge_items(chunk, [[g.text for g in a] for a in answers], judges, config.seed)
-            judge_s = time.perf_counter() - t1
-            for it, gens, v in zip(chunk, answers, verdicts):
-                w.write(_record(it, gens, v, config, gen_s / len(chunk), judge_s / len(chunk)))
+
+    def work(chunk: list[evalsets.EvalItem]) -> list[dict]:
+        t0 = time.perf_counter()
+        answers: list[list[Generation]] = [[] for _ in chunk]
+        for turn in range(max(len(it.turns) for it in chunk)):  # turn 2 sees turn 1's answer
+            rows = [j for j, it in enumerate(chunk) if len(it.turns) > turn]
+            convs = [_conversation(chunk[j].turns[: turn + 1], answers[j]) for j in rows]
+            seeds = [row_seed(config.seed + turn, chunk[j].id) for j in rows]
+            gens = generate(model, tokenizer, convs, sampling, batch_size=config.batch_size, seeds=seeds,
+                            on_tokens=lambda n: report(name, done, total, n))
+            for j, g in zip(rows, gens):
+                answers[j].append(g)
+        gen_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        verdicts = judge_items(chunk, [[g.text for g in a] for a in answers], judges, config.seed)
+        judge_s = time.perf_counter() - t1
+        return [_record(it, gens, v, config, gen_s / len(chunk), judge_s / len(chunk))
+                for it, gens, v in zip(chunk, answers, verdicts)]
+
+    with records.JsonlWriter(path) if D.is_main() else nullcontext() as w:
+        for chunk, recs in D.map_chunks(todo, config.batch_size, work):
+            for rec in recs:
+                if w:
+                    w.write(rec)
             done += len(chunk)
             report(name, done, total, 0)
 

@@ -21,6 +21,8 @@ Reads PROMPTS (an mlx_cai.prompts spec; for `revision`, a revise JSONL). Writes,
   OUT.dropped.jsonl      dropped prompts with `reason`
   OUT.summary.json       counts per reason and the kept share
 Resume: ids in either file are skipped; records carry `config_id` and other settings are refused.
+With several processes (mlx.launch), each handles its share of a chunk of `batch_size` x processes prompts
+and rank 0 appends the chunk's records (mlx_cai.distributed.map_chunks).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import difflib
 import json
 import random
 import re
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +40,7 @@ from mlx_cai import backend  # noqa: F401
 
 import mlx.core as mx
 
+from mlx_cai import distributed as D
 from mlx_cai import metrics, records
 from mlx_cai import prompts as P
 from mlx_cai.chat import ChatBackend, LocalBackend, from_spec
@@ -392,12 +396,13 @@ def run(config: FeedbackConfig, prompts: str | Path | Sequence[P.Prompt], out_pa
         else:
             judge_name = f"local:{cfg.judge or cfg.model}"
     cid = config_id(cfg, policy_name, judge_name)
-    done = {**records.load_done(kept_path), **records.load_done(dropped_path)}
+    done = {**records.load_done(kept_path), **records.load_done(dropped_path)} if D.is_main() else {}
     foreign = [i for i, r in done.items() if r.get("provenance", {}).get("config_id") != cid]
     if foreign:
         raise FeedbackError(f"{kept_path} holds pairs made with other settings (e.g. id {foreign[0]}); "
                             "use a new output file or the same settings as before")
-    todo = [it for it in items if it.id not in done]
+    pending = set(D.from_main([it.id for it in items if it.id not in done]))
+    todo = [it for it in items if it.id in pending]
     meta = {"mode": cfg.mode, "policy": policy_name, "feedback": judge_name, "config_id": cid, "stage": STAGE,
             "sampling": {k: v for k, v in asdict(cfg.sampling()).items() if k != "seed"}, "seed": cfg.seed,
             "ensemble": cfg.ensemble, "clamp": [cfg.clamp_low, cfg.clamp_high]}
@@ -408,15 +413,25 @@ def run(config: FeedbackConfig, prompts: str | Path | Sequence[P.Prompt], out_pa
         feedback = models.load(spec, adapter or None)
     scorer = {"logprob": lambda cs: score_logprob(cs, feedback, cfg),
               "judge": lambda cs: score_judge(cs, judge, cfg), "revision": lambda cs: None}[cfg.mode]
-    with records.JsonlWriter(kept_path) as kept_w, records.JsonlWriter(dropped_path) as drop_w:
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start : start + cfg.batch_size]
-            cands = chunk if cfg.mode == "revision" else \
-                sample_candidates(chunk, policy, cfg, pool, on_tokens=lambda n: tick(0, n))
-            early = {c.id: pre_filter(c, cfg) for c in cands}
-            scorer([c for c in cands if early[c.id] is None])
-            for c in cands:
-                pair, reason = (None, early[c.id]) if early[c.id] else decide(c, cfg)
-                (kept_w if pair else drop_w).write(_record(c, pair, reason, meta))
-            tick(len(cands), 0)
-    return summarize(out_path)
+
+    def work(chunk: list) -> list[tuple[bool, dict]]:
+        """(kept?, record) per prompt of a chunk."""
+        cands = chunk if cfg.mode == "revision" else \
+            sample_candidates(chunk, policy, cfg, pool, on_tokens=lambda n: tick(0, n))
+        early = {c.id: pre_filter(c, cfg) for c in cands}
+        scorer([c for c in cands if early[c.id] is None])
+        out = []
+        for c in cands:
+            pair, reason = (None, early[c.id]) if early[c.id] else decide(c, cfg)
+            out.append((pair is not None, _record(c, pair, reason, meta)))
+        return out
+
+    main = D.is_main()
+    with records.JsonlWriter(kept_path) if main else nullcontext() as kept_w, \
+            records.JsonlWriter(dropped_path) if main else nullcontext() as drop_w:
+        for chunk, results in D.map_chunks(todo, cfg.batch_size, work):
+            for kept, rec in results:
+                if main:
+                    (kept_w if kept else drop_w).write(rec)
+            tick(len(chunk), 0)
+    return D.from_main(summarize(out_path) if main else None)

@@ -3,14 +3,20 @@
 Reads: PROMPTS (.txt one per line, or .jsonl with `prompt` or `messages`, optional `id`).
 Writes: OUT.jsonl records {id, prompt, response, finish_reason, prompt_tokens, completion_tokens, ...}.
 Ids come from the prompt content (or the input's `id`), so a rerun skips what is done and never duplicates.
+With several processes (mlx.launch), each generates its strided share of the prompts and rank 0 appends the
+records of every process's batch k together; rank 0's OUT decides what is done.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 
+from mlx_cai import distributed as D
 from mlx_cai import records
 from mlx_cai.generate import SamplingConfig, generate_iter
 
@@ -70,7 +76,7 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
 
 
 def pending(items: list[PromptItem], output: str | Path) -> tuple[list[PromptItem], set[str]]:
-    done = records.done_ids(output)
+    done = set(D.from_main(sorted(records.done_ids(output)) if D.is_main() else None))
     return [it for it in items if it.id not in done], done
 
 
@@ -82,24 +88,33 @@ def row_seed(seed: int, item_id: str) -> int:
 def run(model, tokenizer, items: list[PromptItem], output: str | Path, config: SamplingConfig, *,
         batch_size: int = 32, seed: int = 0, on_record: Callable[[dict], None] | None = None,
         on_tokens: Callable[[int], None] | None = None, extra: dict | None = None) -> Path:
-    """Generate for `items` and append records to `output` as each batch finishes."""
+    """Generate for `items` and append records to `output` as each batch finishes (every process's batch k)."""
     info = getattr(model, "mlx_cai_info", None)
     provenance = {"model": getattr(info, "spec", None), "adapter": getattr(info, "adapter", None),
                   "dequantized": getattr(info, "dequantized", None),
                   "temperature": config.temperature, "top_p": config.top_p, "max_tokens": config.max_tokens,
                   "repetition_penalty": config.repetition_penalty, "seed": seed, **(extra or {})}
-    with records.JsonlWriter(output) as w:
-        for i, g in generate_iter(model, tokenizer, [it.messages for it in items], config, batch_size=batch_size,
-                                  seeds=[row_seed(seed, it.id) for it in items], on_tokens=on_tokens):
-            it = items[i]
-            rec = {"id": it.id, "prompt": it.prompt, "response": g.text, "finish_reason": g.finish_reason,
-                   "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}
-            if len(it.messages) > 1:
-                rec["messages"] = it.messages
-            if g.truncated:
-                rec["truncated_prompt_tokens"] = g.truncated
-            rec.update(provenance)
-            w.write(rec)
-            if on_record:
-                on_record(rec)
+    mine = D.shard(items)
+    stream = generate_iter(model, tokenizer, [it.messages for it in mine], config, batch_size=batch_size,
+                           seeds=[row_seed(seed, it.id) for it in mine], on_tokens=on_tokens)
+    batches = math.ceil(len(items[:: D.size()]) / batch_size)  # of rank 0, which has the largest share
+    with records.JsonlWriter(output) if D.is_main() else nullcontext() as w:
+        for _ in range(batches):
+            recs = [_record(mine[i], g, provenance) for i, g in islice(stream, batch_size)]
+            for rec in (r for share in D.gather(recs) for r in share):
+                if w:
+                    w.write(rec)
+                if on_record:
+                    on_record(rec)
     return Path(output)
+
+
+def _record(it: PromptItem, g, provenance: dict) -> dict:
+    rec = {"id": it.id, "prompt": it.prompt, "response": g.text, "finish_reason": g.finish_reason,
+           "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}
+    if len(it.messages) > 1:
+        rec["messages"] = it.messages
+    if g.truncated:
+        rec["truncated_prompt_tokens"] = g.truncated
+    rec.update(provenance)
+    return rec

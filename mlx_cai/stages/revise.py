@@ -13,6 +13,8 @@ Prompts are processed in chunks of `batch_size`: one batched call for all initia
 one for all critiques, one for all revisions (per round); the chunk's records are appended when it is done.
 Every random choice (shots, principle per round, sampling seeds) is drawn from the run seed and the prompt
 id alone, so a resumed run writes what an uninterrupted one would have. Resume skips ids already in OUT.
+With several processes (mlx.launch), each revises its share of a chunk of `batch_size` x processes prompts
+and rank 0 appends the chunk's records (mlx_cai.distributed.map_chunks).
 
 The initial answer is the responder's own answer to the bare prompt (what the revision fixes, and the
 `rejected` side of a preference pair later); the few-shot demonstrations are prior turns of the critique
@@ -23,11 +25,13 @@ model sees varied examples instead of one it can copy.
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from mlx_cai import constitution as C
+from mlx_cai import distributed as D
 from mlx_cai import prompts as P
 from mlx_cai import records
 from mlx_cai.chat import BackendError, ChatBackend, LocalBackend, from_spec
@@ -184,12 +188,13 @@ def run(config: ReviseConfig, prompts: str | Path | Sequence[P.Prompt], out_path
         critic = responder if cfg.critic in (None, cfg.model) else from_spec(cfg.critic, batch_size=cfg.batch_size)
     cid = config_id(cfg, con, responder.name, critic.name)
 
-    done = records.load_done(out)
+    done = records.load_done(out) if D.is_main() else {}
     foreign = [i for i, r in done.items() if r.get("config_id") != cid]
     if foreign:
         raise ReviseError(f"{out} holds records made with other settings (e.g. id {foreign[0]}); "
                           "use a new output file or the same settings as before")
-    todo = [p for p in items if p.id not in done]
+    pending = set(D.from_main([p.id for p in items if p.id not in done]))
+    todo = [p for p in items if p.id in pending]
     if not todo:
         return out
     meta = {"models": {"responder": responder.name, "critic": critic.name},
@@ -197,6 +202,12 @@ def run(config: ReviseConfig, prompts: str | Path | Sequence[P.Prompt], out_path
             "sampling": {k: v for k, v in asdict(cfg.sampling()).items() if k != "seed"},
             "seed": cfg.seed, "config_id": cid, "stage": STAGE}
     tick = progress or (lambda items, tokens: None)
+
+    def work(prompts: list[P.Prompt]) -> list[dict]:
+        plans = [plan(p, con, cfg) for p in prompts]
+        turns = revise_chunk(plans, responder, critic, cfg, on_tokens=lambda n: tick(0, n))
+        return [_record(p, t, meta) for p, t in zip(plans, turns)]
+
     backends = [responder] + ([critic] if critic is not responder else [])
     streaming = [b for b in backends if isinstance(b, LocalBackend) and b.on_tokens is None]
     written = 0
@@ -205,14 +216,13 @@ def run(config: ReviseConfig, prompts: str | Path | Sequence[P.Prompt], out_path
             backend.on_tokens = lambda n: tick(0, n)
         for backend in backends:
             backend.check()
-        with records.JsonlWriter(out) as writer:
-            for start in range(0, len(todo), cfg.batch_size):
-                plans = [plan(p, con, cfg) for p in todo[start : start + cfg.batch_size]]
-                turns = revise_chunk(plans, responder, critic, cfg, on_tokens=lambda n: tick(0, n))
-                for p, t in zip(plans, turns):
-                    writer.write(_record(p, t, meta))
-                written += len(plans)
-                tick(len(plans), 0)
+        with records.JsonlWriter(out) if D.is_main() else nullcontext() as writer:
+            for chunk, recs in D.map_chunks(todo, cfg.batch_size, work):
+                for rec in recs:
+                    if writer:
+                        writer.write(rec)
+                written += len(chunk)
+                tick(len(chunk), 0)
     except BackendError as e:
         raise BackendError(f"{e} -- stopped; {len(done) + written} records kept in {out}, "
                            "rerun the same command to continue") from None

@@ -5,7 +5,7 @@ Reads DATA/train.jsonl and, if present, DATA/valid.jsonl: one chat per line in m
 `{"prompt": str, "completion": str}`. The loss covers the last assistant message only (mask_prompt).
 Writes into OUT (see mlx_cai.training): adapters.safetensors + adapter_config.json (loadable by
 `mlx_lm.generate --adapter-path OUT` and `mlx_cai.models.load(M, adapter=OUT)`), checkpoints/,
-metrics.jsonl, config.yaml and summary.json.
+metrics.jsonl, config.yaml and summary.json (rank 0 only; see mlx_cai.training for several processes).
 
 Length policy: a chat longer than max_seq_length is cut at the end (the answer's tail is dropped) and
 counted as `truncated`; one whose prompt alone leaves no answer token within the limit is skipped and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,7 @@ from mlx_cai import backend  # noqa: F401
 
 import mlx.core as mx
 
+from mlx_cai import distributed as D
 from mlx_cai import records
 from mlx_cai import training as T
 from mlx_cai.training import TrainConfig, TrainingError, opt
@@ -134,19 +136,20 @@ def run(config: SFTConfig, progress: Callable[[dict], None] | None = None, *, re
 
     order = T.BatchOrder([len(e.tokens) for e in train_set], cfg.batch_size, cfg.seed)
     val_idx = T.eval_batches([len(e.tokens) for e in valid_set], cfg.batch_size, cfg.val_batches)
-    evaluate = (lambda: T.evaluate_batches(model, sft_loss, (batch_of(valid_set, b) for b in val_idx))) \
-        if val_idx else None
+    val_batch = partial(batch_of, valid_set)
+    evaluate = (lambda: T.evaluate_batches(model, sft_loss, T.local_batches(val_idx, val_batch))) if val_idx else None
     summary = {"stage": STAGE, "train_examples": len(train_set), "valid_examples": len(valid_set),
                "train_length_policy": counts, "valid_length_policy": vcounts, "trainable_parameters": n_params,
                "resumed_from_step": pos.step}
     if progress:
         progress({"event": "start", **summary})
     t0 = time.perf_counter()
-    pos = T.train(model, optimizer, sft_loss, lambda k: batch_of(train_set, order(k)), cfg, out, adapter_cfg, pos,
-                  evaluate=evaluate, on_report=progress)
-    summary.update(steps=pos.step, batches=pos.batches, seconds=round(time.perf_counter() - t0, 2),
-                   last=_last_rows(out / "metrics.jsonl"))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    pos = T.train(model, optimizer, sft_loss, lambda k: T.local_batch(order(k), partial(batch_of, train_set)), cfg,
+                  out, adapter_cfg, pos, evaluate=evaluate, on_report=progress, mean_over="loss_tokens")
+    if D.is_main():
+        summary.update(steps=pos.step, batches=pos.batches, seconds=round(time.perf_counter() - t0, 2),
+                       last=_last_rows(out / "metrics.jsonl"))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return out
 
 
