@@ -137,6 +137,7 @@ def test_check_reports_every_failing_rule_and_respects_subset() -> None:
     ex = K.Example(CAR, "Revision: 😀😀😀", "length")
     assert set(K.check(ex, ctx())) == {"empty", "meta", "truncated", "emoji", "off_topic"}
     assert set(K.check(ex, ctx(rules=["truncated", "emoji"]))) == {"truncated", "emoji"}
+    assert K.check(ex, ctx(rules=[])) == {}  # rules: [] = no cleaning (the ablation), not "all rules"
 
 
 def test_config_validation() -> None:

@@ -23,7 +23,7 @@ def clean(
     repair: Optional[str] = typer.Option(None, help="backend spec that rewrites rejected revisions"),
     complies: str = typer.Option("changed", help="changed | keyword | off: how to judge a revision that "
                                  "still complies"),
-    rules: Optional[str] = typer.Option(None, help="comma-separated rules to apply (default: all)"),
+    rules: Optional[str] = typer.Option(None, help="comma-separated rules to apply (default: all; 'none' keeps every revision: the no-clean ablation)"),
     demo_copy_chars: int = typer.Option(60, help="shared characters with a demo that count as a copy"),
     valid_fraction: float = typer.Option(0.1),
     seed: int = typer.Option(0),
@@ -36,7 +36,7 @@ def clean(
     from mlx_cai.stages import clean as K
 
     with user_errors():
-        cfg = K.CleanConfig(rules=rules.split(",") if rules else None, complies=complies,
+        cfg = K.CleanConfig(rules=([] if rules == "none" else rules.split(",")) if rules else None, complies=complies,
                             demo_copy_chars=demo_copy_chars, repair=repair,
                             helpful=None if helpful.lower() == "none" else helpful, helpful_ratio=helpful_ratio,
                             helpful_model=helpful_model, valid_fraction=valid_fraction, seed=seed)

@@ -50,7 +50,7 @@ class CleanError(ValueError):
 class CleanConfig:
     """Thresholds of the rules, repair, helpful mixing and the SFT split."""
 
-    rules: list[str] | None = None  # rules to apply (names in RULES); None = all
+    rules: list[str] | None = None  # rules to apply (names in RULES); None = all, [] = none (the no-clean ablation)
     min_words: int = 3  # fewer words than this counts as empty
     max_sentence_repetition: float = 0.2  # 1 - unique/total sentences; 0.33 = one of three repeated
     max_seq_rep_4: float = 0.25  # 1 - unique/total word 4-grams
@@ -272,10 +272,15 @@ RULES: dict[str, Callable[[Example, Context], str | None]] = {
 FORM_RULES = ("empty", "meta", "truncated", "repetition", "emoji")
 
 
+def active_rules(cfg: CleanConfig) -> Sequence[str]:
+    """The revision rules a config applies: all by default, none with `rules: []`."""
+    return tuple(RULES) if cfg.rules is None else cfg.rules
+
+
 def check(ex: Example, ctx: Context, rules: Sequence[str] | None = None) -> dict[str, str]:
-    """{rule: detail} for every rule `ex` fails; empty if it passes."""
+    """{rule: detail} for every rule `ex` fails (`rules`, else the config's); empty if it passes."""
     out = {}
-    for name in rules or ctx.cfg.rules or RULES:
+    for name in active_rules(ctx.cfg) if rules is None else rules:
         detail = RULES[name](ex, ctx)
         if detail is not None:
             out[name] = detail
@@ -401,7 +406,7 @@ def run(config: CleanConfig, in_path: str | Path, out_dir: str | Path, helpful_p
     for r in recs:
         reasons = check(Example.from_record(r), ctx)
         (rejected if reasons else kept).append({**r, "reasons": reasons} if reasons else r)
-    first_pass = {name: sum(name in r["reasons"] for r in rejected) for name in cfg.rules or RULES}
+    first_pass = {name: sum(name in r["reasons"] for r in rejected) for name in active_rules(cfg)}
 
     repaired = 0
     if cfg.repair or repairer is not None:
