@@ -45,6 +45,11 @@ def test_html_has_table_deltas_and_embedded_pngs(eval_dirs, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# Evaluation report") and "| suite | metric | base/eval | dpo/eval | Δ dpo/eval |" in md
     assert "ASR (keyword)" in md
+    from mlx_cai import targets
+
+    verdict = "all met" if targets.passed(targets.check(s0, s1)) else "NOT all met"
+    assert f"Demo targets, dpo/eval against base/eval: {verdict}" in md
+    assert "| over-refusal (benign) |" in md and "| non_termination_rate |" in md
 
 
 def test_llm_judged_folders_get_rubric_rows_and_mtbench_plot(tmp_path, judge_server):

@@ -176,6 +176,14 @@ def markdown(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[str
               "Collapse metrics, all responses (per suite in the HTML report):", "", md_table(*table(evals, collapse)),
               "", "Values with 95% intervals (Wilson for rates, bootstrap for means); Δ against the first folder.", "",
               md_table(*extra_rows(evals)), ""]
+    if len(evals) > 1 and not warnings:
+        from mlx_cai import targets
+
+        checks = targets.check(evals[0].summary, evals[-1].summary)
+        verdict = "all met" if targets.passed(checks) else "NOT all met"
+        parts += [f"Demo targets, {evals[-1].label} against {evals[0].label}: {verdict}", "",
+                  md_table(["criterion", evals[0].label, evals[-1].label, "target", "verdict"], targets.rows(checks)),
+                  ""]
     return "\n".join(parts)
 
 
