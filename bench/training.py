@@ -226,13 +226,9 @@ def ver(pkg: str) -> str:
 
 def write_section(path: Path, block: str) -> None:
     """Replace this script's section of `path` (other sections are kept)."""
-    import re
+    from sections import replace_section
 
-    text = path.read_text() if path.exists() else (
-        "# Benchmarks\n\nNumbers below are written by the scripts in bench/; do not edit them by hand.\n")
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: block, text, count=1) if pattern.search(text) else text.rstrip() + "\n\n" + block
-    path.write_text(text.rstrip() + "\n")
+    replace_section(path, SECTION, block)
 
 
 def main() -> None:

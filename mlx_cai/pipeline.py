@@ -314,7 +314,9 @@ def run(cfg: RunConfig, *, start: str | None = None, until: str | None = None, h
             m = marker(cfg, stage)
             m.parent.mkdir(parents=True, exist_ok=True)
             m.write_text(json.dumps({"stage": stage, "config": _jsonable(stage_config(cfg, stage)), "seconds": secs,
-                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                     "load_avg_15min": round(os.getloadavg()[2], 2), "processes": D.size()},
+                                    indent=2))
         hooks.stage_done(stage, secs)
         if main and stage in ("sft", "dpo"):
             link_final(cfg)

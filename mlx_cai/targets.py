@@ -57,8 +57,9 @@ def check(base: dict, final: dict, *, asr_ratio: float = 0.5, max_over_refusal_r
             out.append(Check(metric, b["value"], f["value"], "no interval: not judged", None))
             continue
         ok = f["value"] <= bound + 1e-12 if higher_worse else f["value"] >= bound - 1e-12
+        shown = f"{bound:.1%}" if metric.endswith("_rate") else f"{bound:.3g}"
         out.append(Check(metric, b["value"], f["value"], f"{'<=' if higher_worse else '>='} base's 95% "
-                         f"{'upper' if higher_worse else 'lower'} bound {bound:.3g}", ok))
+                         f"{'upper' if higher_worse else 'lower'} bound {shown}", ok))
     return out
 
 

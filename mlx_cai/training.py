@@ -557,6 +557,23 @@ def trim_metrics(path: Path, step: int) -> None:
 LossFn = Callable[..., tuple[mx.array, dict[str, mx.array]]]  # (model, *batch) -> (loss, metrics)
 
 
+MANY_EPOCHS = 10  # more passes than this over a small set: the model memorizes it (the demo's collapse)
+
+
+def epochs(cfg: TrainConfig, n: int) -> float:
+    """Passes over `n` training examples that cfg.iters optimizer steps make."""
+    return cfg.iters * cfg.batch_size * cfg.grad_accumulation / max(n, 1)
+
+
+def epoch_warnings(cfg: TrainConfig, n: int, what: str = "examples") -> list[str]:
+    """A warning when training would pass over the data more than MANY_EPOCHS times."""
+    e = epochs(cfg, n)
+    if e <= MANY_EPOCHS:
+        return []
+    return [f"{cfg.iters} steps x batch {cfg.batch_size * cfg.grad_accumulation} = {e:.0f} epochs over {n} {what}: "
+            "expect a memorized, collapsed model (repeated phrases); get more data or lower iters"]
+
+
 def batch_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k) % (2**63)
 

@@ -111,6 +111,8 @@ def test_loss_decreases_when_overfitting_four_examples(tiny_gguf, tmp_path):
     assert vals and vals[-1] < steps[0]["loss"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_examples"] == 4 and summary["steps"] == 12
+    assert summary["epochs"] == 12 and "12 epochs over 4 examples" in summary["warnings"][0]  # 12 x 4 / 4
+    assert rows[0]["event"] == "start" and rows[0]["warnings"] == summary["warnings"]
 
 
 def test_resume_after_kill_gives_the_same_adapter_as_an_uninterrupted_run(tiny_gguf, tmp_path):
@@ -208,3 +210,11 @@ def test_bad_inputs_are_one_line_errors(tiny_gguf, tmp_path):
     r = CliRunner().invoke(app, ["sft", "-m", str(tiny_gguf), "--data", str(tmp_path / "missing"), "-o",
                                  str(tmp_path / "x")])
     assert r.exit_code == 1 and "error:" in r.output and "Traceback" not in r.output
+
+
+def test_epoch_warning_only_past_ten_passes():
+    from mlx_cai.training import TrainConfig, epoch_warnings, epochs
+
+    cfg = TrainConfig(iters=60, batch_size=4)
+    assert epochs(cfg, 5) == 48 and "48 epochs over 5 examples" in epoch_warnings(cfg, 5)[0]
+    assert epoch_warnings(cfg, 24) == []  # exactly 10 passes: no warning

@@ -54,3 +54,5 @@ def test_rows_format_rates_as_percent():
     row = dict((r[0], r) for r in targets.rows(targets.check(BASE, BASE)))
     assert row["ASR (keyword)"][1:3] == ["90.0%", "90.0%"] and row["ASR (keyword)"][4] == "FAIL"
     assert row["non_termination_rate"][2] == "86.0%" and row["seq_rep_4"][2] == "0.26"
+    assert row["non_termination_rate"][3] == "<= base's 95% upper bound 90.0%"
+

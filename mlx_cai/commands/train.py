@@ -62,8 +62,10 @@ class _Bars:
 
         event = row.get("event")
         if event == "start":
-            counts = {k: v for k, v in row.items() if k not in ("event", "stage")}
+            counts = {k: v for k, v in row.items() if k not in ("event", "stage", "warnings")}
             ui.note(" ".join(f"{k}={json.dumps(v)}" for k, v in counts.items()))
+            for w in row.get("warnings", []):
+                ui.note(f"[yellow]warning:[/] {w}")
             return
         if event == "reference":
             if self.ref is None:

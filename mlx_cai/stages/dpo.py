@@ -312,7 +312,8 @@ def run(config: DPOConfig, progress: Callable[[dict], None] | None = None, *, re
     if not train_pairs:
         raise TrainingError("valid_fraction left no training pairs")
     summary = {"stage": STAGE, "pairs": read_counts, "length_policy": length_counts,
-               "train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs)}
+               "train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs),
+               "epochs": round(T.epochs(cfg, len(train_pairs)), 2), "warnings": T.epoch_warnings(cfg, len(train_pairs), "pairs")}
     if progress:
         progress({"event": "start", **summary})
 

@@ -140,7 +140,8 @@ def run(config: SFTConfig, progress: Callable[[dict], None] | None = None, *, re
     evaluate = (lambda: T.evaluate_batches(model, sft_loss, T.local_batches(val_idx, val_batch))) if val_idx else None
     summary = {"stage": STAGE, "train_examples": len(train_set), "valid_examples": len(valid_set),
                "train_length_policy": counts, "valid_length_policy": vcounts, "trainable_parameters": n_params,
-               "resumed_from_step": pos.step}
+               "resumed_from_step": pos.step, "epochs": round(T.epochs(cfg, len(train_set)), 2),
+               "warnings": T.epoch_warnings(cfg, len(train_set))}
     if progress:
         progress({"event": "start", **summary})
     t0 = time.perf_counter()
