@@ -57,13 +57,13 @@ def num(est: dict | None) -> str:
     return "–" if not est or est.get("value") is None else f"{est['value']:.3g}"
 
 
-def result_rows(run: Path) -> list[list[str]]:
+def result_rows(run: Path, skip_base: bool = False) -> list[list[str]]:
     """One row per evaluated model of a run: ASR, over-refusal per suite, collapse, verdict vs its base."""
     base = summary(run, "base")
     rows = []
     for which in ("base", "sft", "dpo"):
         s = summary(run, which)
-        if not s:
+        if not s or (which == "base" and skip_base):
             continue
         o, su = s["overall"], s["suites"]
         verdict = "" if which == "base" or not base else (
@@ -72,7 +72,8 @@ def result_rows(run: Path) -> list[list[str]]:
         rows.append([run.name, which, pct(o["metrics"].get("asr_keyword")),
                      pct(su.get("benign", {}).get("metrics", {}).get("over_refusal")),
                      pct(su.get("borderline", {}).get("metrics", {}).get("over_refusal")),
-                     pct(o["collapse"].get("non_termination_rate")), num(o["collapse"].get("seq_rep_4")),
+                     pct(o["collapse"].get("phrase_repeat_rate")), pct(o["collapse"].get("non_termination_rate")),
+                     num(o["collapse"].get("seq_rep_4")),
                      num(o["collapse"].get("distinct_2")), num(o["collapse"].get("mean_length_words")), verdict])
     return rows
 
@@ -91,8 +92,9 @@ def demo_section(runs: list[Path]) -> str:
                   for s, m in ms.items()]
     stage_rows.append(["total", f"{total / 60:.1f}", "100%", ""])
     header = ["run", "model", "ASR (keyword, harm eval)", "over-refusal benign", "over-refusal borderline",
-              "non-termination", "seq_rep_4", "distinct-2", "mean words", "targets vs base"]
-    rows = [r for run in runs for r in result_rows(run)]
+              "phrase repeat", "non-termination", "seq_rep_4", "distinct-2", "mean words", "targets vs base"]
+    same_base = lambda run: summary(run, "base") == summary(demo, "base")  # noqa: E731  (ablations reuse it)
+    rows = [r for i, run in enumerate(runs) for r in result_rows(run, skip_base=i > 0 and same_base(run))]
     base, final = summary(demo, "base"), final_eval(demo)
     checks = targets.check(base, final[1]) if base and final[1] else []
     load = f"15-min load average at stage ends {min(loads):.1f}-{max(loads):.1f}" if loads else "load not recorded"
@@ -105,8 +107,26 @@ def demo_section(runs: list[Path]) -> str:
         f"Targets of the final model ({final[0]}) against the base model, shipped eval splits, keyword judge:", "",
         md_table(["criterion", "base", final[0], "target", "verdict"], targets.rows(checks)) if checks else "(no eval)",
         "",
-        "All runs (each final model judged against its own base evaluation; intervals are Wilson 95%):", "",
-        md_table(header, rows), ""])
+        "All runs (each final model judged against its own base evaluation; an ablation that reuses the demo's "
+        "base evaluation shows no base row; intervals are Wilson 95%):", "",
+        md_table(header, rows), "",
+        *[f"- `{run.name}`: {overrides(run, demo)} (revise output and base evaluation copied from `{demo.name}`)"
+          for run in runs[1:]], ""])
+
+
+def overrides(run: Path, demo: Path) -> str:
+    """The settings in which `run`'s resolved config differs from the demo's (name and paths aside)."""
+    import yaml
+
+    def flat(d: dict, pre: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    a, b = (flat(yaml.safe_load((r / "config.yaml").read_text())) for r in (run, demo))
+    diff = [f"{k}={json.dumps(a.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "name"]
+    return ", ".join(diff) or "none"
 
 
 def _cores() -> int:

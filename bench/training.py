@@ -14,7 +14,7 @@ q_proj and v_proj, last 16 of 30 blocks), same batch, same number of optimizer s
 - TRL: the GGUF loaded by transformers (`gguf_file=`), saved as a plain float32 folder (transformers refuses to
   train a model it marks quantized, see REFERENCE.md section 3), `SFTTrainer` on prompt-completion chats
   (completion-only loss) and `DPOTrainer` (reference = the base with adapters disabled, computed each step),
-  torch with `--threads` threads. Time = `trainer.train()`.
+  torch with `--threads` threads, in a worker process without mlx-cai's OpenBLAS. Time = `trainer.train()`.
 - tokens = non-padding tokens of the batches trained (prompt + answer), counted from each engine's own batches.
 - threads: MLX's OpenBLAS uses what mlx_cai.backend picks at import (one thread when the load average is already
   >= the core count, all cores otherwise; MLX_CAI_BLAS_THREADS overrides); torch gets the same number by default
@@ -42,11 +42,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlx_cai import backend  # OpenBLAS before mlx.core, and before torch brings its own BLAS
+# TRL runs in a worker process of its own (`--trl-worker`): mlx_cai.backend loads OpenBLAS with RTLD_GLOBAL, and
+# torch's sgemm calls in the same process then resolve to it, so OpenBLAS's and torch's threads oversubscribe the
+# cores (measured in bench/generation.py: 2 torch threads 3.5x slower than 1 in the shared process).
+_WORKER = __name__ == "__main__" and "--trl-worker" in sys.argv
+if not _WORKER:
+    from mlx_cai import backend  # OpenBLAS before mlx.core
 
-import mlx.core as mx
+    import mlx.core as mx
 
-from mlx_cai.backend import cpu_model
+    from mlx_cai.backend import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Training throughput and memory: mlx-cai vs TRL (bench/training.py)"
@@ -119,17 +124,14 @@ def mlx_dpo(pairs, args, work: Path, batch: int, steps: int, name: str) -> dict:
 # ----------------------------------------------------------------------------------------------- TRL
 
 
-def trl_model_dir(work: Path) -> Path:
+def trl_model_dir(work: Path, gguf: Path) -> Path:
     """The GGUF as a plain float32 transformers folder (no quantization_config, no tied lm_head copy)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlx_cai import models
-
     out = work / "hf-float32"
     if (out / "config.json").exists():
         return out
-    gguf = models.embedded_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -168,7 +170,8 @@ def _lora(args):
 def _common(args, work: Path, name: str) -> dict:
     return dict(output_dir=str(work / name), per_device_train_batch_size=args.batch, max_steps=args.steps,
                 logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0,
-                max_length=1024, warmup_steps=0, lr_scheduler_type="cosine")
+                max_length=1024, warmup_steps=0, lr_scheduler_type="cosine",
+                gradient_checkpointing=False, bf16=False)  # TRL's defaults (True, None=bf16) differ from mlx-cai's
 
 
 def trl_sft(chats, args, work: Path, model_dir: Path) -> dict:
@@ -212,6 +215,38 @@ def trl_dpo(pairs, args, work: Path, model_dir: Path) -> dict:
     return {"seconds": seconds, "pairs": trained, "pairs_s": trained / seconds}
 
 
+def trl_worker(spec_path: str) -> None:
+    """Worker process: TRL SFT then DPO as `spec` says; prints one JSON line of results."""
+    from types import SimpleNamespace
+
+    spec = json.loads(Path(spec_path).read_text())
+    args, work = SimpleNamespace(**spec["args"]), Path(spec["work"])
+    model_dir = trl_model_dir(work, Path(spec["gguf"]))
+    out = {}
+    for name, fn, data in (("trl_sft", trl_sft, spec["chats"]), ("trl_dpo", trl_dpo, spec["pairs"])):
+        load = os.getloadavg()[0]
+        out[name] = {**fn(data, args, work, model_dir), "load": load}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_trl_worker(chats, pairs, args, work: Path) -> dict:
+    import subprocess
+
+    from mlx_cai import models
+
+    spec = work / "trl-spec.json"
+    keys = ("threads", "batch", "steps", "rank", "layers")
+    spec.write_text(json.dumps({"args": {k: getattr(args, k) for k in keys}, "work": str(work), "chats": chats,
+                                "pairs": pairs, "gguf": str(models.embedded_gguf())}))
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, __file__, "--trl-worker", str(spec)], stdout=subprocess.PIPE, text=True,
+                          env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"the TRL worker failed (exit {proc.returncode}); see its errors above")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 # -------------------------------------------------------------------------------------------- report
 
 
@@ -232,6 +267,8 @@ def write_section(path: Path, block: str) -> None:
 
 
 def main() -> None:
+    if _WORKER:
+        return trl_worker(sys.argv[sys.argv.index("--trl-worker") + 1])
     ap = argparse.ArgumentParser(description="Training throughput and memory, mlx-cai vs TRL (CPU).")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
     ap.add_argument("--batch", type=int, default=4, help="SFT examples / DPO pairs per step (default 4)")
@@ -252,7 +289,6 @@ def main() -> None:
     loads = []
     with tempfile.TemporaryDirectory(prefix="mlx-cai-bench-train-") as tmp:
         work = Path(tmp)
-        model_dir = trl_model_dir(work) if "trl" in engines else None
 
         def step(name, fn, *a):
             loads.append(os.getloadavg()[0])
@@ -264,8 +300,11 @@ def main() -> None:
         if "mlx" in engines:
             step("mlx_sft", mlx_sft, chats, args, work)
         if "trl" in engines:
-            step("trl_sft", trl_sft, chats, args, work, model_dir)
-            step("trl_dpo", trl_dpo, pairs, args, work, model_dir)
+            for name, r in run_trl_worker(chats, pairs, args, work).items():
+                loads.append(r.pop("load"))
+                res[name] = r
+                print(f"{name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})}"
+                      f" (load {loads[-1]:.1f}, worker process)", flush=True)
         if "mlx" in engines:
             step("mlx_dpo", mlx_dpo, pairs, args, work, args.batch, args.steps, "mlx-dpo")
             step("mlx_dpo_half", mlx_dpo, pairs, args, work, max(args.batch // 2, 1), max(args.steps // 4, 2),
@@ -302,7 +341,7 @@ def main() -> None:
         f"{', '.join(f'{x:.1f}' for x in loads)}; 2 cores = load 2): read the ratios.",
         f"Versions: mlx {getattr(mx, '__version__', ver('mlx'))}, mlx-lm {ver('mlx-lm')}, MLX BLAS "
         f"{backend.blas_library()}; torch {ver('torch')} ({args.threads} threads), transformers {ver('transformers')}, "
-        f"trl {ver('trl')}, peft {ver('peft')}.",
+        f"trl {ver('trl')}, peft {ver('peft')} (TRL in a worker process without mlx-cai's OpenBLAS).",
         f"Setup: SmolLM2-135M-Instruct (GGUF, float32 in both engines), LoRA rank {args.rank} on q_proj/v_proj of the "
         f"last {args.layers} blocks, batch {args.batch}, {args.steps} optimizer steps, {args.examples} chats / pairs "
         f"from data/benign.jsonl (see the script's docstring), max length 1024. Command: "
