@@ -104,6 +104,24 @@ class JsonlWriter:
         self.close()
 
 
+class NullWriter:
+    """A JsonlWriter that writes nothing: what a process other than rank 0 appends with."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def __enter__(self) -> "NullWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def writer(path: str | Path, enabled: bool = True) -> JsonlWriter | NullWriter:
+    """JsonlWriter(path), or a NullWriter when not `enabled` (e.g. `enabled=distributed.is_main()`)."""
+    return JsonlWriter(path) if enabled else NullWriter()
+
+
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> Path:
     """Write a whole file at once via a temporary sibling and rename (for outputs that are not appended)."""
     path = Path(path)

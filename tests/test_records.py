@@ -49,3 +49,14 @@ def test_atomic_write_leaves_no_temp(tmp_path):
     p = records.write_jsonl_atomic(tmp_path / "d" / "f.jsonl", [{"id": 1}, {"id": 2}])
     assert len(p.read_text().splitlines()) == 2
     assert [x.name for x in p.parent.iterdir()] == ["f.jsonl"]
+
+
+def test_writer_of_a_non_main_process_writes_nothing(tmp_path):
+    from mlx_cai import records
+
+    with records.writer(tmp_path / "a.jsonl", enabled=False) as w:
+        w.write({"id": "x"})
+    assert not (tmp_path / "a.jsonl").exists()
+    with records.writer(tmp_path / "b.jsonl") as w:
+        w.write({"id": "x"})
+    assert list(records.read_jsonl(tmp_path / "b.jsonl")) == [{"id": "x"}]

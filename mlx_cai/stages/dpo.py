@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -230,11 +229,10 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
     lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in todo]
     todo = [todo[i] for i in sorted(range(len(todo)), key=lambda i: (lengths[i], i))]  # eval_batches' order
     model.eval()
-    with records.JsonlWriter(path) if D.is_main() else nullcontext() as writer:
+    with records.writer(path, D.is_main()) as writer:
         for batch, rows in D.map_chunks(todo, batch_size, partial(_reference_rows, model)):
             for row in rows:
-                if writer:
-                    writer.write(row)
+                writer.write(row)
                 done[row["id"]] = row
             if progress:
                 progress(len(batch))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -166,11 +165,10 @@ def _evaluate_suite(model, tokenizer, name: str, total: int, todo: list[evalsets
         return [_record(it, gens, v, config, gen_s / len(chunk), judge_s / len(chunk))
                 for it, gens, v in zip(chunk, answers, verdicts)]
 
-    with records.JsonlWriter(path) if D.is_main() else nullcontext() as w:
+    with records.writer(path, D.is_main()) as w:
         for chunk, recs in D.map_chunks(todo, config.batch_size, work):
             for rec in recs:
-                if w:
-                    w.write(rec)
+                w.write(rec)
             done += len(chunk)
             report(name, done, total, 0)
 

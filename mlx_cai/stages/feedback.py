@@ -31,7 +31,6 @@ import difflib
 import json
 import random
 import re
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -427,11 +426,9 @@ def run(config: FeedbackConfig, prompts: str | Path | Sequence[P.Prompt], out_pa
         return out
 
     main = D.is_main()
-    with records.JsonlWriter(kept_path) if main else nullcontext() as kept_w, \
-            records.JsonlWriter(dropped_path) if main else nullcontext() as drop_w:
+    with records.writer(kept_path, main) as kept_w, records.writer(dropped_path, main) as drop_w:
         for chunk, results in D.map_chunks(todo, cfg.batch_size, work):
             for kept, rec in results:
-                if main:
-                    (kept_w if kept else drop_w).write(rec)
+                (kept_w if kept else drop_w).write(rec)
             tick(len(chunk), 0)
     return D.from_main(summarize(out_path) if main else None)

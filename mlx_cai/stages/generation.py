@@ -10,7 +10,6 @@ records of every process's batch k together; rank 0's OUT decides what is done.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -98,12 +97,11 @@ def run(model, tokenizer, items: list[PromptItem], output: str | Path, config: S
     stream = generate_iter(model, tokenizer, [it.messages for it in mine], config, batch_size=batch_size,
                            seeds=[row_seed(seed, it.id) for it in mine], on_tokens=on_tokens)
     batches = math.ceil(len(items[:: D.size()]) / batch_size)  # of rank 0, which has the largest share
-    with records.JsonlWriter(output) if D.is_main() else nullcontext() as w:
+    with records.writer(output, D.is_main()) as w:
         for _ in range(batches):
             recs = [_record(mine[i], g, provenance) for i, g in islice(stream, batch_size)]
             for rec in (r for share in D.gather(recs) for r in share):
-                if w:
-                    w.write(rec)
+                w.write(rec)
                 if on_record:
                     on_record(rec)
     return Path(output)

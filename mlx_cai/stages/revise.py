@@ -25,7 +25,6 @@ model sees varied examples instead of one it can copy.
 from __future__ import annotations
 
 import random
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -216,11 +215,10 @@ def run(config: ReviseConfig, prompts: str | Path | Sequence[P.Prompt], out_path
             backend.on_tokens = lambda n: tick(0, n)
         for backend in backends:
             backend.check()
-        with records.JsonlWriter(out) if D.is_main() else nullcontext() as writer:
+        with records.writer(out, D.is_main()) as writer:
             for chunk, recs in D.map_chunks(todo, cfg.batch_size, work):
                 for rec in recs:
-                    if writer:
-                        writer.write(rec)
+                    writer.write(rec)
                 written += len(chunk)
                 tick(len(chunk), 0)
     except BackendError as e:
