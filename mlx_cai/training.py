@@ -90,6 +90,8 @@ class TrainConfig:
     lora_keys: list[str] | None = opt(None, "module names inside a block to adapt, e.g. self_attn.q_proj; "
                                             "none = every linear layer of the block")
     dora: bool = opt(False, "DoRA (weight-decomposed LoRA) instead of LoRA")
+    grad_checkpoint: bool = opt(False, "recompute each block's activations in the backward pass: much less "
+                                       "memory for long or many sequences, about a third more compute")
     max_seq_length: int = opt(1024, "longest sequence in tokens; longer ones are truncated (see the stage)")
     steps_per_eval: int = opt(50, "steps between validation passes (and one at the end)")
     val_batches: int = opt(25, "validation batches per pass; -1 = all")
@@ -357,6 +359,32 @@ def add_lora(model, cfg: TrainConfig) -> int:
     return _trainable_count(model, cfg.lora_keys)
 
 
+_CHECKPOINTED: dict[type, type] = {}  # block class -> its checkpointing subclass
+
+
+def checkpoint_blocks(model) -> None:
+    """Make every transformer block of `model` recompute its activations in the backward pass (mx.checkpoint).
+
+    Only these instances change class (to a subclass with a checkpointing __call__); parameter names, saving
+    and other models in the process are untouched (mlx-lm's grad_checkpoint patches the class itself)."""
+    for block in model.layers:
+        cls = type(block)
+        if cls in _CHECKPOINTED.values():
+            continue
+        if cls not in _CHECKPOINTED:
+            plain = cls.__call__
+
+            def call(self, *args, _plain=plain, **kwargs):
+                def inner(params, *a, **kw):
+                    self.update(params)
+                    return _plain(self, *a, **kw)
+
+                return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+            _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": call})
+        block.__class__ = _CHECKPOINTED[cls]
+
+
 def _trainable_count(model, keys) -> int:
     count = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     if count == 0:
@@ -594,6 +622,8 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
     OUT/metrics.jsonl (rank 0) and passed to `on_report` with the values of the whole batch.
     A NaN/inf loss raises NonFiniteLoss before anything is saved, so the last checkpoint stays good.
     """
+    if cfg.grad_checkpoint:
+        checkpoint_blocks(model)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     accum = cfg.grad_accumulation
     state = [model.state, optimizer.state, mx.random.state]

@@ -87,3 +87,24 @@ def test_shipped_configs_pass_dry_run():
         r = CliRunner().invoke(app, ["run", path, "--dry-run"])
         assert r.exit_code == 0, r.output
         assert "config is valid" in r.output and "eval-dpo" in r.output
+
+
+def test_dry_run_estimates_time_from_earlier_runs_of_the_same_model(tmp_path):
+    import json
+
+    from mlx_cai.commands.run import measured_seconds_per_unit
+
+    stages = tmp_path / "runs" / "old" / "stages"
+    stages.mkdir(parents=True)
+    (stages / "revise.json").write_text(json.dumps({"stage": "revise", "seconds": 600.0,
+                                                    "config": {"model": "smollm2-135m", "limit": 60}}))
+    (stages / "sft.json").write_text(json.dumps({"stage": "sft", "seconds": 120.0, "config": {
+        "model": "smollm2-135m", "iters": 60, "batch_size": 4}}))
+    (stages / "eval-base.json").write_text(json.dumps({"stage": "eval-base", "seconds": 90.0, "config": {
+        "model": "other-model", "limit": 48, "suites": ["harm"]}}))
+    assert measured_seconds_per_unit(tmp_path / "runs", "smollm2-135m") == {"revise": 10.0, "sft": 0.5}
+    r = CliRunner().invoke(app, ["run", "configs/demo.yaml", "--dry-run", "--set", f"runs_dir={tmp_path / 'runs'}",
+                                 "--set", "revise.limit=30", "--set", "sft.iters=30"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "~5.0 min (measured)" in r.output  # revise: 30 prompts x 10 s
+    assert "~1.0 min (measured)" in r.output  # sft: 30 steps x 4 examples x 0.5 s

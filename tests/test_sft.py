@@ -218,3 +218,21 @@ def test_epoch_warning_only_past_ten_passes():
     cfg = TrainConfig(iters=60, batch_size=4)
     assert epochs(cfg, 5) == 48 and "48 epochs over 5 examples" in epoch_warnings(cfg, 5)[0]
     assert epoch_warnings(cfg, 24) == []  # exactly 10 passes: no warning
+
+
+def test_grad_checkpoint_trains_the_same_adapter(tiny_gguf, tmp_path):
+    # (the memory it saves is measured in bench/training.py: a tiny model has too few activations to show it)
+    from mlx_cai import models
+
+    runs = {}
+    for flag in (False, True):
+        model, tok = models.load(str(tiny_gguf))
+        out = sft.run(config(tiny_gguf, tmp_path / str(flag), iters=3, grad_checkpoint=flag), model=model,
+                      tokenizer=tok)
+        runs[flag] = (adapter_weights(out), model)
+    (plain, m0), (ckpt, m1) = runs[False], runs[True]
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        assert mx.allclose(plain[k], ckpt[k], atol=1e-5).item(), k
+    assert type(m1.layers[0]).__name__.startswith("Checkpointed") and type(m0.layers[0]).__name__ != \
+        type(m1.layers[0]).__name__  # only the checkpointed model's blocks changed class

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -61,11 +62,41 @@ def _hooks(cfg):
     )
 
 
+def work_units(stage: str, config: dict) -> float | None:
+    """How much work a stage config asks for: prompts (revise, eval: prompts x suites), examples (sft, dpo)."""
+    if stage == "revise":
+        return config.get("limit")
+    if stage in ("sft", "dpo"):
+        return config.get("iters", 0) * config.get("batch_size", 0) * config.get("grad_accumulation", 1) or None
+    if stage.startswith("eval-") and config.get("limit"):
+        return config["limit"] * len(config.get("suites") or ())
+    return None
+
+
+def measured_seconds_per_unit(runs_dir: str | Path, model: str) -> dict[str, float]:
+    """Seconds per unit of work (see work_units) of each stage kind ("eval" for eval-*), from the newest
+    finished stage marker of an earlier run of the same model."""
+    out: dict[str, float] = {}
+    markers = sorted(Path(runs_dir).glob("*/stages/*.json"), key=lambda m: m.stat().st_mtime)
+    for m in markers:
+        try:
+            d = json.loads(m.read_text())
+        except (OSError, ValueError):
+            continue
+        config, stage = d.get("config") or {}, d.get("stage", "")
+        units = work_units(stage, config) if isinstance(config, dict) else None
+        if config.get("model") == model and units and d.get("seconds"):
+            out["eval" if stage.startswith("eval-") else stage] = d["seconds"] / units
+    return out
+
+
 def plan_rows(cfg) -> list[list]:
-    """Stages, models, data sizes and estimated tokens/time for --dry-run."""
+    """Stages, models, data sizes and estimated tokens/time for --dry-run: time from earlier runs' measured
+    seconds per prompt/example of the same stage and model where there are any, else from tokens at a rate."""
     from mlx_cai import backend, pipeline
 
     rate = _measured_rate(cfg) or ASSUMED_TOK_S[backend.default_device()]
+    per_unit = measured_seconds_per_unit(cfg.runs_dir, cfg.model)
     rows = []
     for stage in cfg.enabled():
         sc = pipeline.stage_config(cfg, stage)
@@ -87,6 +118,10 @@ def plan_rows(cfg) -> list[list]:
             tokens = n * sc.max_tokens
             size = f"suites {','.join(sc.suites)}, split {sc.split}, limit {sc.limit or 'all'}"
         est = f"{tokens:,} tok, ~{tokens / rate / 60:.0f} min" if tokens else ""
+        units = work_units(stage, asdict(sc)) if not isinstance(sc, dict) else None
+        kind = "eval" if stage.startswith("eval-") else stage
+        if units and kind in per_unit:
+            est = f"~{units * per_unit[kind] / 60:.1f} min (measured)"
         rows.append([stage, f"{model}{' + ' + Path(adapter).name if adapter else ''}", size, est])
     return rows
 
