@@ -99,7 +99,7 @@ def mlx_sft(chats, args, work: Path) -> dict:
             "peak": mx.get_peak_memory()}
 
 
-def mlx_dpo(pairs, args, work: Path, batch: int, steps: int, name: str) -> dict:
+def mlx_dpo(pairs, args, work: Path, batch: int, steps: int, name: str, ckpt: bool = False) -> dict:
     from mlx_cai import models
     from mlx_cai.stages import dpo
 
@@ -108,7 +108,8 @@ def mlx_dpo(pairs, args, work: Path, batch: int, steps: int, name: str) -> dict:
     model, tok = models.load(models.EMBEDDED)
     cfg = dpo.DPOConfig(pairs=str(path), output=str(work / name), iters=steps, batch_size=batch,
                         lora_rank=args.rank, lora_layers=args.layers, lora_keys=KEYS, learning_rate=5e-6,
-                        warmup_steps=0, steps_per_eval=10**6, steps_per_save=10**6, max_seq_length=1024)
+                        warmup_steps=0, steps_per_eval=10**6, steps_per_save=10**6, max_seq_length=1024,
+                        grad_checkpoint=ckpt)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     out = dpo.run(cfg, model=model, tokenizer=tok)
@@ -309,6 +310,7 @@ def main() -> None:
             step("mlx_dpo", mlx_dpo, pairs, args, work, args.batch, args.steps, "mlx-dpo")
             step("mlx_dpo_half", mlx_dpo, pairs, args, work, max(args.batch // 2, 1), max(args.steps // 4, 2),
                  "mlx-dpo-half")
+            step("mlx_dpo_ckpt", mlx_dpo, pairs, args, work, args.batch, max(args.steps // 4, 2), "mlx-dpo-ckpt", True)
 
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     rows = []
@@ -334,6 +336,10 @@ def main() -> None:
         b = max(args.batch // 2, 1)
         mem.append(f"| DPO, {b} pairs ({2 * b} sequences per forward) vs SFT, batch {args.batch} | {gib(d)} | "
                    f"{gib(s)} | {d / s:.2f}x |")
+    if {"mlx_sft", "mlx_dpo_ckpt"} <= set(res):
+        s, d = res["mlx_sft"]["peak"], res["mlx_dpo_ckpt"]["peak"]
+        mem.append(f"| DPO, {args.batch} pairs with grad_checkpoint ({res['mlx_dpo_ckpt']['train_pairs_s']:.2f} "
+                   f"pairs/s in training steps) vs SFT, batch {args.batch} | {gib(d)} | {gib(s)} | {d / s:.2f}x |")
     when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     header = "\n".join([
         f"Date: {when}. Machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; "
