@@ -115,7 +115,7 @@ def demo_section(runs: list[Path]) -> str:
         "All runs (each final model judged against its own base evaluation; an ablation that reuses the demo's "
         "base evaluation shows no base row; intervals are Wilson 95%):", "",
         md_table(header, rows), "",
-        *[f"- `{run.name}`: {overrides(run, demo)} (revise output and base evaluation copied from `{demo.name}`)"
+        *[f"- `{run.name}`: {overrides(run, demo)} (earlier stages' outputs reused from `{demo.name}`)"
           for run in runs[1:]], ""])
 
 
