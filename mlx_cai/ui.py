@@ -23,10 +23,9 @@ out = Console(quiet=RANK > 0)
 
 def fail(message: str, code: int = 1) -> None:
     """Print one red line and exit: how every user error ends."""
-    if RANK:
-        Console(stderr=True).print(f"[bold red]error (rank {RANK}):[/] {message}", highlight=False, soft_wrap=True)
-    else:
-        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    where = f" (rank {RANK})" if RANK else ""  # other ranks' consoles are quiet: errors still get out
+    (Console(stderr=True) if RANK else console).print(f"[bold red]error{where}:[/] {message}", highlight=False,
+                                                      soft_wrap=True)
     raise SystemExit(code)
 
 
