@@ -110,6 +110,9 @@ class NullWriter:
     def write(self, record: dict) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     def __enter__(self) -> "NullWriter":
         return self
 
@@ -117,9 +120,9 @@ class NullWriter:
         pass
 
 
-def writer(path: str | Path, enabled: bool = True) -> JsonlWriter | NullWriter:
-    """JsonlWriter(path), or a NullWriter when not `enabled` (e.g. `enabled=distributed.is_main()`)."""
-    return JsonlWriter(path) if enabled else NullWriter()
+def writer(path: str | Path, enabled: bool = True, sync: bool = True) -> JsonlWriter | NullWriter:
+    """JsonlWriter(path, sync), or a NullWriter when not `enabled` (e.g. `enabled=distributed.is_main()`)."""
+    return JsonlWriter(path, sync=sync) if enabled else NullWriter()
 
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> Path:

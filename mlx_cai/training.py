@@ -606,7 +606,8 @@ def batch_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k) % (2**63)
 
 
-COUNTS = ("tokens", "sequences", "examples", "loss_tokens")  # metrics that are counts: summed over processes
+SUMMED = ("tokens", "sequences", "examples")  # per-batch counts: summed over a step's batches, not averaged
+COUNTS = SUMMED + ("loss_tokens",)  # metrics that are counts: summed over processes
 
 
 def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callable[[int], tuple], cfg: TrainConfig,
@@ -653,9 +654,7 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
             grad = None
         return loss, metrics, grad
 
-    summed = ("tokens", "sequences", "examples")
-    metrics_path = out / "metrics.jsonl"
-    writer = records.JsonlWriter(metrics_path, sync=False) if D.is_main() else None
+    writer = records.writer(out / "metrics.jsonl", D.is_main(), sync=False)
     last_saved = latest_checkpoint(out)
     model.train()
     try:
@@ -685,25 +684,22 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
             record = {"step": pos.step, "learning_rate": optimizer.learning_rate.item()}
             for k in dict.fromkeys(k for r in rows for k in r):
                 vals = [r[k] for r in rows if k in r]
-                record[k] = sum(vals) if k in summed else sum(vals) / len(vals)
+                record[k] = sum(vals) if k in SUMMED else sum(vals) / len(vals)
             record["seconds"] = round(seconds, 4)
             record["tokens_per_second"] = round(record.get("tokens", 0) / seconds, 2)
-            if writer:
-                writer.write(record)
+            writer.write(record)
             if on_report:
                 on_report(record)
             if evaluate and (pos.step % cfg.steps_per_eval == 0 or pos.step == cfg.iters):
                 val = {"step": pos.step, **evaluate()}
                 model.train()
-                if writer:
-                    writer.write(val)
+                writer.write(val)
                 if on_report:
                     on_report(val)
             if D.is_main() and (pos.step % cfg.steps_per_save == 0 or pos.step == cfg.iters):
                 last_saved = save_checkpoint(out, pos, model, optimizer, adapter_cfg, cfg.keep_checkpoints)
     finally:
-        if writer:
-            writer.close()
+        writer.close()
     if D.is_main():
         save_adapter(model, out, adapter_cfg)
     return pos
@@ -746,7 +742,7 @@ def evaluate_batches(model, loss_fn: LossFn, batches: Iterator[tuple], prefix: s
         mx.eval(loss, metrics)
         w = 0.0 if isinstance(batch, Padding) else float(metrics.get("sequences", mx.array(1)).item())
         for k, v in {"loss": loss, **metrics}.items():
-            if k not in ("tokens", "sequences", "examples"):
+            if k not in SUMMED:
                 sums[k] = sums.get(k, 0.0) + v.item() * w
         weight += w
     if D.size() > 1:
