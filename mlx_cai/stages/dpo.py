@@ -101,6 +101,11 @@ class TokenPair:
     def sequences(self) -> tuple[list[int], list[int]]:
         return self.prompt + self.chosen, self.prompt + self.rejected
 
+    @property
+    def length(self) -> int:
+        """Tokens of the longer sequence: what batching sorts by."""
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
 
 # ------------------------------------------------------------------------------------------- input
 
@@ -226,8 +231,7 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
         raise TrainingError(f"{path} holds reference log-probs of other tokens for pair {stale[0]} (changed "
                             "pairs, template or length settings); use a new output folder")
     todo = [p for p in pairs if p.id not in done]
-    lengths = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in todo]
-    todo = [todo[i] for i in sorted(range(len(todo)), key=lambda i: (lengths[i], i))]  # eval_batches' order
+    todo = [todo[i] for i in sorted(range(len(todo)), key=lambda i: (todo[i].length, i))]  # eval_batches' order
     model.eval()
     with records.writer(path, D.is_main()) as writer:
         for batch, rows in D.map_chunks(todo, batch_size, partial(_reference_rows, model)):
@@ -311,7 +315,8 @@ def run(config: DPOConfig, progress: Callable[[dict], None] | None = None, *, re
         raise TrainingError("valid_fraction left no training pairs")
     summary = {"stage": STAGE, "pairs": read_counts, "length_policy": length_counts,
                "train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs),
-               "epochs": round(T.epochs(cfg, len(train_pairs)), 2), "warnings": T.epoch_warnings(cfg, len(train_pairs), "pairs")}
+               "epochs": round(T.epochs(cfg, len(train_pairs)), 2),
+               "warnings": T.epoch_warnings(cfg, len(train_pairs), "pairs")}
     if progress:
         progress({"event": "start", **summary})
 
@@ -333,10 +338,8 @@ def run(config: DPOConfig, progress: Callable[[dict], None] | None = None, *, re
         T.trim_metrics(out / "metrics.jsonl", pos.step)
     summary["resumed_from_step"] = pos.step
     loss_fn = make_loss(cfg)
-    order = T.BatchOrder([len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in train_pairs],
-                         cfg.batch_size, cfg.seed)
-    val_idx = T.eval_batches([len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in valid_pairs],
-                             cfg.batch_size, cfg.val_batches)
+    order = T.BatchOrder([p.length for p in train_pairs], cfg.batch_size, cfg.seed)
+    val_idx = T.eval_batches([p.length for p in valid_pairs], cfg.batch_size, cfg.val_batches)
     val_batch = partial(batch_of, valid_pairs, refs)
     evaluate = (lambda: T.evaluate_batches(model, loss_fn, T.local_batches(val_idx, val_batch))) if val_idx else None
     t1 = time.perf_counter()
