@@ -89,6 +89,11 @@ def from_main(obj: Any) -> Any:
     return obj if size() == 1 else gather(obj if is_main() else None)[0]
 
 
+def on_main(fn: Callable[[], T]) -> T:
+    """fn() computed by rank 0 alone (e.g. reading rank 0's files) and handed to every process."""
+    return from_main(fn() if is_main() else None)
+
+
 def map_chunks(items: Sequence[T], chunk: int, work: Callable[[list[T]], list]) -> Iterator[tuple[list[T], list]]:
     """(chunk of items, their results in the same order) for consecutive chunks of `chunk * size()` items.
 

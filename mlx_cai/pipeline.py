@@ -301,7 +301,7 @@ def run(cfg: RunConfig, *, start: str | None = None, until: str | None = None, h
     if until:
         stages = stages[: stages.index(until) + 1] if until in stages else stages
     for i, stage in enumerate(stages, 1):
-        if D.from_main(is_done(cfg, stage) if main else None):  # also waits for rank 0's previous stage
+        if D.on_main(lambda: is_done(cfg, stage)):  # also waits for rank 0's previous stage
             hooks.stage_skip(stage, "done")
             continue
         hooks.stage_start(i, len(stages), stage)

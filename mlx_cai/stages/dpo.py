@@ -225,7 +225,7 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
     """Reference (chosen, rejected) log-probs per pair id, computed with `model` as it is now (eval mode)
     for pairs not yet in `path` and appended there per batch. A stored row whose tokens changed is an error.
     With several processes, each computes its share of every batch and rank 0's file decides what is done."""
-    done = D.from_main(records.load_done(path) if D.is_main() else None)
+    done = D.on_main(lambda: records.load_done(path))
     stale = [p.id for p in pairs if p.id in done and done[p.id].get("key") != _key(p)]
     if stale:
         raise TrainingError(f"{path} holds reference log-probs of other tokens for pair {stale[0]} (changed "

@@ -84,8 +84,7 @@ def run(config: EvalConfig, progress: Progress | None = None) -> Path:
     chosen = {s.name: evalsets.select(s.items, config.limit) for s in suites}
     judges = _judges(config)  # an LLM judge that is down fails here, before any generation
     _check_resume(out, config)
-    done_ids = D.from_main({name: sorted(records.done_ids(out / f"{name}.jsonl")) for name in chosen}
-                           if D.is_main() else None)
+    done_ids = D.on_main(lambda: {name: sorted(records.done_ids(out / f"{name}.jsonl")) for name in chosen})
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", asdict(config))

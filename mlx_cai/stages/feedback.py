@@ -432,4 +432,4 @@ def run(config: FeedbackConfig, prompts: str | Path | Sequence[P.Prompt], out_pa
             for kept, rec in results:
                 (kept_w if kept else drop_w).write(rec)
             tick(len(chunk), 0)
-    return D.from_main(summarize(out_path) if main else None)
+    return D.on_main(lambda: summarize(out_path))

@@ -75,7 +75,7 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
 
 
 def pending(items: list[PromptItem], output: str | Path) -> tuple[list[PromptItem], set[str]]:
-    done = set(D.from_main(sorted(records.done_ids(output)) if D.is_main() else None))
+    done = set(D.on_main(lambda: sorted(records.done_ids(output))))
     return [it for it in items if it.id not in done], done
 
 
