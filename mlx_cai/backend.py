@@ -7,6 +7,7 @@ scope first makes float32 matmul ~55x faster. Set MLX_CAI_NO_OPENBLAS=1 to measu
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
@@ -41,17 +42,20 @@ def _choose_blas_threads() -> None:
     os.environ["OPENBLAS_NUM_THREADS"] = chosen
 
 
+_BLAS_LIB: ctypes.CDLL | None = None
+
+
 def _load_openblas() -> str | None:
     if not sys.platform.startswith("linux") or os.environ.get("MLX_CAI_NO_OPENBLAS"):
         return None
     if "mlx.core" in sys.modules:
         # Too late to change symbol resolution of an already-loaded libmlx; say so in `info`.
         return None
-    global _BLAS_ERROR
+    global _BLAS_ERROR, _BLAS_LIB
     _choose_blas_threads()
     for path in _openblas_candidates():
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            _BLAS_LIB = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             return path
         except OSError as e:  # typically libgfortran.so.5 missing: `make setup` installs it
             _BLAS_ERROR = str(e).split(":")[-1].strip() if "libgfortran" not in str(e) else \
@@ -73,6 +77,26 @@ def blas_library() -> str:
     if _BLAS_ERROR:
         return f"bundled reference BLAS, ~50x slower: OpenBLAS failed to load ({_BLAS_ERROR})"
     return "bundled reference BLAS, ~50x slower (pip install cmeel-openblas)"
+
+
+def blas_threads() -> int:
+    """OpenBLAS's thread count as chosen at import (1 without OpenBLAS)."""
+    return int(os.environ.get("OPENBLAS_NUM_THREADS") or 1) if _BLAS_LIB is not None else 1
+
+
+@contextlib.contextmanager
+def blas_threads_set(n: int):
+    """Run the block with OpenBLAS at `n` threads, then restore the import-time choice. For work that gets
+    its parallelism from several MLX CPU streams instead (fastllama): one BLAS thread per stream, as two
+    2-thread BLAS calls on 2 cores oversubscribe them."""
+    if _BLAS_LIB is None or n == blas_threads():
+        yield
+        return
+    _BLAS_LIB.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        _BLAS_LIB.openblas_set_num_threads(blas_threads())
 
 
 def default_device() -> str:

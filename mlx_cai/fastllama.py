@@ -5,22 +5,32 @@ not by FLOPs. Here a step is one `mx.compile`d function over a *static-shape* KV
 once per batch size and length bucket), q/k/v and gate/up projections are fused into one matmul each,
 and LoRA adapters are folded into the dense weights (generation with an adapter costs nothing extra).
 
-Layout: K/V caches (B, n_kv_heads, S, head_dim); prompts are left-padded so slot s of row b holds
-position s - pad[b]; slot `p` is written at step p. Weights are read from an mlx-lm llama `Model`;
-anything else (quantized weights, rope scaling, other architectures) returns None from `build` and the
-caller uses the generic path.
+Layout: K/V caches (B, n_kv_heads, S, head_dim). The batch's shared prompt prefix (system prompt,
+few-shot demos: `prefix` tokens) sits in slots [0, prefix) of every row, the row's pad slots follow, then
+its own tokens, right-aligned so every row's prompt ends at the same slot: slot s of row b holds position
+s (s < prefix) or s - pad[b] (s >= prefix + pad[b]); slot `p` is written at decode step p.
+Prefill runs the shared prefix once (one row) and copies its K/V into every row, then the rest of the
+prompts in groups of similar length, so little arithmetic goes to padding (SmolLM2 chats share their
+~30-token system prompt; SL-CAI critique/revision prompts share hundreds of tokens of few-shot demos).
+Weights are read from an mlx-lm llama `Model`; anything else (quantized weights, rope scaling, other
+architectures) returns None from `build` and the caller uses the generic path.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from functools import partial
 
 from mlx_cai import backend  # noqa: F401
 
 import mlx.core as mx
 import mlx.nn as nn
 
-BUCKET = 64  # cache length rounds up to this: few distinct compiled shapes, little wasted attention
+from mlx_cai import fastmath
+
+BUCKET = 64  # cache length rounds up to this: few distinct compiled shapes
+SPAN = 32  # a decode step attends to the cache up to the next multiple of this
 
 
 @dataclass
@@ -56,7 +66,9 @@ class FastLlama:
         self.traditional = args.rope_traditional
         self.layers, self.embed, self.lm_head, self.norm = layers, embed, lm_head, norm
         self.scale = self.head_dim**-0.5
-        self._step = mx.compile(self._step_impl)
+        self._steps: dict[tuple[int, int], object] = {}  # compiled decode step per (span, part)
+        self._streams: list = []
+        self.cpu = mx.default_device() == mx.cpu  # then fastmath's exp and _cpu_attention
 
     @classmethod
     def build(cls, model) -> "FastLlama | None":
@@ -102,24 +114,43 @@ class FastLlama:
         K = mx.slice_update(K, k.astype(K.dtype), start, axes=(2,))
         V = mx.slice_update(V, v.astype(V.dtype), start, axes=(2,))
         Ka, Va = (K, V) if end is None else (K[:, :, :end], V[:, :, :end])
-        o = mx.fast.scaled_dot_product_attention(q, Ka, Va, scale=self.scale, mask=mask)
+        if self.cpu:
+            o = self._cpu_attention(q, Ka, Va, mask)
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, Ka, Va, scale=self.scale, mask=mask)
         x = x + o.transpose(0, 2, 1, 3).reshape(B, T, H * D) @ lyr.w_o.T
         h = mx.fast.rms_norm(x, lyr.norm_post, self.eps)
         g, u = mx.split(h @ lyr.w_gu.T, 2, axis=-1)
-        return x + (nn.silu(g) * u) @ lyr.w_down.T, K, V
+        act = fastmath.silu_mul(g, u) if self.cpu else nn.silu(g) * u
+        return x + act @ lyr.w_down.T, K, V
 
-    def _forward(self, tokens, caches, start, pad, end=None):
+    def _cpu_attention(self, q, K, V, mask):
+        """Attention for the CPU: the query heads that share a K/V head become the rows of one matmul,
+        (B, KVH, H/KVH * T, D) @ (B, KVH, D, S), and the softmax uses fastmath's vectorized exp. The
+        generic scaled_dot_product_attention broadcasts K/V over the repeated heads and calls a scalar exp
+        per score (~1.5x and ~4x slower here). q (B, H, T, D), K/V (B, KVH, S, D), mask (B, 1, T, S)."""
+        B, H, T, D = q.shape
+        KVH, S = K.shape[1], K.shape[2]
+        rep = H // KVH
+        scores = (q.reshape(B, KVH, rep * T, D) * self.scale) @ K.swapaxes(-1, -2)
+        p = fastmath.masked_softmax(scores.reshape(B, KVH, rep, T, S), mask[:, :, None])
+        return (p.reshape(B, KVH, rep * T, S) @ V).reshape(B, H, T, D)
+
+    def _forward(self, tokens, caches, start, pad, prefix, end=None):
         """tokens (B, T) at slots [start, start+T). Returns (last-position logits (B, V), new caches).
         `end` = start + T as a python int (prefill): attention skips the empty slots after it."""
         B, T = tokens.shape
         S = caches[0][0].shape[2] if end is None else end
         slots = mx.arange(S)
         pos = start + mx.arange(T)  # (T,) slots being written
-        offsets = start - pad  # (B,) rope position of the first new token per row
-        # (B, 1, T, S): a row attends to its own non-pad slots up to the current one. A pad query also
-        # sees itself, so no softmax row is empty (an empty row gives NaN, and NaN * 0 leaks into V).
+        offsets = start - pad  # (B,) rope position of the first new token per row (prefix rows: pad 0)
+        # (B, 1, T, S): a row attends to the shared prefix and its own non-pad slots up to the current one.
+        # A pad query also sees itself, so no softmax row is empty (an empty row gives NaN, and NaN * 0
+        # leaks into V).
         s4, p4 = slots[None, None, None, :], pos[None, None, :, None]
-        mask = ((s4 >= pad[:, None, None, None]) & (s4 <= p4)) | (s4 == p4)
+        lo = mx.broadcast_to(prefix, pad.shape)[:, None, None, None]  # (B,) or one shared length
+        own = (s4 < lo) | (s4 >= lo + pad[:, None, None, None])
+        mask = (own & (s4 <= p4)) | (s4 == p4)
         x = self.embed[tokens]
         new = []
         for lyr, (K, V) in zip(self.layers, caches):
@@ -128,8 +159,8 @@ class FastLlama:
         x = mx.fast.rms_norm(x[:, -1, :], self.norm, self.eps)
         return x @ self.lm_head.T, new
 
-    def _step_impl(self, tokens, caches, start, pad):
-        return self._forward(tokens[:, None], caches, start, pad)
+    def _step_impl(self, tokens, caches, start, pad, prefix, end=None):
+        return self._forward(tokens[:, None], caches, start, pad, prefix, end)
 
     # --- public ----------------------------------------------------------------------------------
     def new_cache(self, B: int, length: int, dtype=mx.float32):
@@ -137,40 +168,167 @@ class FastLlama:
         shape = (B, self.n_kv, S, self.head_dim)
         return [(mx.zeros(shape, dtype), mx.zeros(shape, dtype)) for _ in self.layers]
 
-    def prefill(self, tokens: mx.array, pad: mx.array, caches, chunk: int = 256):
-        """Run left-padded prompts (B, L) into the cache; returns last-position logits (B, V)."""
-        L = tokens.shape[1]
-        logits = None
-        for s in range(0, L, chunk):
-            piece = tokens[:, s : s + chunk]
-            logits, caches = self._forward(piece, caches, mx.array(s), pad, end=s + piece.shape[1])
-            mx.eval(caches)
-        return logits, caches
+    def prefill_steps(self, prompts: list[list[int]], prefix: int, caches, end: int, chunk: int = 256):
+        """Run prompts into `caches` (rows laid out as in the module docstring, every prompt ending at slot
+        end - 1), as a generator: it yields the arrays to evaluate after each chunk of work (so the caller
+        can interleave several on different streams) and returns the last-position logits (B, V).
+        Rows' first `prefix` tokens must be equal; each row needs a token after them."""
+        zero = mx.zeros((1,), mx.int32)
+        shared = None
+        if prefix:
+            one = self.new_cache(1, prefix)
+            for s in range(0, prefix, chunk):
+                piece = mx.array([prompts[0][s : min(s + chunk, prefix)]])
+                _, one = self._forward(piece, one, mx.array(s), zero, 0, end=s + piece.shape[1])
+                yield one
+            shared = [(K[:, :, :prefix], V[:, :, :prefix]) for K, V in one]
+        out = []
+        for a, b in length_groups([len(p) - prefix for p in prompts]):
+            rows = prompts[a:b]
+            width = max(len(p) for p in rows) - prefix  # the group's own tokens, left-padded to this
+            first = end - width  # ...and ending at slot end - 1 like every row
+            toks = mx.array([[0] * (width - len(p) + prefix) + p[prefix:] for p in rows])
+            pad = mx.array([end - len(p) for p in rows])
+            group = self.new_cache(b - a, end)
+            if shared:
+                group = [(mx.slice_update(K, mx.broadcast_to(k, (b - a, *k.shape[1:])), zero, axes=(2,)),
+                          mx.slice_update(V, mx.broadcast_to(v, (b - a, *v.shape[1:])), zero, axes=(2,)))
+                         for (K, V), (k, v) in zip(group, shared)]
+            for s in range(0, width, chunk):
+                piece = toks[:, s : s + chunk]
+                logits, group = self._forward(piece, group, mx.array(first + s), pad, prefix,
+                                              end=first + s + piece.shape[1])
+                yield [logits, group]
+            for (K, V), (k, v) in zip(caches, group):
+                K[a:b, :, :end] = k[:, :, :end]
+                V[a:b, :, :end] = v[:, :, :end]
+            yield caches
+            out.append(logits)
+        return mx.concatenate(out) if len(out) > 1 else out[0]
 
-    def step(self, tokens: mx.array, caches, slot: int, pad: mx.array):
-        """One compiled decode step: tokens (B,) go to `slot`. Returns (logits (B, V), caches)."""
-        return self._step(tokens, caches, mx.array(slot), pad)
+    def stream(self, i: int):
+        """The i-th extra CPU stream (created once: each is a thread)."""
+        while len(self._streams) <= i:
+            self._streams.append(mx.new_stream(mx.cpu))
+        return self._streams[i]
+
+    def step(self, tokens: mx.array, caches, slot: int, pad: mx.array, prefix: mx.array, part: int = 0):
+        """One compiled decode step: tokens (B,) go to `slot`. Returns (logits (B, V), caches).
+        Attention reads the cache only up to the next multiple of SPAN past `slot` (one compiled step per
+        span and stream part: a compiled graph keeps the stream it was traced on), not the whole cache."""
+        end = min(caches[0][0].shape[2], (slot // SPAN + 1) * SPAN)
+        key = (end, part)
+        if key not in self._steps:
+            self._steps[key] = mx.compile(partial(self._step_impl, end=end))
+        return self._steps[key](tokens, caches, mx.array(slot), pad, prefix)
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least one token of its own."""
+    if len(prompts) < 2:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def length_groups(lengths: list[int], slack: float = 0.125, min_slack: int = 4) -> list[tuple[int, int]]:
+    """Contiguous row ranges [a, b) whose lengths are within `slack` (or `min_slack` tokens) of the
+    range's longest, so a group padded to its longest wastes little. Sorted lengths give few groups."""
+    groups, a = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths):
+            groups.append((a, i))
+            break
+        longest = max(lengths[a:i])
+        if max(longest, lengths[i]) - min(lengths[a : i + 1]) > max(min_slack, slack * max(longest, lengths[i])):
+            groups.append((a, i))
+            a = i
+    return groups
+
+
+@dataclass
+class _Part:
+    """A slice of the batch's rows with its own cache, run on its own CPU stream. `prefix` (rows,): each
+    row's shared-prefix length (parts merged by `keep` can differ); `prompts` only until prefill."""
+
+    prompts: list[list[int]] | None
+    prefix: mx.array
+    pad: mx.array
+    caches: list
+
+    @classmethod
+    def start(cls, fast: FastLlama, prompts: list[list[int]], end: int, max_tokens: int) -> "_Part":
+        n = len(prompts)
+        return cls(prompts, mx.full((n,), shared_prefix(prompts), mx.int32),
+                   mx.array([end - len(p) for p in prompts]), fast.new_cache(n, end + max_tokens))
 
 
 class FastRunner:
-    """The decode-loop interface (prefill / step / keep) over FastLlama's static cache."""
+    """The decode-loop interface (prefill / step / keep) over FastLlama's static cache.
 
-    def __init__(self, fast: FastLlama, tokens: mx.array, pad: list[int], max_tokens: int):
+    With `streams` > 1 the rows are split into that many parts, each run on its own MLX CPU stream (its own
+    thread): MLX's CPU ops other than BLAS are single-threaded, so one stream leaves the other cores idle
+    during norms, rope, softmax and the gate. Use with one BLAS thread per stream (backend.blas_threads_set).
+    """
+
+    def __init__(self, fast: FastLlama, prompts: list[list[int]], max_tokens: int, streams: int = 1):
         self.fast = fast
-        self.tokens = tokens
-        self.pad = mx.array(pad)
-        self.slot = tokens.shape[1]
-        self.caches = fast.new_cache(tokens.shape[0], self.slot + max_tokens)
+        self.max_tokens = max_tokens
+        self.slot = max(len(p) for p in prompts)
+        self.n_parts = max(1, min(streams, len(prompts)))
+        self.parts = [_Part.start(fast, prompts[a:b], self.slot, max_tokens)
+                      for a, b in _split(len(prompts), self.n_parts)]
+
+    def _stream(self, i: int):
+        return mx.stream(self.fast.stream(i)) if self.n_parts > 1 else contextlib.nullcontext()
 
     def prefill(self) -> mx.array:
-        logits, self.caches = self.fast.prefill(self.tokens, self.pad, self.caches)
-        return logits
+        gens = [self.fast.prefill_steps(p.prompts, p.prefix[0].item(), p.caches, self.slot) for p in self.parts]
+        logits: list = [None] * len(gens)
+        live = list(range(len(gens)))
+        while live:
+            pending = []
+            for i in list(live):
+                with self._stream(i):
+                    try:
+                        pending.append(next(gens[i]))
+                    except StopIteration as done:
+                        logits[i] = done.value
+                        live.remove(i)
+            mx.eval(pending)
+        return mx.concatenate(logits) if len(logits) > 1 else logits[0]
 
     def step(self, y: mx.array) -> mx.array:
-        logits, self.caches = self.fast.step(y, self.caches, self.slot, self.pad)
+        out, a = [], 0
+        for i, p in enumerate(self.parts):
+            b = a + p.pad.shape[0]
+            with self._stream(i):
+                logits, p.caches = self.fast.step(y[a:b], p.caches, self.slot, p.pad, p.prefix, part=i)
+            out.append(logits)
+            a = b
         self.slot += 1
-        return logits
+        return mx.concatenate(out) if len(out) > 1 else out[0]
 
     def keep(self, idx: mx.array) -> None:
-        self.caches = [(K[idx], V[idx]) for K, V in self.caches]
-        self.pad = self.pad[idx]
+        """Keep rows `idx` (positions in the batch), rebalanced over the parts."""
+        parts = self.parts
+
+        def take(xs):
+            return xs[0][idx] if len(xs) == 1 else mx.concatenate(xs)[idx]
+
+        caches = [(take([p.caches[i][0] for p in parts]), take([p.caches[i][1] for p in parts]))
+                  for i in range(len(parts[0].caches))]
+        prefix, pad = take([p.prefix for p in parts]), take([p.pad for p in parts])
+        self.n_parts = min(self.n_parts, idx.shape[0])
+        self.parts = [_Part(None, prefix[a:b], pad[a:b], [(K[a:b], V[a:b]) for K, V in caches])
+                      for a, b in _split(idx.shape[0], self.n_parts)]
+
+
+def _split(n: int, k: int) -> list[tuple[int, int]]:
+    """k contiguous, near-equal ranges covering range(n)."""
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
