@@ -40,6 +40,7 @@ import yaml
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_cai import distributed as D
+from mlx_cai import fastmath
 from mlx_cai import records
 from mlx_cai.losses import sequence_logps
 
@@ -271,7 +272,7 @@ def answer_logps(model, tokens: mx.array, lengths: mx.array, positions: mx.array
     hidden = backbone(tokens[:, :-1])
     logits = head(hidden.reshape(-1, hidden.shape[-1])[positions]).astype(mx.float32)  # (K, V)
     picked = mx.take_along_axis(logits, targets.reshape(-1)[positions][:, None], axis=-1)[:, 0]
-    token_logps = picked - mx.logsumexp(logits, axis=-1)  # (K,)
+    token_logps = picked - fastmath.logsumexp(logits)  # (K,)
     onehot = (rows[None, :] == mx.arange(tokens.shape[0])[:, None]).astype(mx.float32)  # (B, K)
     return onehot @ token_logps, onehot.sum(axis=-1)
 
@@ -657,49 +658,50 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
     writer = records.writer(out / "metrics.jsonl", D.is_main(), sync=False)
     last_saved = latest_checkpoint(out)
     model.train()
-    try:
-        while pos.step < cfg.iters:
-            t0 = time.perf_counter()
-            grad, rows = None, []
-            for micro in range(accum):
-                mx.random.seed(batch_seed(cfg.seed, pos.batches))
-                batch = get_batch(pos.batches)
-                keep = 0.0 if isinstance(batch, Padding) else 1.0
-                loss, metrics, grad = step(tuple(batch), mx.array(keep), grad, micro == accum - 1)
-                mx.eval(state, loss, metrics, grad)
-                row = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
-                if spread:
-                    row = _whole_batch_metrics(row, keep, mean_over)
-                value, norm = row["loss"], row.get("grad_norm", 0.0)
-                if not (math.isfinite(value) and math.isfinite(norm)):  # an inf gradient would poison the weights
-                    what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {norm}"
-                    where = f"{last_saved} (step {int(last_saved.name[5:])})" if last_saved else "none yet"
-                    raise NonFiniteLoss(f"{what} at step {pos.step + 1} (batch {pos.batches}); stopped without "
-                                        f"saving. Last good checkpoint: {where}. Lower the learning rate or check "
-                                        "the data, then rerun with --resume")
-                rows.append(row)
-                pos.batches += 1
-            pos.step += 1
-            seconds = time.perf_counter() - t0
-            record = {"step": pos.step, "learning_rate": optimizer.learning_rate.item()}
-            for k in dict.fromkeys(k for r in rows for k in r):
-                vals = [r[k] for r in rows if k in r]
-                record[k] = sum(vals) if k in SUMMED else sum(vals) / len(vals)
-            record["seconds"] = round(seconds, 4)
-            record["tokens_per_second"] = round(record.get("tokens", 0) / seconds, 2)
-            writer.write(record)
-            if on_report:
-                on_report(record)
-            if evaluate and (pos.step % cfg.steps_per_eval == 0 or pos.step == cfg.iters):
-                val = {"step": pos.step, **evaluate()}
-                model.train()
-                writer.write(val)
+    with fastmath.mlx_lm_cpu_ops(mx.default_device() == mx.cpu):  # vectorizable exp (fastmath)
+        try:
+            while pos.step < cfg.iters:
+                t0 = time.perf_counter()
+                grad, rows = None, []
+                for micro in range(accum):
+                    mx.random.seed(batch_seed(cfg.seed, pos.batches))
+                    batch = get_batch(pos.batches)
+                    keep = 0.0 if isinstance(batch, Padding) else 1.0
+                    loss, metrics, grad = step(tuple(batch), mx.array(keep), grad, micro == accum - 1)
+                    mx.eval(state, loss, metrics, grad)
+                    row = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
+                    if spread:
+                        row = _whole_batch_metrics(row, keep, mean_over)
+                    value, norm = row["loss"], row.get("grad_norm", 0.0)
+                    if not (math.isfinite(value) and math.isfinite(norm)):  # an inf gradient would poison the weights
+                        what = f"loss {value}" if not math.isfinite(value) else f"gradient norm {norm}"
+                        where = f"{last_saved} (step {int(last_saved.name[5:])})" if last_saved else "none yet"
+                        raise NonFiniteLoss(f"{what} at step {pos.step + 1} (batch {pos.batches}); stopped without "
+                                            f"saving. Last good checkpoint: {where}. Lower the learning rate or check "
+                                            "the data, then rerun with --resume")
+                    rows.append(row)
+                    pos.batches += 1
+                pos.step += 1
+                seconds = time.perf_counter() - t0
+                record = {"step": pos.step, "learning_rate": optimizer.learning_rate.item()}
+                for k in dict.fromkeys(k for r in rows for k in r):
+                    vals = [r[k] for r in rows if k in r]
+                    record[k] = sum(vals) if k in SUMMED else sum(vals) / len(vals)
+                record["seconds"] = round(seconds, 4)
+                record["tokens_per_second"] = round(record.get("tokens", 0) / seconds, 2)
+                writer.write(record)
                 if on_report:
-                    on_report(val)
-            if D.is_main() and (pos.step % cfg.steps_per_save == 0 or pos.step == cfg.iters):
-                last_saved = save_checkpoint(out, pos, model, optimizer, adapter_cfg, cfg.keep_checkpoints)
-    finally:
-        writer.close()
+                    on_report(record)
+                if evaluate and (pos.step % cfg.steps_per_eval == 0 or pos.step == cfg.iters):
+                    val = {"step": pos.step, **evaluate()}
+                    model.train()
+                    writer.write(val)
+                    if on_report:
+                        on_report(val)
+                if D.is_main() and (pos.step % cfg.steps_per_save == 0 or pos.step == cfg.iters):
+                    last_saved = save_checkpoint(out, pos, model, optimizer, adapter_cfg, cfg.keep_checkpoints)
+        finally:
+            writer.close()
     if D.is_main():
         save_adapter(model, out, adapter_cfg)
     return pos

@@ -92,3 +92,61 @@ def test_rows_finishing_early_compact_across_streams(tiny, two_streams):
     assert sum(g.finish_reason == "stop" for g in generic) >= 5
     assert len({len(g.tokens) for g in generic}) >= 4
     assert [(g.tokens, g.finish_reason) for g in fast] == [(g.tokens, g.finish_reason) for g in generic]
+
+
+def _close(a, b, tol=1e-4):
+    return np.allclose(np.array(a), np.array(b), rtol=tol, atol=tol)
+
+
+def test_fast_ops_have_the_exact_gradients():
+    k = iter(mx.random.split(mx.random.key(7), 8))
+    x = mx.random.normal((5, 300), key=next(k)) * 6
+    assert _close(fastmath.logsumexp(x), mx.logsumexp(x, axis=-1))
+    assert _close(mx.grad(lambda a: (fastmath.logsumexp(a) * mx.arange(5)).sum())(x),
+                  mx.grad(lambda a: (mx.logsumexp(a, axis=-1) * mx.arange(5)).sum())(x))
+    g, u = mx.random.normal((4, 64), key=next(k)) * 3, mx.random.normal((4, 64), key=next(k))
+    w = mx.random.normal((4, 64), key=next(k))
+    ours = mx.grad(lambda g, u: (fastmath.silu_mul(g, u) * w).sum(), argnums=(0, 1))(g, u)
+    ref = mx.grad(lambda g, u: (nn.silu(g) * u * w).sum(), argnums=(0, 1))(g, u)
+    assert all(_close(a, b) for a, b in zip(ours, ref))
+
+
+@pytest.mark.parametrize("mask", [None, "causal", "bool", "additive"])
+def test_cpu_attention_matches_mlx_sdpa_with_gradients(mask):
+    k = iter(mx.random.split(mx.random.key(3), 8))
+    q = mx.random.normal((2, 6, 5, 16), key=next(k))
+    kv = [mx.random.normal((2, 2, 7, 16), key=next(k)) for _ in range(2)]  # GQA: 3 query heads per K/V head
+    if mask == "bool":
+        mask = mx.random.uniform(shape=(2, 1, 5, 7), key=next(k)) > 0.3
+        mask[..., 6] = True
+    elif mask == "additive":
+        mask = mx.random.normal((2, 6, 5, 7), key=next(k))
+
+    def f(fn, q, key, v):
+        return (fn(q, key, v) * mx.arange(16)).sum()
+
+    ours = lambda q, key, v: fastmath.attention(q, key, v, 0.25, mask)  # noqa: E731
+    ref = lambda q, key, v: mx.fast.scaled_dot_product_attention(q, key, v, scale=0.25, mask=mask)  # noqa: E731
+    assert _close(ours(q, *kv), ref(q, *kv))
+    g1 = mx.grad(lambda *a: f(ours, *a), argnums=(0, 1, 2))(q, *kv)
+    g2 = mx.grad(lambda *a: f(ref, *a), argnums=(0, 1, 2))(q, *kv)
+    assert all(_close(a, b) for a, b in zip(g1, g2))
+
+
+def test_mlx_lm_cpu_ops_give_the_same_loss_and_gradients(tiny):
+    model, tok = tiny
+    tokens = mx.array([tok.encode("the quick brown fox jumps over the lazy dog")])
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(tokens[:, :-1]), tokens[:, 1:]).mean()
+
+    plain = nn.value_and_grad(model, loss)(model)
+    with fastmath.mlx_lm_cpu_ops():
+        fast = nn.value_and_grad(model, loss)(model)
+    import mlx_lm.models.llama as llama
+
+    assert llama.swiglu is not fastmath.silu_mul  # restored on exit
+    from mlx.utils import tree_flatten
+
+    assert _close(plain[0], fast[0])
+    assert all(_close(a, b) for (_, a), (_, b) in zip(tree_flatten(plain[1]), tree_flatten(fast[1])))

@@ -35,6 +35,7 @@ from mlx_cai import backend  # noqa: F401
 import mlx.core as mx
 
 from mlx_cai import distributed as D
+from mlx_cai import fastmath
 from mlx_cai import records
 from mlx_cai import training as T
 from mlx_cai.losses import LOSSES, dpo_loss
@@ -328,7 +329,8 @@ def run(config: DPOConfig, progress: Callable[[dict], None] | None = None, *, re
         if progress:
             progress({"event": "reference", "done": done[0], "total": len(pairs)})
 
-    refs = reference_logps(model, pairs, out / "ref_logps.jsonl", cfg.batch_size, ref_tick)
+    with fastmath.mlx_lm_cpu_ops(mx.default_device() == mx.cpu):
+        refs = reference_logps(model, pairs, out / "ref_logps.jsonl", cfg.batch_size, ref_tick)
     summary["reference_seconds"] = round(time.perf_counter() - t0, 2)
 
     optimizer = T.make_optimizer(cfg)
