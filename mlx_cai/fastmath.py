@@ -1,17 +1,19 @@
-"""Vectorizable replacements for the transcendental ops that dominate small-batch CPU inference.
+"""Cheaper replacements for the transcendental ops that dominate small-batch CPU inference and training.
 
-MLX's CPU `exp` (and so `sigmoid`, `silu`, `softmax`) evaluates a scalar libm call per element: ~13 ns
-each on the 2-core x86 test machine, where a fused multiply-add runs at ~1 ns. A SmolLM2 decode step at
-batch 64 spent ~60 of its ~290 ms there. `exp` below is the classic Cody-Waite range reduction plus a
-degree-6 polynomial (Cephes `expf` coefficients), written in elementwise MLX ops that `mx.compile` fuses
-into one vectorized loop: ~4x faster, relative error < 2e-6 over the float32 range (tested against numpy).
-Only the CPU benefits; Metal and CUDA have fast native `exp`.
+MLX's CPU `exp` (and so `sigmoid`, `silu`, `softmax`) costs ~13 ns per element on the 2-core x86 test
+machine, where a multiply or add costs ~0.5 ns. A SmolLM2 decode step at batch 64 spent ~60 of its ~290 ms
+there. `exp` below is the classic Cody-Waite range reduction plus a degree-6 polynomial (Cephes `expf`
+coefficients) in ~20 elementwise MLX ops: ~4x faster under `mx.compile`, relative error < 2e-6 over the
+float32 range (tested against numpy). Its intermediates materialize (~5x the input's memory), so it is
+for activations and attention scores, not for (tokens, vocabulary) logits. Only the CPU uses it; Metal and
+CUDA have fast native `exp`. MLX_CAI_FAST_OPS=0 turns off its use in training (`mlx_lm_cpu_ops`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 
 from mlx_cai import backend  # noqa: F401  (BLAS before mlx.core)
 
@@ -110,7 +112,7 @@ _MLX_LM_MODULES = ("llama", "mistral", "qwen2", "qwen3")
 def mlx_lm_cpu_ops(enabled: bool = True):
     """While active, mlx-lm's llama-family models compute SwiGLU and attention with this module's ops
     (training and scoring on the CPU: ~1.3x faster steps). Restored on exit."""
-    if not enabled:
+    if not enabled or os.environ.get("MLX_CAI_FAST_OPS") == "0":
         yield
         return
     patched = []
@@ -139,19 +141,3 @@ def _sdpa_for(original):
 
     return sdpa
 
-
-def logsumexp(x: mx.array) -> mx.array:
-    """log(sum(exp(x))) over the last axis (dropped), e.g. the log-softmax normalizer of (tokens, vocabulary)
-    logits: with MLX's CPU exp that alone was ~0.25 s of a 4 x 192-token SFT step. mx.logsumexp off the CPU."""
-    return _logsumexp(x) if mx.default_device() == mx.cpu else mx.logsumexp(x, axis=-1)
-
-
-@mx.custom_function
-def _logsumexp(x: mx.array) -> mx.array:
-    m = mx.stop_gradient(x.max(axis=-1, keepdims=True))
-    return mx.log(exp(x - m).sum(axis=-1)) + m[..., 0]
-
-
-@_logsumexp.vjp
-def _logsumexp_vjp(x, cotangent, output):
-    return cotangent[..., None] * exp(x - output[..., None])

@@ -23,8 +23,6 @@ from typing import Callable
 
 import mlx.core as mx
 
-from mlx_cai import fastmath
-
 
 def log_sigmoid(x: mx.array) -> mx.array:
     """Numerically stable ``log(sigmoid(x)) = -log(1 + exp(-x))``, elementwise."""
@@ -146,6 +144,6 @@ def sequence_logps(
     targets = mx.where(mask.astype(mx.bool_), targets, 0)
     target_logits = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     # logit[target] - logsumexp avoids materializing a full (B, T, V) log-softmax.
-    token_logps = target_logits - fastmath.logsumexp(logits)
+    token_logps = target_logits - mx.logsumexp(logits, axis=-1)
     m = mask.astype(mx.float32)
     return mx.sum(token_logps * m, axis=-1), mx.sum(m, axis=-1)

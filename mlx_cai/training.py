@@ -272,7 +272,7 @@ def answer_logps(model, tokens: mx.array, lengths: mx.array, positions: mx.array
     hidden = backbone(tokens[:, :-1])
     logits = head(hidden.reshape(-1, hidden.shape[-1])[positions]).astype(mx.float32)  # (K, V)
     picked = mx.take_along_axis(logits, targets.reshape(-1)[positions][:, None], axis=-1)[:, 0]
-    token_logps = picked - fastmath.logsumexp(logits)  # (K,)
+    token_logps = picked - mx.logsumexp(logits, axis=-1)  # (K,)
     onehot = (rows[None, :] == mx.arange(tokens.shape[0])[:, None]).astype(mx.float32)  # (B, K)
     return onehot @ token_logps, onehot.sum(axis=-1)
 

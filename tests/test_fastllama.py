@@ -101,9 +101,8 @@ def _close(a, b, tol=1e-4):
 def test_fast_ops_have_the_exact_gradients():
     k = iter(mx.random.split(mx.random.key(7), 8))
     x = mx.random.normal((5, 300), key=next(k)) * 6
-    assert _close(fastmath.logsumexp(x), mx.logsumexp(x, axis=-1))
-    assert _close(mx.grad(lambda a: (fastmath.logsumexp(a) * mx.arange(5)).sum())(x),
-                  mx.grad(lambda a: (mx.logsumexp(a, axis=-1) * mx.arange(5)).sum())(x))
+    assert _close(mx.grad(lambda a: (fastmath.exp(a) * mx.arange(5)[:, None]).sum())(x / 4),
+                  mx.grad(lambda a: (mx.exp(a) * mx.arange(5)[:, None]).sum())(x / 4))
     g, u = mx.random.normal((4, 64), key=next(k)) * 3, mx.random.normal((4, 64), key=next(k))
     w = mx.random.normal((4, 64), key=next(k))
     ours = mx.grad(lambda g, u: (fastmath.silu_mul(g, u) * w).sum(), argnums=(0, 1))(g, u)
