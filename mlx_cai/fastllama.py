@@ -30,7 +30,8 @@ import mlx.nn as nn
 from mlx_cai import fastmath
 
 BUCKET = 64  # cache length rounds up to this: few distinct compiled shapes
-SPAN = 32  # a decode step attends to the cache up to the next multiple of this
+SPAN = 32  # a decode step attends to the cache up to the next multiple of this...
+SPAN_ROWS = 8  # ...when it has at least this many rows
 
 
 @dataclass
@@ -216,7 +217,9 @@ class FastLlama:
         """One compiled decode step: tokens (B,) go to `slot`. Returns (logits (B, V), caches).
         Attention reads the cache only up to the next multiple of SPAN past `slot` (one compiled step per
         span and stream part: a compiled graph keeps the stream it was traced on), not the whole cache."""
-        end = min(caches[0][0].shape[2], (slot // SPAN + 1) * SPAN)
+        S = caches[0][0].shape[2]
+        # Few rows: attention over the whole cache is cheap, and each span would cost a trace (~0.3 s).
+        end = S if tokens.shape[0] < SPAN_ROWS else min(S, (slot // SPAN + 1) * SPAN)
         key = (end, part)
         if key not in self._steps:
             self._steps[key] = mx.compile(partial(self._step_impl, end=end))

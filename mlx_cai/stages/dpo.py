@@ -234,8 +234,9 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
     todo = [p for p in pairs if p.id not in done]
     todo = [todo[i] for i in sorted(range(len(todo)), key=lambda i: (todo[i].length, i))]  # eval_batches' order
     model.eval()
+    forward = mx.compile(partial(T.answer_logps, model))  # the weights do not change during this pass
     with records.writer(path, D.is_main()) as writer:
-        for batch, rows in D.map_chunks(todo, batch_size, partial(_reference_rows, model)):
+        for batch, rows in D.map_chunks(todo, batch_size, partial(_reference_rows, forward)):
             for row in rows:
                 writer.write(row)
                 done[row["id"]] = row
@@ -244,8 +245,8 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
     return {p.id: (done[p.id]["chosen"], done[p.id]["rejected"]) for p in pairs}
 
 
-def _reference_rows(model, batch: list[TokenPair]) -> list[dict]:
-    logps, n = T.answer_logps(model, *pair_batch(batch))
+def _reference_rows(forward, batch: list[TokenPair]) -> list[dict]:
+    logps, n = forward(*pair_batch(batch))
     mx.eval(logps, n)
     lp, nt = logps.tolist(), n.tolist()
     B = len(batch)
