@@ -104,10 +104,10 @@ def demo_section(runs: list[Path]) -> str:
         f"(config `{demo / 'config.yaml'}`). Machine: {backend.cpu_model()}, {_cores()} cores; {load}.",
         "Command: `make demo` (= `mlx-cai run configs/demo.yaml --name demo`).", "",
         md_table(["stage", "minutes", "share", "finished"], stage_rows), "",
-        *([f"revise dominates ({ms['revise']['seconds'] / total:.0%}): every critique and revision call prefills the "
-           "few-shot demonstrations and the conversation again (several hundred tokens per row, at the sgemm "
-           "rate), so it generates far fewer tokens per second than plain decoding; reusing the critique call's "
-           "KV cache for the revision call would remove much of it.", ""]
+        *([f"revise dominates ({ms['revise']['seconds'] / total:.0%}): every critique and revision call prefills its "
+           "row's conversation again (the few-shot demonstrations, shared by all rows of a batch, are prefilled "
+           "once per batch), so it generates far fewer tokens per second than plain decoding; reusing the "
+           "critique call's KV cache for the revision call would remove much of what is left.", ""]
           if "revise" in ms and ms["revise"]["seconds"] == max(m["seconds"] for m in ms.values()) else []),
         f"Targets of the final model ({final[0]}) against the base model, shipped eval splits, keyword judge:", "",
         md_table(["criterion", "base", final[0], "target", "verdict"], targets.rows(checks)) if checks else "(no eval)",
