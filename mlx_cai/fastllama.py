@@ -32,6 +32,7 @@ from mlx_cai import fastmath
 BUCKET = 64  # cache length rounds up to this: few distinct compiled shapes
 SPAN = 32  # a decode step attends to the cache up to the next multiple of this...
 SPAN_ROWS = 8  # ...when it has at least this many rows
+FAST_OPS_ROWS = 4  # token rows (batch x positions) from which the CPU uses fastmath's attention and SwiGLU
 
 
 @dataclass
@@ -115,14 +116,16 @@ class FastLlama:
         K = mx.slice_update(K, k.astype(K.dtype), start, axes=(2,))
         V = mx.slice_update(V, v.astype(V.dtype), start, axes=(2,))
         Ka, Va = (K, V) if end is None else (K[:, :, :end], V[:, :, :end])
-        if self.cpu:
+        # fastmath's ops pay off from a few rows up; at one row they were 2.5% slower (more ops per step)
+        fast_ops = self.cpu and B * T >= FAST_OPS_ROWS
+        if fast_ops:
             o = self._cpu_attention(q, Ka, Va, mask)
         else:
             o = mx.fast.scaled_dot_product_attention(q, Ka, Va, scale=self.scale, mask=mask)
         x = x + o.transpose(0, 2, 1, 3).reshape(B, T, H * D) @ lyr.w_o.T
         h = mx.fast.rms_norm(x, lyr.norm_post, self.eps)
         g, u = mx.split(h @ lyr.w_gu.T, 2, axis=-1)
-        act = fastmath.silu_mul(g, u) if self.cpu else nn.silu(g) * u
+        act = fastmath.silu_mul(g, u) if fast_ops else nn.silu(g) * u
         return x + act @ lyr.w_down.T, K, V
 
     def _cpu_attention(self, q, K, V, mask):
