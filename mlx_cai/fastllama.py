@@ -70,7 +70,7 @@ class FastLlama:
         self.scale = self.head_dim**-0.5
         self._steps: dict[tuple[int, int], object] = {}  # compiled decode step per (span, part)
         self._streams: list = []
-        self.cpu = mx.default_device() == mx.cpu  # then fastmath's exp and _cpu_attention
+        self.cpu = mx.default_device() == mx.cpu  # then fastmath's attention and SwiGLU
 
     @classmethod
     def build(cls, model) -> "FastLlama | None":
@@ -119,7 +119,7 @@ class FastLlama:
         # fastmath's ops pay off from a few rows up; at one row they were 2.5% slower (more ops per step)
         fast_ops = self.cpu and B * T >= FAST_OPS_ROWS
         if fast_ops:
-            o = self._cpu_attention(q, Ka, Va, mask)
+            o = fastmath.attention(q, Ka, Va, self.scale, mask)
         else:
             o = mx.fast.scaled_dot_product_attention(q, Ka, Va, scale=self.scale, mask=mask)
         x = x + o.transpose(0, 2, 1, 3).reshape(B, T, H * D) @ lyr.w_o.T
@@ -127,18 +127,6 @@ class FastLlama:
         g, u = mx.split(h @ lyr.w_gu.T, 2, axis=-1)
         act = fastmath.silu_mul(g, u) if fast_ops else nn.silu(g) * u
         return x + act @ lyr.w_down.T, K, V
-
-    def _cpu_attention(self, q, K, V, mask):
-        """Attention for the CPU: the query heads that share a K/V head become the rows of one matmul,
-        (B, KVH, H/KVH * T, D) @ (B, KVH, D, S), and the softmax uses fastmath's vectorized exp. The
-        generic scaled_dot_product_attention broadcasts K/V over the repeated heads and calls a scalar exp
-        per score (~1.5x and ~4x slower here). q (B, H, T, D), K/V (B, KVH, S, D), mask (B, 1, T, S)."""
-        B, H, T, D = q.shape
-        KVH, S = K.shape[1], K.shape[2]
-        rep = H // KVH
-        scores = (q.reshape(B, KVH, rep * T, D) * self.scale) @ K.swapaxes(-1, -2)
-        p = fastmath.masked_softmax(scores.reshape(B, KVH, rep, T, S), mask[:, :, None])
-        return (p.reshape(B, KVH, rep * T, S) @ V).reshape(B, H, T, D)
 
     def _forward(self, tokens, caches, start, pad, prefix, end=None):
         """tokens (B, T) at slots [start, start+T). Returns (last-position logits (B, V), new caches).
@@ -283,7 +271,6 @@ class FastRunner:
 
     def __init__(self, fast: FastLlama, prompts: list[list[int]], max_tokens: int, streams: int = 1):
         self.fast = fast
-        self.max_tokens = max_tokens
         self.slot = max(len(p) for p in prompts)
         self.n_parts = max(1, min(streams, len(prompts)))
         self.parts = [_Part.start(fast, prompts[a:b], self.slot, max_tokens)
