@@ -330,7 +330,7 @@ def run(config: DPOConfig, progress: Callable[[dict], None] | None = None, *, re
         if progress:
             progress({"event": "reference", "done": done[0], "total": len(pairs)})
 
-    with fastmath.mlx_lm_cpu_ops(mx.default_device() == mx.cpu):
+    with fastmath.mlx_lm_cpu_ops():
         refs = reference_logps(model, pairs, out / "ref_logps.jsonl", cfg.batch_size, ref_tick)
     summary["reference_seconds"] = round(time.perf_counter() - t0, 2)
 
