@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import mlx_cai.backend as b; print('mlx-cai ready; BLAS:', b.blas_library())"
 	@touch $(STAMP)
 
-# The whole CAI recipe on the embedded model, offline (~30 min on 2 cores); rerun continues a killed run.
+# The whole CAI recipe on the embedded model, offline (~15 min on 2 cores); rerun continues a killed run.
 demo: setup
 	$(BIN)/mlx-cai run configs/demo.yaml --name demo
 

@@ -84,19 +84,26 @@ def blas_threads() -> int:
     return int(os.environ.get("OPENBLAS_NUM_THREADS") or 1) if _BLAS_LIB is not None else 1
 
 
+_threads_now: int | None = None  # what blas_threads_set last set (None: the import-time choice)
+
+
 @contextlib.contextmanager
 def blas_threads_set(n: int):
-    """Run the block with OpenBLAS at `n` threads, then restore the import-time choice. For work that gets
-    its parallelism from several MLX CPU streams instead (fastllama): one BLAS thread per stream, as two
-    2-thread BLAS calls on 2 cores oversubscribe them."""
-    if _BLAS_LIB is None or n == blas_threads():
+    """Run the block with OpenBLAS at `n` threads, then restore the previous setting (nestable). For work
+    that gets its parallelism from several MLX CPU streams instead (fastllama, training slices): one BLAS
+    thread per stream, as two 2-thread BLAS calls on 2 cores oversubscribe them."""
+    global _threads_now
+    before = _threads_now or blas_threads()
+    if _BLAS_LIB is None or n == before:
         yield
         return
     _BLAS_LIB.openblas_set_num_threads(n)
+    _threads_now = n
     try:
         yield
     finally:
-        _BLAS_LIB.openblas_set_num_threads(blas_threads())
+        _BLAS_LIB.openblas_set_num_threads(before)
+        _threads_now = before
 
 
 def default_device() -> str:

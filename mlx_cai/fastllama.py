@@ -22,7 +22,7 @@ import contextlib
 from dataclasses import dataclass
 from functools import partial
 
-from mlx_cai import backend  # noqa: F401
+from mlx_cai import backend
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -162,8 +162,8 @@ class FastLlama:
 
     def prefill_steps(self, prompts: list[list[int]], prefix: int, caches, end: int, chunk: int = 256):
         """Run prompts into `caches` (rows laid out as in the module docstring, every prompt ending at slot
-        end - 1), as a generator: it yields the arrays to evaluate after each chunk of work (so the caller
-        can interleave several on different streams) and returns the last-position logits (B, V).
+        end - 1), as a generator: it yields the arrays to evaluate after each chunk of work (so the graph
+        stays small) and returns the last-position logits (B, V).
         Rows' first `prefix` tokens must be equal; each row needs a token after them."""
         zero = mx.zeros((1,), mx.int32)
         shared = None
@@ -280,19 +280,19 @@ class FastRunner:
         return mx.stream(self.fast.stream(i)) if self.n_parts > 1 else contextlib.nullcontext()
 
     def prefill(self) -> mx.array:
-        gens = [self.fast.prefill_steps(p.prompts, p.prefix[0].item(), p.caches, self.slot) for p in self.parts]
-        logits: list = [None] * len(gens)
-        live = list(range(len(gens)))
-        while live:
-            pending = []
-            for i in list(live):
-                with self._stream(i):
+        """All parts, one after the other on the default stream with the process's BLAS threads: prefill is
+        large matmuls, which BLAS threads use well (64 chats: 3.9-4.0 s this way, 4.4-4.6 s one part per
+        stream at one BLAS thread each, 2 cores). Decode steps are small and split over the streams."""
+        logits = []
+        with backend.blas_threads_set(backend.blas_threads()):
+            for p in self.parts:
+                gen = self.fast.prefill_steps(p.prompts, p.prefix[0].item(), p.caches, self.slot)
+                while True:
                     try:
-                        pending.append(next(gens[i]))
+                        mx.eval(next(gen))
                     except StopIteration as done:
-                        logits[i] = done.value
-                        live.remove(i)
-            mx.eval(pending)
+                        logits.append(done.value)
+                        break
         return mx.concatenate(logits) if len(logits) > 1 else logits[0]
 
     def step(self, y: mx.array) -> mx.array:

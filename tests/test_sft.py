@@ -236,3 +236,46 @@ def test_grad_checkpoint_trains_the_same_adapter(tiny_gguf, tmp_path):
         assert mx.allclose(plain[k], ckpt[k], atol=1e-5).item(), k
     assert type(m1.layers[0]).__name__.startswith("Checkpointed") and type(m0.layers[0]).__name__ != \
         type(m1.layers[0]).__name__  # only the checkpointed model's blocks changed class
+
+
+def test_a_batch_split_over_two_cpu_streams_takes_the_one_stream_step(tiny_gguf, tmp_path, monkeypatch):
+    """MLX_CAI_TRAIN_STREAMS=2 runs each batch as two slices on two CPU streams and combines them
+    (training.combine_parts): the same adapter and per-step metrics as one stream, up to float rounding."""
+    calls = []
+    combine = T.combine_parts
+    monkeypatch.setattr(T, "combine_parts", lambda results, over: calls.append(len(results)) or combine(results, over))
+    runs = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv("MLX_CAI_TRAIN_STREAMS", n)
+        runs[n] = sft.run(config(tiny_gguf, tmp_path / n, iters=4, batch_size=4, steps_per_eval=4, steps_per_save=4))
+    assert calls and set(calls) == {2}  # traced once per batch shape, on the two-stream run only
+    a, b = adapter_weights(runs["1"]), adapter_weights(runs["2"])
+    assert any(mx.abs(v).max().item() > 0 for k, v in a.items() if k.endswith("lora_b"))  # it trained
+    for k in a:  # Adam turns float noise in a near-zero gradient entry into up to lr per step: 1e-4, not 1e-6
+        assert mx.allclose(a[k], b[k], atol=1e-4).item(), k
+    rows = [[json.loads(x) for x in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in ("1", "2")]
+    assert len(rows[0]) == len(rows[1]) == 5  # 4 steps and a validation
+    for ra, rb in zip(*rows):  # the loss and the norm of the combined gradient: what a wrong weighting would change
+        assert {k: ra[k] for k in ("step", "tokens", "sequences", "loss_tokens") if k in ra} == \
+               {k: rb[k] for k in ("step", "tokens", "sequences", "loss_tokens") if k in rb}
+        for k in ("loss", "grad_norm", "val_loss"):
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4), k
+
+
+def test_combine_parts_weighs_slices_by_what_their_loss_is_a_mean_over():
+    g1, g2 = {"w": mx.array([1.0, 2.0])}, {"w": mx.array([4.0, 8.0])}
+    m1 = {"loss_tokens": mx.array(1), "tokens": mx.array(5), "acc": mx.array(1.0)}
+    m2 = {"loss_tokens": mx.array(3), "tokens": mx.array(7), "acc": mx.array(0.0)}
+    loss, metrics, grad = T.combine_parts([(mx.array(2.0), m1, g1), (mx.array(6.0), m2, g2)], "loss_tokens")
+    assert loss.item() == pytest.approx((2 * 1 + 6 * 3) / 4)  # the mean over all 4 loss tokens
+    assert metrics["loss_tokens"].item() == 4 and metrics["tokens"].item() == 12  # counts add up
+    assert metrics["acc"].item() == pytest.approx(0.25)
+    assert grad["w"].tolist() == pytest.approx([(1 + 12) / 4, (2 + 24) / 4])
+
+
+def test_local_batch_slices_mirror_the_process_shares():
+    build = tuple
+    assert T.local_batch([7, 3, 5, 1], build, parts=2) == [(7, 5), (3, 1)]  # what 2 processes would get
+    assert T.local_batch([7, 3, 5], build, parts=4) == [(7,), (3,), (5,)]
+    assert T.local_batch([7], build, parts=2) == (7,) and T.local_batch([7, 3], build) == (7, 3)

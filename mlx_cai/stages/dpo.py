@@ -347,7 +347,8 @@ def run(config: DPOConfig, progress: Callable[[dict], None] | None = None, *, re
     evaluate = (lambda: T.evaluate_batches(model, loss_fn, T.local_batches(val_idx, val_batch))) if val_idx else None
     t1 = time.perf_counter()
     steps_before = pos.step
-    pos = T.train(model, optimizer, loss_fn, lambda k: T.local_batch(order(k), partial(batch_of, train_pairs, refs)),
+    build = partial(batch_of, train_pairs, refs)
+    pos = T.train(model, optimizer, loss_fn, lambda k: T.local_batch(order(k), build, T.train_streams()),
                   cfg, out, adapter_cfg, pos, evaluate=evaluate, on_report=progress, mean_over="examples")
     seconds = time.perf_counter() - t1
     if not D.is_main():

@@ -145,7 +145,8 @@ def run(config: SFTConfig, progress: Callable[[dict], None] | None = None, *, re
     if progress:
         progress({"event": "start", **summary})
     t0 = time.perf_counter()
-    pos = T.train(model, optimizer, sft_loss, lambda k: T.local_batch(order(k), partial(batch_of, train_set)), cfg,
+    build = partial(batch_of, train_set)
+    pos = T.train(model, optimizer, sft_loss, lambda k: T.local_batch(order(k), build, T.train_streams()), cfg,
                   out, adapter_cfg, pos, evaluate=evaluate, on_report=progress, mean_over="loss_tokens")
     if D.is_main():
         summary.update(steps=pos.step, batches=pos.batches, seconds=round(time.perf_counter() - t0, 2),
