@@ -106,6 +106,12 @@ def blas_threads_set(n: int):
         _threads_now = before
 
 
+def blas_threads_per(streams: int):
+    """blas_threads_set for work split over `streams` parallel MLX CPU streams: the process's BLAS threads
+    shared out between them (one each on 2 cores), or nothing to change for one stream."""
+    return blas_threads_set(max(1, blas_threads() // streams)) if streams > 1 else contextlib.nullcontext()
+
+
 def default_device() -> str:
     """'gpu' on Metal/CUDA builds with a device, else 'cpu'."""
     return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"

@@ -14,7 +14,6 @@ are dropped) and `Generation.truncated` counts the dropped tokens; `context_poli
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -193,7 +192,7 @@ def generate_iter(model, tokenizer, conversations: Sequence[Conversation], confi
         idx = order[start : start + batch_size]
         prompts = [encoded[i][0] for i in idx]
         streams = min(len(prompts) // STREAM_ROWS, backend.blas_threads()) if fast and fast.cpu else 1
-        with backend.blas_threads_set(1) if streams > 1 else contextlib.nullcontext():
+        with backend.blas_threads_per(streams):
             if fast:
                 runner = FastRunner(fast, prompts, cfg.max_tokens, streams=streams)
             else:

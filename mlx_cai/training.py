@@ -19,7 +19,6 @@ optimizer.safetensors, state.json) and checkpoints/latest, metrics.jsonl, config
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -737,8 +736,8 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
                     mx.random.seed(batch_seed(cfg.seed, pos.batches))
                     batch = get_batch(pos.batches)
                     keep = 0.0 if isinstance(batch, Padding) else 1.0
-                    # slices on parallel streams: one BLAS thread each (two 2-thread calls oversubscribe 2 cores)
-                    with backend.blas_threads_set(1) if isinstance(batch, list) else contextlib.nullcontext():
+                    # slices on parallel streams share the BLAS threads (two 2-thread calls oversubscribe 2 cores)
+                    with backend.blas_threads_per(len(batch) if isinstance(batch, list) else 1):
                         loss, metrics, grad = run_step(batch, mx.array(keep), grad, micro == accum - 1)
                         mx.eval(state, loss, metrics, grad)
                     row = {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}

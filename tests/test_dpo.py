@@ -52,7 +52,10 @@ def metric_rows(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
 
 
-def test_stored_reference_logps_equal_a_recomputation_and_policy_starts_there(tiny_gguf, tmp_path, sft_adapter):
+@pytest.mark.parametrize("streams", ["1", "2"])  # the reference pass in one stream, or slices on two
+def test_stored_reference_logps_equal_a_recomputation_and_policy_starts_there(tiny_gguf, tmp_path, sft_adapter,
+                                                                             streams, monkeypatch):
+    monkeypatch.setenv("MLX_CAI_TRAIN_STREAMS", streams)
     out = dpo.run(config(tiny_gguf, tmp_path, sft_adapter, iters=1))
     stored = {r["id"]: r for r in map(json.loads, (out / "ref_logps.jsonl").read_text().splitlines())}
     assert len(stored) == 4

@@ -127,3 +127,22 @@ def test_fast_path_folds_lora_adapters(tiny):
     fast = generate(model, tok, convs(PROMPTS), cfg, batch_size=4)
     generic = generate(model, tok, convs(PROMPTS), cfg, batch_size=4, use_fast=False)
     assert [g.tokens for g in fast] == [g.tokens for g in generic]
+
+
+def test_blas_threads_set_nests_and_restores_the_previous_setting():
+    """fastllama's prefill restores the process's BLAS threads inside generate's one-thread-per-stream block."""
+    from mlx_cai import backend
+
+    if backend._BLAS_LIB is None:
+        pytest.skip("no OpenBLAS loaded")
+    get = backend._BLAS_LIB.openblas_get_num_threads
+    start = get()
+    other = 2 if start == 1 else 1
+    with backend.blas_threads_set(other):
+        assert get() == other
+        with backend.blas_threads_set(start):
+            assert get() == start
+        assert get() == other
+        with backend.blas_threads_per(1):  # one stream: nothing changes
+            assert get() == other
+    assert get() == start

@@ -22,6 +22,7 @@ response is cut at the end to fit max_seq_length; counted as `truncated`. `skip`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -30,7 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from mlx_cai import backend  # noqa: F401
+from mlx_cai import backend  # BLAS before mlx.core
 
 import mlx.core as mx
 
@@ -234,9 +235,13 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
     todo = [p for p in pairs if p.id not in done]
     todo = [todo[i] for i in sorted(range(len(todo)), key=lambda i: (todo[i].length, i))]  # eval_batches' order
     model.eval()
-    forward = mx.compile(partial(T.answer_logps, model))  # the weights do not change during this pass
+    # One compiled forward per CPU stream (a compiled graph keeps the stream it was traced on); the weights do
+    # not change during this pass. Each batch runs as strided slices on parallel streams, as in training.
+    n = T.train_streams()
+    forwards = [(mx.new_stream(mx.cpu) if n > 1 else None, mx.compile(partial(T.answer_logps, model)))
+                for _ in range(n)]
     with records.writer(path, D.is_main()) as writer:
-        for batch, rows in D.map_chunks(todo, batch_size, partial(_reference_rows, forward)):
+        for batch, rows in D.map_chunks(todo, batch_size, partial(_reference_rows, forwards)):
             for row in rows:
                 writer.write(row)
                 done[row["id"]] = row
@@ -245,13 +250,22 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
     return {p.id: (done[p.id]["chosen"], done[p.id]["rejected"]) for p in pairs}
 
 
-def _reference_rows(forward, batch: list[TokenPair]) -> list[dict]:
-    logps, n = forward(*pair_batch(batch))
-    mx.eval(logps, n)
-    lp, nt = logps.tolist(), n.tolist()
-    B = len(batch)
-    return [{"id": p.id, "chosen": lp[j], "rejected": lp[B + j], "chosen_tokens": int(nt[j]),
-             "rejected_tokens": int(nt[B + j]), "key": _key(p)} for j, p in enumerate(batch)]
+def _reference_rows(forwards: list, batch: list[TokenPair]) -> list[dict]:
+    k = min(len(forwards), len(batch))
+    slices = [batch[i::k] for i in range(k)]
+    outs = []
+    for (stream, forward), part in zip(forwards, slices):
+        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+            outs.append(forward(*pair_batch(part)))
+    with backend.blas_threads_per(k):
+        mx.eval(outs)
+    rows = {}
+    for part, (logps, n) in zip(slices, outs):
+        lp, nt = logps.tolist(), n.tolist()
+        B = len(part)
+        rows.update({p.id: {"id": p.id, "chosen": lp[j], "rejected": lp[B + j], "chosen_tokens": int(nt[j]),
+                            "rejected_tokens": int(nt[B + j]), "key": _key(p)} for j, p in enumerate(part)})
+    return [rows[p.id] for p in batch]
 
 
 def make_loss(cfg: DPOConfig):
