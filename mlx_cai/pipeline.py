@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 import yaml
 
+from mlx_cai import backend  # BLAS before mlx.core
+
 STAGES = ("revise", "clean", "sft", "feedback", "dpo", "eval-base", "eval-sft", "eval-dpo", "report")
 SHARED = ("revise", "sft", "feedback", "dpo", "eval-base", "eval-sft", "eval-dpo")  # run by every process
 SECTIONS = ("revise", "clean", "sft", "feedback", "dpo", "eval", "report")
@@ -315,7 +317,8 @@ def run(cfg: RunConfig, *, start: str | None = None, until: str | None = None, h
             m.parent.mkdir(parents=True, exist_ok=True)
             m.write_text(json.dumps({"stage": stage, "config": _jsonable(stage_config(cfg, stage)), "seconds": secs,
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                     "load_avg_15min": round(os.getloadavg()[2], 2), "processes": D.size()},
+                                     "load_avg_15min": round(os.getloadavg()[2], 2), "processes": D.size(),
+                                     "blas_threads": backend.blas_threads()},  # chosen at import, by load
                                     indent=2))
         hooks.stage_done(stage, secs)
         if main and stage in ("sft", "dpo"):

@@ -68,6 +68,7 @@ def test_changed_settings_are_refused_and_from_keeps_old_outputs(config_file, tm
     assert len(old) == 1
     marker = json.loads(pipeline.marker(cfg, "revise").read_text())
     assert marker["config"]["max_tokens"] == 9
+    assert marker["blas_threads"] >= 1  # what the stage's wall time was measured with
 
 
 def test_bad_configs_are_one_line_errors(tmp_path, config_file):
