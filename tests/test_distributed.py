@@ -146,8 +146,12 @@ def test_dpo_on_two_processes_gives_the_one_process_adapter_and_reference(runs):
     rows_a, rows_b = ([json.loads(x) for x in _lines(d / "dpo" / "metrics.jsonl")] for d in (one, two))
     assert [r["examples"] for r in rows_b] == [r["examples"] for r in rows_a]
     for ra, rb in zip(rows_a, rows_b):
-        for k in ("loss", "rewards/margins", "rewards/accuracies"):
+        for k in ("loss", "rewards/margins"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), k
+        # At step 1 the policy is the reference: every reward is float noise (~1e-7, from how the passes were
+        # batched or split over streams) and `chosen > rejected` a coin toss; compare accuracies after that.
+        if ra["step"] > 1:
+            assert rb["rewards/accuracies"] == pytest.approx(ra["rewards/accuracies"]), ra["step"]
 
 
 @needs_ring
