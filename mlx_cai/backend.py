@@ -112,6 +112,17 @@ def blas_threads_per(streams: int):
     return blas_threads_set(max(1, blas_threads() // streams)) if streams > 1 else contextlib.nullcontext()
 
 
+_CPU_STREAMS: list = []
+
+
+def cpu_stream(i: int):
+    """The process's i-th extra MLX CPU stream, created once and shared (each stream is a thread): work split
+    over parallel streams (fastllama's decode parts, training slices, the DPO reference pass) takes 0, 1, ..."""
+    while len(_CPU_STREAMS) <= i:
+        _CPU_STREAMS.append(mx.new_stream(mx.cpu))
+    return _CPU_STREAMS[i]
+
+
 def default_device() -> str:
     """'gpu' on Metal/CUDA builds with a device, else 'cpu'."""
     return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"

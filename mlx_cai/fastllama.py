@@ -69,7 +69,6 @@ class FastLlama:
         self.layers, self.embed, self.lm_head, self.norm = layers, embed, lm_head, norm
         self.scale = self.head_dim**-0.5
         self._steps: dict[tuple[int, int], object] = {}  # compiled decode step per (span, part)
-        self._streams: list = []
         self.cpu = mx.default_device() == mx.cpu  # then fastmath's attention and SwiGLU
 
     @classmethod
@@ -198,12 +197,6 @@ class FastLlama:
             out.append(logits)
         return mx.concatenate(out) if len(out) > 1 else out[0]
 
-    def stream(self, i: int):
-        """The i-th extra CPU stream (created once: each is a thread)."""
-        while len(self._streams) <= i:
-            self._streams.append(mx.new_stream(mx.cpu))
-        return self._streams[i]
-
     def step(self, tokens: mx.array, caches, slot: int, pad: mx.array, prefix: mx.array, part: int = 0):
         """One compiled decode step: tokens (B,) go to `slot`. Returns (logits (B, V), caches).
         Attention reads the cache only up to the next multiple of SPAN past `slot` (one compiled step per
@@ -277,12 +270,12 @@ class FastRunner:
                       for a, b in _split(len(prompts), self.n_parts)]
 
     def _stream(self, i: int):
-        return mx.stream(self.fast.stream(i)) if self.n_parts > 1 else contextlib.nullcontext()
+        return mx.stream(backend.cpu_stream(i)) if self.n_parts > 1 else contextlib.nullcontext()
 
     def prefill(self) -> mx.array:
         """All parts, one after the other on the default stream with the process's BLAS threads: prefill is
-        large matmuls, which BLAS threads use well (64 chats: 3.9-4.0 s this way, 4.4-4.6 s one part per
-        stream at one BLAS thread each, 2 cores). Decode steps are small and split over the streams."""
+        large matmuls, which BLAS threads use well (64 chats, 4 alternating rounds on 2 cores: 4.55-5.42 s this
+        way, 4.84-5.90 s one part per stream at one BLAS thread each). Decode steps split over the streams."""
         logits = []
         with backend.blas_threads_set(backend.blas_threads()):
             for p in self.parts:

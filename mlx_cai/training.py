@@ -650,13 +650,13 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
     """Run optimizer steps pos.step+1 .. cfg.iters, checkpointing and reporting as configured.
 
     `get_batch(k)` returns the arrays of this process's share of training batch k (`local_batch`; all of it in
-    one process), or a list of them for slices of it, which run on parallel CPU streams and are combined with
-    `combine_parts` (the same step up to float rounding); `loss_fn(model, *batch)` returns a scalar loss and a dict of scalar metrics (`tokens`:
-    non-padding tokens, `sequences` and `examples` are summed, the rest averaged per step). The loss is a mean
-    over the metric `mean_over` (SFT: `loss_tokens`, DPO: `examples`): with several processes each share's
-    gradient is weighted by it, so the step is the one-process step on the whole batch. Each step is appended to
-    OUT/metrics.jsonl (rank 0) and passed to `on_report` with the values of the whole batch.
-    A NaN/inf loss raises NonFiniteLoss before anything is saved, so the last checkpoint stays good.
+    one process), or a list of them for slices of it, which run on parallel CPU streams and are combined by
+    `combine_parts` (the same step up to float rounding). `loss_fn(model, *batch)` returns a scalar loss and
+    a dict of scalar metrics (`tokens`: non-padding tokens, `sequences` and `examples` are summed, the rest
+    averaged per step). The loss is a mean over the metric `mean_over` (SFT: `loss_tokens`, DPO: `examples`):
+    with several processes each share's gradient is weighted by it, so the step is the one-process step on
+    the whole batch. Each step is appended to OUT/metrics.jsonl (rank 0) and passed to `on_report` with the
+    values of the whole batch. A NaN/inf loss raises NonFiniteLoss before anything is saved, so the last checkpoint stays good.
     """
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
@@ -694,7 +694,6 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
 
     # A batch in slices (local_batch with parts > 1): each slice's loss and gradient on its own CPU stream
     # (a compiled graph keeps the stream it was traced on: one compiled function per stream), then combined.
-    streams: list = []
     part_steps: list = []
 
     def part_step(i: int):
@@ -706,9 +705,8 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
                 tie = mx.stop_gradient(loss) * 0
                 return loss, {k: v + tie.astype(v.dtype) for k, v in metrics.items()}, grad
 
-            streams.append(mx.new_stream(mx.cpu))
             part_steps.append(mx.compile(grads, inputs=state, outputs=state))
-        return streams[i], part_steps[i]
+        return backend.cpu_stream(i), part_steps[i]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def combine_step(results, keep, prev_grad, do_update):

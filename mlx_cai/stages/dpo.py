@@ -238,8 +238,8 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
     # One compiled forward per CPU stream (a compiled graph keeps the stream it was traced on); the weights do
     # not change during this pass. Each batch runs as strided slices on parallel streams, as in training.
     n = T.train_streams()
-    forwards = [(mx.new_stream(mx.cpu) if n > 1 else None, mx.compile(partial(T.answer_logps, model)))
-                for _ in range(n)]
+    forwards = [(backend.cpu_stream(i) if n > 1 else None, mx.compile(partial(T.answer_logps, model)))
+                for i in range(n)]
     with records.writer(path, D.is_main()) as writer:
         for batch, rows in D.map_chunks(todo, batch_size, partial(_reference_rows, forwards)):
             for row in rows:
