@@ -238,16 +238,19 @@ def test_grad_checkpoint_trains_the_same_adapter(tiny_gguf, tmp_path):
         type(m1.layers[0]).__name__  # only the checkpointed model's blocks changed class
 
 
-def test_a_batch_split_over_two_cpu_streams_takes_the_one_stream_step(tiny_gguf, tmp_path, monkeypatch):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_batch_split_over_two_cpu_streams_takes_the_one_stream_step(tiny_gguf, tmp_path, monkeypatch, accum):
     """MLX_CAI_TRAIN_STREAMS=2 runs each batch as two slices on two CPU streams and combines them
-    (training.combine_parts): the same adapter and per-step metrics as one stream, up to float rounding."""
+    (training.combine_parts): the same adapter and per-step metrics as one stream, up to float rounding,
+    also when a step accumulates the gradients of several batches."""
     calls = []
     combine = T.combine_parts
     monkeypatch.setattr(T, "combine_parts", lambda results, over: calls.append(len(results)) or combine(results, over))
     runs = {}
     for n in ("1", "2"):
         monkeypatch.setenv("MLX_CAI_TRAIN_STREAMS", n)
-        runs[n] = sft.run(config(tiny_gguf, tmp_path / n, iters=4, batch_size=4, steps_per_eval=4, steps_per_save=4))
+        runs[n] = sft.run(config(tiny_gguf, tmp_path / n, iters=4, batch_size=4, steps_per_eval=4, steps_per_save=4,
+                                 grad_accumulation=accum))
     assert calls and set(calls) == {2}  # traced once per batch shape, on the two-stream run only
     a, b = adapter_weights(runs["1"]), adapter_weights(runs["2"])
     assert any(mx.abs(v).max().item() > 0 for k, v in a.items() if k.endswith("lora_b"))  # it trained
