@@ -336,7 +336,9 @@ def train_streams() -> int:
     2.14-2.15 s in one). 1 elsewhere (Metal, CUDA). MLX_CAI_TRAIN_STREAMS=N overrides."""
     forced = os.environ.get("MLX_CAI_TRAIN_STREAMS")
     if forced:
-        return max(1, int(forced))
+        if not forced.isdigit() or int(forced) < 1:
+            raise TrainingError(f"MLX_CAI_TRAIN_STREAMS must be a whole number >= 1, got {forced!r}")
+        return int(forced)
     return backend.blas_threads() if mx.default_device() == mx.cpu else 1
 
 

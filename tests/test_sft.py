@@ -277,6 +277,14 @@ def test_combine_parts_weighs_slices_by_what_their_loss_is_a_mean_over():
     assert grad["w"].tolist() == pytest.approx([(1 + 12) / 4, (2 + 24) / 4])
 
 
+def test_a_bad_train_streams_setting_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("MLX_CAI_TRAIN_STREAMS", "two")
+    with pytest.raises(T.TrainingError, match="MLX_CAI_TRAIN_STREAMS must be a whole number >= 1, got 'two'"):
+        T.train_streams()
+    monkeypatch.setenv("MLX_CAI_TRAIN_STREAMS", "3")
+    assert T.train_streams() == 3
+
+
 def test_local_batch_slices_mirror_the_process_shares():
     build = tuple
     assert T.local_batch([7, 3, 5, 1], build, parts=2) == [(7, 5), (3, 1)]  # what 2 processes would get
