@@ -259,7 +259,7 @@ class FastRunner:
 
     With `streams` > 1 the rows are split into that many parts, each run on its own MLX CPU stream (its own
     thread): MLX's CPU ops other than BLAS are single-threaded, so one stream leaves the other cores idle
-    during norms, rope, softmax and the gate. Use with one BLAS thread per stream (backend.blas_threads_set).
+    during norms, rope, softmax and the gate. Use with the BLAS threads shared out (backend.blas_threads_per).
     """
 
     def __init__(self, fast: FastLlama, prompts: list[list[int]], max_tokens: int, streams: int = 1):

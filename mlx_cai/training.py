@@ -325,8 +325,13 @@ def local_batch(rows: list[int], build: Callable[[list[int]], tuple], parts: int
         return Padding(build(rows[:1]))
     if parts <= 1 or len(mine) < 2:
         return build(mine)
-    n = min(parts, len(mine))
-    return [build(mine[i::n]) for i in range(n)]
+    return [build(s) for s in strided(mine, parts)]
+
+
+def strided(xs: list, parts: int) -> list[list]:
+    """Up to `parts` strided slices of `xs` (xs[i::n]), like the shares of n processes (`D.shard`)."""
+    n = max(1, min(parts, len(xs)))
+    return [xs[i::n] for i in range(n)]
 
 
 def train_streams() -> int:

@@ -251,13 +251,12 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
 
 
 def _reference_rows(forwards: list, batch: list[TokenPair]) -> list[dict]:
-    k = min(len(forwards), len(batch))
-    slices = [batch[i::k] for i in range(k)]
+    slices = T.strided(batch, len(forwards))
     outs = []
     for (stream, forward), part in zip(forwards, slices):
         with mx.stream(stream) if stream is not None else contextlib.nullcontext():
             outs.append(forward(*pair_batch(part)))
-    with backend.blas_threads_per(k):
+    with backend.blas_threads_per(len(slices)):
         mx.eval(outs)
     rows = {}
     for part, (logps, n) in zip(slices, outs):
