@@ -187,7 +187,7 @@ def generate_iter(model, tokenizer, conversations: Sequence[Conversation], confi
     encoded = [fit_context(encode(tokenizer, c), limit, cfg.context_policy) for c in conversations]
     eos = set(getattr(tokenizer, "eos_token_ids", None) or {tokenizer.eos_token_id})
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    fast = FastLlama.build(model) if use_fast else None
+    fast = FastLlama.for_model(model) if use_fast else None
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         prompts = [encoded[i][0] for i in idx]

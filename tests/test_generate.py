@@ -114,6 +114,28 @@ def test_compiled_fast_path_equals_generic_mlx_lm_path(tiny):
     assert [g.tokens for g in fast] == [g.tokens for g in generic]
 
 
+def test_fast_path_is_kept_per_model_until_its_weights_change(tiny):
+    model, tok = tiny
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from mlx_cai.fastllama import FastLlama
+
+    cfg = SamplingConfig(max_tokens=8)
+    first = FastLlama.for_model(model)
+    generate(model, tok, convs(PROMPTS), cfg, batch_size=4)
+    assert FastLlama.for_model(model) is first  # generate reused it, compiled steps included
+    assert first._steps
+    name, w = next((k, v) for k, v in tree_flatten(model.parameters()) if k.endswith("mlp.down_proj.weight"))
+    model.update(tree_unflatten([(name, w * -3.0)]))
+    try:
+        assert FastLlama.for_model(model) is not first
+        fast = generate(model, tok, convs(PROMPTS), cfg, batch_size=4)
+        generic = generate(model, tok, convs(PROMPTS), cfg, batch_size=4, use_fast=False)
+        assert [g.tokens for g in fast] == [g.tokens for g in generic]  # the new weights, not the kept ones
+    finally:
+        model.update(tree_unflatten([(name, w)]))
+
+
 def test_fast_path_folds_lora_adapters(tiny):
     model, tok = tiny
     from mlx_lm.tuner.utils import linear_to_lora_layers
