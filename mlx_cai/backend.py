@@ -106,6 +106,14 @@ def blas_threads_set(n: int):
         _threads_now = before
 
 
+def cpu_threads() -> int:
+    """Threads the CPU work being set up now may use: the BLAS threads in effect (blas_threads_set's, else the
+    import-time choice), so kernels on parallel streams share the cores as BLAS does."""
+    if _BLAS_LIB is None:
+        return max(1, os.cpu_count() or 1)
+    return _threads_now or blas_threads()
+
+
 def blas_threads_per(streams: int):
     """blas_threads_set for work split over `streams` parallel MLX CPU streams: the process's BLAS threads
     shared out between them (one each on 2 cores), or nothing to change for one stream."""

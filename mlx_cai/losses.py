@@ -23,6 +23,8 @@ from typing import Callable
 
 import mlx.core as mx
 
+from mlx_cai import kernels
+
 
 def log_sigmoid(x: mx.array) -> mx.array:
     """Numerically stable ``log(sigmoid(x)) = -log(1 + exp(-x))``, elementwise."""
@@ -142,8 +144,8 @@ def sequence_logps(
     logits = logits.astype(mx.float32)
     # Masked-out targets may be ignore ids (e.g. -100); any valid id works there.
     targets = mx.where(mask.astype(mx.bool_), targets, 0)
-    target_logits = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    # logit[target] - logsumexp avoids materializing a full (B, T, V) log-softmax.
-    token_logps = target_logits - mx.logsumexp(logits, axis=-1)
+    # logit[target] - logsumexp avoids materializing a full (B, T, V) log-softmax (one fused CPU kernel).
+    token_logps = kernels.token_logprobs(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    token_logps = token_logps.reshape(targets.shape)
     m = mask.astype(mx.float32)
     return mx.sum(token_logps * m, axis=-1), mx.sum(m, axis=-1)

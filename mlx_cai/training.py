@@ -41,6 +41,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlx_cai import distributed as D
 from mlx_cai import fastmath
+from mlx_cai import kernels
 from mlx_cai import records
 from mlx_cai.losses import sequence_logps
 
@@ -270,9 +271,8 @@ def answer_logps(model, tokens: mx.array, lengths: mx.array, positions: mx.array
         return sequence_logps(model(tokens[:, :-1]), targets, completion_mask(lengths, targets.shape[1]))
     backbone, head = parts
     hidden = backbone(tokens[:, :-1])
-    logits = head(hidden.reshape(-1, hidden.shape[-1])[positions]).astype(mx.float32)  # (K, V)
-    picked = mx.take_along_axis(logits, targets.reshape(-1)[positions][:, None], axis=-1)[:, 0]
-    token_logps = picked - mx.logsumexp(logits, axis=-1)  # (K,)
+    logits = head(hidden.reshape(-1, hidden.shape[-1])[positions])  # (K, V)
+    token_logps = kernels.token_logprobs(logits, targets.reshape(-1)[positions])  # (K,)
     onehot = (rows[None, :] == mx.arange(tokens.shape[0])[:, None]).astype(mx.float32)  # (B, K)
     return onehot @ token_logps, onehot.sum(axis=-1)
 

@@ -97,6 +97,7 @@ def test_info_reports_blas_and_device():
     r = runner.invoke(app, ["info"])
     assert r.exit_code == 0, r.output
     assert "OpenBLAS" in r.output and "GFLOP/s" in r.output and "cpu" in r.output
+    assert "cpu kernels" in r.output
 
 
 def test_local_mlx_folder_and_offline_hub_spec(tiny_gguf, monkeypatch):

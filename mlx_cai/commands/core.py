@@ -19,7 +19,7 @@ def info() -> None:
     the cache folder and the cached models."""
     import platform
 
-    from mlx_cai import backend, models, ui
+    from mlx_cai import backend, kernels, models, ui
 
     import mlx.core as mx
 
@@ -28,6 +28,7 @@ def info() -> None:
         ["mlx", getattr(mx, "__version__", "?")],
         ["device", backend.default_device()],
         ["blas", backend.blas_library()],
+        ["cpu kernels", kernels.status()],
         ["matmul f32 1024^3", f"{backend.matmul_gflops():.1f} GFLOP/s"],
         ["memory", backend.memory_summary()],
         ["cache dir", str(backend.cache_dir())],

@@ -1,0 +1,14 @@
+// Python bindings of mlx-cai's CPU kernels (module mlx_cai._kernels). Arrays cross as mlx.core.array:
+// built with nanobind's "mlx" domain and the same nanobind ABI as mlx.core.
+#include <nanobind/nanobind.h>
+
+#include "kernels.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_kernels, m) {
+  m.doc() = "mlx-cai's fused CPU kernels (MLX primitives)";
+  m.def("token_logprobs", &mlx_cai::token_logprobs, "logits"_a, "targets"_a, "threads"_a = 1,
+        "logits[k, targets[k]] - logsumexp(logits[k]) for logits (K, V) and targets (K,); CPU only.");
+}

@@ -1,0 +1,51 @@
+"""mlx-cai's fused CPU kernels, with pure-MLX fallbacks that compute the same thing.
+
+The kernels are MLX primitives written in C++ (`csrc/`), built on Linux by `make setup`
+(scripts/build-kernels.sh) into `mlx_cai/_kernels*.so` for the machine that runs them. They are used when
+that module imports, the default device is the CPU and MLX_CAI_KERNELS is not "0"; otherwise (a Mac's GPU,
+CUDA, a failed build) the MLX-op fallbacks run. Both paths are tested against each other.
+
+- `token_logprobs(logits (K, V), targets (K,))`: log p(target) per row, i.e. logits[k, t_k] - logsumexp(row).
+  One kernel forward and one backward instead of MLX's logsumexp, its exp-heavy gradient and the gather:
+  over (352, 49152) float32 on one thread 52 ms vs 206 ms forward, 131 vs 285 ms forward + backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mlx_cai import backend
+
+import mlx.core as mx
+
+try:
+    from mlx_cai import _kernels as _ext
+
+    # Arrays cross only if the module was built with mlx.core's nanobind ABI (building a graph suffices).
+    _ext.token_logprobs(mx.zeros((1, 2)), mx.zeros((1,), mx.int32), 1)
+    _ERROR: str | None = None
+except (ImportError, TypeError) as e:  # not built (macOS, no compiler), or built against another MLX
+    _ext, _ERROR = None, f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def enabled() -> bool:
+    """Whether the C++ kernels run for work traced now."""
+    return _ext is not None and os.environ.get("MLX_CAI_KERNELS", "1") != "0" and mx.default_device() == mx.cpu
+
+
+def status() -> str:
+    """One line for `mlx-cai info`."""
+    if _ext is None:
+        return f"not built ({_ERROR}); MLX ops instead (make setup builds them on Linux)"
+    if os.environ.get("MLX_CAI_KERNELS", "1") == "0":
+        return "built, off (MLX_CAI_KERNELS=0)"
+    return "built" + ("" if mx.default_device() == mx.cpu else ", unused on this device (CPU only)")
+
+
+def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
+    """(K,) float32 log-softmax of `logits` (K, V) at `targets` (K,) ints, differentiable in `logits`."""
+    if enabled():
+        return _ext.token_logprobs(logits, targets, backend.cpu_threads())
+    logits = logits.astype(mx.float32)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return picked - mx.logsumexp(logits, axis=-1)

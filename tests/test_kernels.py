@@ -1,0 +1,96 @@
+"""The fused C++ CPU kernels (mlx_cai.kernels) against the MLX ops they replace."""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_cai import backend, kernels
+
+built = pytest.mark.skipif(kernels._ext is None, reason=f"kernels not built: {kernels._ERROR}")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the CPU kernels are built on Linux only")
+def test_kernels_are_built_and_used_on_linux():
+    # make setup builds them; if this fails, scripts/build-kernels.sh printed why (build/kernels.log).
+    assert kernels._ext is not None, kernels._ERROR
+    assert kernels.enabled()
+
+
+def reference(logits, targets):
+    logits = logits.astype(mx.float32)
+    return mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+
+
+def awkward_logits(K=37, V=1003, seed=0):
+    """Rows of very different scales, a vocabulary that is no multiple of a vector width, masked entries."""
+    x = mx.random.normal((K, V), key=mx.random.key(seed)) * mx.linspace(0.1, 60.0, K)[:, None]
+    x = mx.where(mx.arange(V)[None, :] % 97 == 5, -mx.inf, x)  # e.g. banned tokens
+    t = mx.random.randint(0, V, (K,), key=mx.random.key(seed + 1)).astype(mx.int32)
+    return x, mx.where(t % 97 == 5, t + 1, t)  # targets never on a masked entry
+
+
+@built
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_token_logprobs_forward_matches_logsumexp(threads):
+    x, t = awkward_logits()
+    got = kernels._ext.token_logprobs(x, t, threads)
+    want = reference(x, t)
+    assert got.shape == (37,) and got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-6, atol=2e-5)
+
+
+@built
+def test_token_logprobs_takes_other_dtypes_and_layouts():
+    x, t = awkward_logits()
+    xt = x.T.astype(mx.float16).T  # a transposed (non-contiguous) half-precision view
+    got = kernels._ext.token_logprobs(xt, t.astype(mx.int64), 2)
+    np.testing.assert_allclose(np.array(got), np.array(reference(xt, t)), rtol=1e-5, atol=1e-4)
+
+
+@built
+@pytest.mark.parametrize("threads", [1, 2])
+def test_token_logprobs_gradient_matches_mlx(threads):
+    x, t = awkward_logits()
+    w = mx.random.normal((x.shape[0],), key=mx.random.key(7))
+
+    def loss(fn):
+        return lambda x: (w * fn(x)).sum()
+
+    # rtol: rows here reach |logit| ~200, where float32 rounding of x - logsumexp is ~1e-5 relative in
+    # exp(x - logsumexp) for both implementations.
+    want = mx.grad(loss(lambda x: reference(x, t)))(x)
+    got = mx.grad(loss(lambda x: kernels._ext.token_logprobs(x, t, threads)))(x)
+    compiled = mx.compile(mx.grad(loss(lambda x: kernels._ext.token_logprobs(x, t, threads))))(x)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=3e-5, atol=2e-6)
+    np.testing.assert_array_equal(np.array(compiled), np.array(got))
+    assert np.isfinite(np.array(got)).all()  # masked (-inf) logits get a zero gradient, not NaN
+
+
+@built
+def test_token_logprobs_runs_on_another_cpu_stream_inside_compile():
+    """Training traces it on extra CPU streams (training.train's slices)."""
+    x, t = awkward_logits()
+    with mx.stream(backend.cpu_stream(1)):
+        got = mx.compile(lambda x: mx.grad(lambda y: kernels._ext.token_logprobs(y, t, 1).sum())(x))(x)
+        mx.eval(got)
+    want = mx.grad(lambda y: reference(y, t).sum())(x)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=3e-5, atol=2e-6)
+
+
+def test_switch_off_uses_the_mlx_ops(monkeypatch):
+    x, t = awkward_logits(K=5, V=64)
+    monkeypatch.setenv("MLX_CAI_KERNELS", "0")
+    assert not kernels.enabled()
+    assert "off" in kernels.status() or kernels._ext is None
+    np.testing.assert_allclose(np.array(kernels.token_logprobs(x, t)), np.array(reference(x, t)), rtol=1e-6)
+
+
+def test_bad_shapes_are_one_clear_error():
+    if kernels._ext is None:
+        pytest.skip("kernels not built")
+    with pytest.raises(ValueError, match="logits \\(K, V\\) and targets \\(K,\\)"):
+        kernels._ext.token_logprobs(mx.zeros((2, 3, 4)), mx.zeros((2,), mx.int32), 1)
