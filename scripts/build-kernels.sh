@@ -17,6 +17,7 @@ if ! command -v cmake >/dev/null 2>&1; then
   CMAKE="$(dirname "$PY")/cmake"
 fi
 BUILD="$ROOT/build/kernels"
+mkdir -p "$ROOT/build"
 "$CMAKE" -S "$ROOT/csrc" -B "$BUILD" -DPython_EXECUTABLE="$("$PY" -c 'import sys; print(sys.executable)')" \
   -DCMAKE_BUILD_TYPE=Release >"$BUILD.log" 2>&1 || warn "cmake configure failed, see $BUILD.log"
 "$CMAKE" --build "$BUILD" -j "$(nproc 2>/dev/null || echo 2)" >>"$BUILD.log" 2>&1 || warn "compile failed, see $BUILD.log"
