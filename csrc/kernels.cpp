@@ -198,6 +198,123 @@ class TokenLogprobs : public Primitive {
   int threads_;
 };
 
+// Row i of a (rows, S) view of (..., T, S) scores is query t = i % T; causal: slots s <= t + S - T.
+inline int64_t row_limit(int64_t i, int64_t T, int64_t S, bool causal) {
+  return causal ? std::min<int64_t>(S, i % T + S - T + 1) : S;
+}
+
+void softmax_impl(const float* x, float* p, int64_t rows, int64_t T, int64_t S, float scale, bool causal,
+                  int threads) {
+  parallel_rows(rows, threads, [=](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const float* xr = x + i * S;
+      float* pr = p + i * S;
+      int64_t n = row_limit(i, T, S, causal);
+      if (n <= 0) {
+        std::fill(pr, pr + S, 0.0f);
+        continue;
+      }
+      float m = row_max(xr, n) * scale;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t s = 0; s < n; ++s) {
+        float e = exp_poly(xr[s] * scale - m);
+        pr[s] = e;
+        sum += e;
+      }
+      float inv = 1.0f / sum;
+#pragma omp simd
+      for (int64_t s = 0; s < n; ++s) pr[s] *= inv;
+      std::fill(pr + n, pr + S, 0.0f);
+    }
+  });
+}
+
+// d scores = scale * p * (g - sum(g * p)) per row (zero where p is masked).
+void softmax_vjp_impl(const float* p, const float* g, float* out, int64_t rows, int64_t T, int64_t S, float scale,
+                      bool causal, int threads) {
+  parallel_rows(rows, threads, [=](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const float *pr = p + i * S, *gr = g + i * S;
+      float* o = out + i * S;
+      int64_t n = std::max<int64_t>(0, row_limit(i, T, S, causal));
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t s = 0; s < n; ++s) dot += pr[s] * gr[s];
+#pragma omp simd
+      for (int64_t s = 0; s < n; ++s) o[s] = scale * pr[s] * (gr[s] - dot);
+      std::fill(o + n, o + S, 0.0f);
+    }
+  });
+}
+
+class AttentionSoftmaxVJP : public UnaryPrimitive {
+ public:
+  AttentionSoftmaxVJP(Stream s, float scale, bool causal, int threads)
+      : UnaryPrimitive(s), scale_(scale), causal_(causal), threads_(threads) {}
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    check_cpu_layout(in[0], "attention_softmax vjp: p");
+    check_cpu_layout(in[1], "attention_softmax vjp: cotangent");
+    out.set_data(allocator::malloc(out.nbytes()));
+    auto& enc = cpu::get_command_encoder(stream());
+    enc.set_input_array(in[0]);
+    enc.set_output_array(out);
+    enc.dispatch([p = array::unsafe_weak_copy(in[0]), g = array::unsafe_weak_copy(in[1]),
+                  out = array::unsafe_weak_copy(out), scale = scale_, causal = causal_, n = threads_]() mutable {
+      int64_t S = p.shape(-1), T = p.ndim() > 1 ? p.shape(-2) : 1;
+      softmax_vjp_impl(p.data<float>(), g.data<float>(), out.data<float>(), p.size() / S, T, S, scale, causal, n);
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("mlx_cai kernels run on the CPU only");
+  }
+  const char* name() const override { return "AttentionSoftmaxVJP"; }
+
+ private:
+  float scale_;
+  bool causal_;
+  int threads_;
+};
+
+class AttentionSoftmax : public UnaryPrimitive {
+ public:
+  AttentionSoftmax(Stream s, float scale, bool causal, int threads)
+      : UnaryPrimitive(s), scale_(scale), causal_(causal), threads_(threads) {}
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    check_cpu_layout(in[0], "attention_softmax: scores");
+    out.set_data(allocator::malloc(out.nbytes()));
+    auto& enc = cpu::get_command_encoder(stream());
+    enc.set_input_array(in[0]);
+    enc.set_output_array(out);
+    enc.dispatch([x = array::unsafe_weak_copy(in[0]), out = array::unsafe_weak_copy(out), scale = scale_,
+                  causal = causal_, n = threads_]() mutable {
+      int64_t S = x.shape(-1), T = x.ndim() > 1 ? x.shape(-2) : 1;
+      softmax_impl(x.data<float>(), out.data<float>(), x.size() / S, T, S, scale, causal, n);
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("mlx_cai kernels run on the CPU only");
+  }
+  std::vector<array> vjp(const std::vector<array>& primals, const std::vector<array>& cotangents,
+                         const std::vector<int>& argnums, const std::vector<array>& outputs) override {
+    auto s = stream();
+    array g = contiguous(astype(cotangents[0], float32, s), false, s);
+    return {array(primals[0].shape(), float32, std::make_shared<AttentionSoftmaxVJP>(s, scale_, causal_, threads_),
+                  {outputs[0], g})};
+  }
+  std::vector<Shape> output_shapes(const std::vector<array>& in) override { return {in[0].shape()}; }
+  const char* name() const override { return "AttentionSoftmax"; }
+  bool is_equivalent(const Primitive& other) const override {
+    auto& o = static_cast<const AttentionSoftmax&>(other);
+    return scale_ == o.scale_ && causal_ == o.causal_ && threads_ == o.threads_;
+  }
+
+ private:
+  float scale_;
+  bool causal_;
+  int threads_;
+};
+
 }  // namespace
 
 array token_logprobs(const array& logits, const array& targets, int threads) {
@@ -210,6 +327,15 @@ array token_logprobs(const array& logits, const array& targets, int threads) {
   auto outs = array::make_arrays({Shape{x.shape(0)}, Shape{x.shape(0)}}, {float32, float32},
                                  std::make_shared<TokenLogprobs>(s, std::max(1, threads)), {x, t});
   return outs[0];
+}
+
+array attention_softmax(const array& scores, float scale, bool causal, int threads) {
+  if (scores.ndim() < 1 || (causal && scores.ndim() < 2)) {
+    throw std::invalid_argument("attention_softmax: expected scores (..., T, S)");
+  }
+  auto s = to_stream(StreamOrDevice{});
+  array x = contiguous(astype(scores, float32, s), false, s);
+  return array(x.shape(), float32, std::make_shared<AttentionSoftmax>(s, scale, causal, std::max(1, threads)), {x});
 }
 
 }  // namespace mlx_cai

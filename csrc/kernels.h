@@ -12,4 +12,9 @@ using mlx::core::array;
 // logits (K, V) float32, targets (K,) integer -> (K,) float32. Differentiable in logits.
 array token_logprobs(const array& logits, const array& targets, int threads);
 
+// Softmax over the last axis of scale * scores, with an optional causal mask: in a (..., T, S) array the
+// query row t attends to slots s <= t + S - T (the queries are the last T positions). -> float32, same shape.
+// Differentiable in scores.
+array attention_softmax(const array& scores, float scale, bool causal, int threads);
+
 }  // namespace mlx_cai

@@ -19,6 +19,8 @@ from mlx_cai import backend  # noqa: F401  (BLAS before mlx.core)
 
 import mlx.core as mx
 
+from mlx_cai import kernels
+
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693359375  # ln 2 split so that n * _LN2_HI is exact for |n| < 2**9
 _LN2_LO = -2.12194440e-4
@@ -85,6 +87,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     B, H, T, D = q.shape
     KVH, S = k.shape[1], k.shape[2]
     rep = H // KVH
+    if kernels.enabled() and (mask is None or (isinstance(mask, str) and mask == "causal")):  # fused C++ softmax
+        scores = (q.reshape(B, KVH, rep * T, D) @ k.swapaxes(-1, -2)).reshape(B, KVH, rep, T, S)
+        p = kernels.attention_softmax(scores, scale, causal=mask is not None).astype(v.dtype)
+        return (p.reshape(B, KVH, rep * T, S) @ v).reshape(B, H, T, D)
     scores = ((q * scale).reshape(B, KVH, rep * T, D) @ k.swapaxes(-1, -2)).reshape(B, KVH, rep, T, S)
     if isinstance(mask, str):  # "causal": query t sits at key position t + S - T
         keep = mx.arange(S)[None, :] <= (mx.arange(T) + (S - T))[:, None]

@@ -94,3 +94,47 @@ def test_bad_shapes_are_one_clear_error():
         pytest.skip("kernels not built")
     with pytest.raises(ValueError, match="logits \\(K, V\\) and targets \\(K,\\)"):
         kernels._ext.token_logprobs(mx.zeros((2, 3, 4)), mx.zeros((2,), mx.int32), 1)
+
+
+def softmax_reference(x, scale, causal):
+    x = x.astype(mx.float32) * scale
+    if causal:
+        T, S = x.shape[-2:]
+        x = mx.where(mx.arange(S)[None, :] <= (mx.arange(T) + (S - T))[:, None], x, -mx.inf)
+    return mx.softmax(x, axis=-1, precise=True)
+
+
+@built
+@pytest.mark.parametrize("causal,T,S,threads", [(True, 7, 7, 1), (True, 5, 13, 2), (False, 6, 11, 3)])
+def test_attention_softmax_and_gradient_match_mlx(causal, T, S, threads):
+    x = mx.random.normal((2, 3, 2, T, S), key=mx.random.key(3)) * 4
+    g = mx.random.normal(x.shape, key=mx.random.key(4))
+    got = kernels._ext.attention_softmax(x, 0.3, causal, threads)
+    np.testing.assert_allclose(np.array(got), np.array(softmax_reference(x, 0.3, causal)), rtol=1e-5, atol=1e-7)
+    if causal:  # the masked slots are exactly zero
+        upper = np.triu(np.ones((T, S), bool), k=S - T + 1)
+        assert (np.array(got)[..., upper] == 0).all()
+    want = mx.grad(lambda x: (g * softmax_reference(x, 0.3, causal)).sum())(x)
+    grad = mx.grad(lambda x: (g * kernels._ext.attention_softmax(x, 0.3, causal, threads)).sum())(x)
+    np.testing.assert_allclose(np.array(grad), np.array(want), rtol=1e-4, atol=1e-6)
+
+
+@built
+def test_training_attention_with_the_kernel_matches_mlx_sdpa():
+    """fastmath.attention (what mlx-lm's llama runs in training, mlx_lm_cpu_ops) against MLX's own attention,
+    values and gradients, with grouped K/V heads."""
+    from mlx_cai import fastmath
+
+    q = mx.random.normal((2, 6, 9, 16), key=mx.random.key(5))
+    k = mx.random.normal((2, 2, 9, 16), key=mx.random.key(6))
+    v = mx.random.normal((2, 2, 9, 16), key=mx.random.key(7))
+
+    def loss(attn):
+        return lambda q, k, v: (attn(q, k, v) ** 2).sum()
+
+    ours = lambda q, k, v: fastmath.attention(q, k, v, 0.25, "causal")  # noqa: E731
+    mlx = lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")  # noqa: E731
+    assert kernels.enabled()
+    np.testing.assert_allclose(np.array(ours(q, k, v)), np.array(mlx(q, k, v)), rtol=1e-5, atol=1e-5)
+    for a, b in zip(mx.grad(loss(ours), argnums=(0, 1, 2))(q, k, v), mx.grad(loss(mlx), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
