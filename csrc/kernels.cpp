@@ -60,10 +60,11 @@ float row_sum_exp(const float* x, int64_t n, float shift) {
   return s;
 }
 
-// Run f(first_row, end_row) over [0, rows) on `threads` threads (the calling thread takes the first part).
+// Run f(first_row, end_row) over [0, rows) on up to `threads` threads (the calling thread takes the first
+// part), giving each at least `grain` rows: a thread start (~20-50 us) must pay for itself.
 template <typename F>
-void parallel_rows(int64_t rows, int threads, F f) {
-  int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows)));
+void parallel_rows(int64_t rows, int threads, F f, int64_t grain = 1) {
+  int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / std::max<int64_t>(grain, 1))));
   if (t == 1) {
     f(int64_t{0}, rows);
     return;
@@ -227,7 +228,7 @@ void softmax_impl(const float* x, float* p, int64_t rows, int64_t T, int64_t S, 
       for (int64_t s = 0; s < n; ++s) pr[s] *= inv;
       std::fill(pr + n, pr + S, 0.0f);
     }
-  });
+  }, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(S, 1)));
 }
 
 // d scores = scale * p * (g - sum(g * p)) per row (zero where p is masked).
@@ -245,7 +246,7 @@ void softmax_vjp_impl(const float* p, const float* g, float* out, int64_t rows, 
       for (int64_t s = 0; s < n; ++s) o[s] = scale * pr[s] * (gr[s] - dot);
       std::fill(o + n, o + S, 0.0f);
     }
-  });
+  }, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(S, 1)));
 }
 
 class AttentionSoftmaxVJP : public UnaryPrimitive {
