@@ -225,6 +225,8 @@ def trl_worker(spec_path: str) -> None:
     model_dir = trl_model_dir(work, Path(spec["gguf"]))
     out = {}
     for name, fn, data in (("trl_sft", trl_sft, spec["chats"]), ("trl_dpo", trl_dpo, spec["pairs"])):
+        if name[4:] not in spec["parts"]:
+            continue
         load = os.getloadavg()[0]
         out[name] = {**fn(data, args, work, model_dir), "load": load}
     print("RESULT " + json.dumps(out), flush=True)
@@ -238,7 +240,7 @@ def run_trl_worker(chats, pairs, args, work: Path) -> dict:
     spec = work / "trl-spec.json"
     keys = ("threads", "batch", "steps", "rank", "layers")
     spec.write_text(json.dumps({"args": {k: getattr(args, k) for k in keys}, "work": str(work), "chats": chats,
-                                "pairs": pairs, "gguf": str(models.embedded_gguf())}))
+                                "pairs": pairs, "gguf": str(models.embedded_gguf()), "parts": sorted(args.parts)}))
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     proc = subprocess.run([sys.executable, __file__, "--trl-worker", str(spec)], stdout=subprocess.PIPE, text=True,
                           env=env)
@@ -279,10 +281,14 @@ def main() -> None:
     ap.add_argument("--threads", default="match", help="torch threads: a number, or 'match' (default) = the "
                     "OpenBLAS thread count mlx_cai.backend chose")
     ap.add_argument("--engines", default="mlx,trl", help="mlx, trl or both")
+    ap.add_argument("--parts", default="sft,dpo", help="sft, dpo or both (default both; --write needs both)")
     ap.add_argument("--write", action="store_true", help="write/replace the section in BENCHMARKS.md")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
     engines = {e.strip() for e in args.engines.split(",")}
+    args.parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if args.write and args.parts != {"sft", "dpo"}:
+        sys.exit("--write replaces the whole section: run with --parts sft,dpo")
     blas_threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1)
     args.threads = blas_threads if args.threads == "match" else int(args.threads)
     chats, pairs = make_data(args.examples)
@@ -298,7 +304,7 @@ def main() -> None:
                   f" (load {loads[-1]:.1f})", flush=True)
 
         # Engines alternate so load from other processes falls on both alike.
-        if "mlx" in engines:
+        if "mlx" in engines and "sft" in args.parts:
             step("mlx_sft", mlx_sft, chats, args, work)
         if "trl" in engines:
             for name, r in run_trl_worker(chats, pairs, args, work).items():
@@ -306,7 +312,7 @@ def main() -> None:
                 res[name] = r
                 print(f"{name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})}"
                       f" (load {loads[-1]:.1f}, worker process)", flush=True)
-        if "mlx" in engines:
+        if "mlx" in engines and "dpo" in args.parts:
             step("mlx_dpo", mlx_dpo, pairs, args, work, args.batch, args.steps, "mlx-dpo")
             step("mlx_dpo_half", mlx_dpo, pairs, args, work, max(args.batch // 2, 1), max(args.steps // 4, 2),
                  "mlx-dpo-half")
