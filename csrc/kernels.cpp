@@ -316,6 +316,71 @@ class AttentionSoftmax : public UnaryPrimitive {
   int threads_;
 };
 
+constexpr int LIN_NB = 32;
+
+// Rows [0, MB) of y[:, n0:n0+nb] = x @ (panel of the packed weight: K x 32, contiguous), the MB x 32
+// accumulator in registers. nb < 32 for the last panel of an N that is no multiple of 32.
+template <int MB>
+inline void linear_tile(const float* x, int64_t K, const float* panel, float* y, int64_t N, int64_t nb) {
+  float acc[MB][LIN_NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < LIN_NB; ++j) acc[m][j] = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w = panel + k * LIN_NB;
+    for (int m = 0; m < MB; ++m) {
+      float xv = x[m * K + k];
+#pragma omp simd
+      for (int j = 0; j < LIN_NB; ++j) acc[m][j] += xv * w[j];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int64_t j = 0; j < nb; ++j) y[m * N + j] = acc[m][j];
+}
+
+// y (M, N) = x (M, K) @ w.T for w packed as (P, K, 32) panels (P = ceil(N / 32), zero columns past N).
+// Panels are split over threads; each panel is read once and reused by every row block from cache.
+void linear_rows_impl(const float* x, int64_t M, int64_t K, const float* packed, int64_t P, int64_t N, float* y,
+                      int threads) {
+  constexpr int MB = 6;
+  parallel_rows(P, threads, [=](int64_t a, int64_t b) {
+    for (int64_t p = a; p < b; ++p) {
+      const float* panel = packed + p * K * LIN_NB;
+      int64_t n = p * LIN_NB, nb = std::min<int64_t>(LIN_NB, N - n);
+      int64_t m = 0;
+      for (; m + MB <= M; m += MB) linear_tile<MB>(x + m * K, K, panel, y + m * N + n, N, nb);
+      for (; m < M; ++m) linear_tile<1>(x + m * K, K, panel, y + m * N + n, N, nb);
+    }
+  }, 4);
+}
+
+class LinearRows : public UnaryPrimitive {
+ public:
+  LinearRows(Stream s, int threads) : UnaryPrimitive(s), threads_(threads) {}
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    check_cpu_layout(in[0], "linear_rows: x");
+    check_cpu_layout(in[1], "linear_rows: wt");
+    out.set_data(allocator::malloc(out.nbytes()));
+    auto& enc = cpu::get_command_encoder(stream());
+    enc.set_input_array(in[0]);
+    enc.set_output_array(out);
+    enc.dispatch([x = array::unsafe_weak_copy(in[0]), wt = array::unsafe_weak_copy(in[1]),
+                  out = array::unsafe_weak_copy(out), n = threads_]() mutable {
+      int64_t P = wt.shape(0), K = wt.shape(1), N = out.shape(-1), M = x.size() / K;
+      linear_rows_impl(x.data<float>(), M, K, wt.data<float>(), P, N, out.data<float>(), n);
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("mlx_cai kernels run on the CPU only");
+  }
+  const char* name() const override { return "LinearRows"; }
+  bool is_equivalent(const Primitive& other) const override {
+    return threads_ == static_cast<const LinearRows&>(other).threads_;
+  }
+
+ private:
+  int threads_;
+};
+
 }  // namespace
 
 array token_logprobs(const array& logits, const array& targets, int threads) {
@@ -337,6 +402,19 @@ array attention_softmax(const array& scores, float scale, bool causal, int threa
   auto s = to_stream(StreamOrDevice{});
   array x = contiguous(astype(scores, float32, s), false, s);
   return array(x.shape(), float32, std::make_shared<AttentionSoftmax>(s, scale, causal, std::max(1, threads)), {x});
+}
+
+array linear_rows(const array& x, const array& packed, int n_out, int threads) {
+  if (x.ndim() < 1 || packed.ndim() != 3 || packed.shape(2) != LIN_NB || x.shape(-1) != packed.shape(1) ||
+      n_out <= 0 || n_out > packed.shape(0) * LIN_NB) {
+    throw std::invalid_argument("linear_rows: expected x (..., K) and a weight packed as (ceil(N / 32), K, 32)");
+  }
+  auto s = to_stream(StreamOrDevice{});
+  array xx = contiguous(astype(x, float32, s), false, s);
+  array ww = contiguous(astype(packed, float32, s), false, s);
+  Shape shape = x.shape();
+  shape.back() = n_out;
+  return array(shape, float32, std::make_shared<LinearRows>(s, std::max(1, threads)), {xx, ww});
 }
 
 }  // namespace mlx_cai

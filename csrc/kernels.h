@@ -17,4 +17,9 @@ array token_logprobs(const array& logits, const array& targets, int threads);
 // Differentiable in scores.
 array attention_softmax(const array& scores, float scale, bool causal, int threads);
 
+// y (..., N) = x (..., K) @ w.T for a few rows (decoding), float32, with w (N, K) packed once into (ceil(N / 32),
+// K, 32) column panels (zero past N): each panel is streamed from memory once per call. BLAS instead packs
+// the whole weight on every call, as much memory traffic as the product itself at 32 rows. No gradient.
+array linear_rows(const array& x, const array& packed, int n_out, int threads);
+
 }  // namespace mlx_cai

@@ -12,6 +12,9 @@ CUDA, a failed build) the MLX-op fallbacks run. Both paths are tested against ea
   scale, max, exp, normalize) and their gradient in one more, instead of ~25 elementwise MLX passes each way.
   Training attention (fastmath.attention) uses it: an SFT step of the training benchmark spent 0.52 s of
   2.03 s in attention before.
+- `linear_rows(x, packed, n)`: x @ w.T for the few rows of a decode step, with w packed once by `pack_weight`
+  into 32-column panels that are streamed from memory once per call (OpenBLAS packs the whole weight on every
+  call: at 32 rows that copy was a fifth of the generation benchmark's samples).
 """
 
 from __future__ import annotations
@@ -68,3 +71,25 @@ def attention_softmax(scores: mx.array, scale: float, causal: bool) -> mx.array:
         keep = mx.arange(S)[None, :] <= (mx.arange(T) + (S - T))[:, None]
         x = mx.where(keep, x, -mx.inf)
     return mx.softmax(x, axis=-1)
+
+
+PANEL = 32  # columns per panel of a packed weight (csrc/kernels.cpp LIN_NB)
+
+
+def pack_weight(w: mx.array) -> mx.array:
+    """w (N, K) as (ceil(N / 32), K, 32) float32 column panels, zero past N: the layout `linear_rows` reads."""
+    N, K = w.shape
+    P = -(-N // PANEL)
+    w = w.astype(mx.float32)
+    if P * PANEL > N:
+        w = mx.concatenate([w, mx.zeros((P * PANEL - N, K), mx.float32)])
+    return mx.contiguous(w.reshape(P, PANEL, K).transpose(0, 2, 1))
+
+
+def linear_rows(x: mx.array, packed: mx.array, n_out: int) -> mx.array:
+    """x (..., K) @ w.T, float32, for w (n_out, K) packed by `pack_weight` (inference: no gradient)."""
+    if enabled():
+        return _ext.linear_rows(x, packed, n_out, backend.cpu_threads())
+    P, K, _ = packed.shape
+    w = packed.transpose(0, 2, 1).reshape(P * PANEL, K)[:n_out]
+    return x.astype(mx.float32) @ w.T

@@ -140,3 +140,36 @@ def test_training_attention_with_the_kernel_matches_mlx_sdpa():
     np.testing.assert_allclose(np.array(ours(q, k, v)), np.array(mlx(q, k, v)), rtol=1e-5, atol=1e-5)
     for a, b in zip(mx.grad(loss(ours), argnums=(0, 1, 2))(q, k, v), mx.grad(loss(mlx), argnums=(0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-4)
+
+
+@built
+@pytest.mark.parametrize("M,K,N,threads", [(1, 64, 96, 1), (7, 50, 37, 1), (32, 96, 200, 2), (13, 33, 31, 3)])
+def test_linear_rows_matches_matmul(M, K, N, threads):
+    """Rows not a multiple of the kernel's 6-row tile, columns not a multiple of its 32-column panels."""
+    x = mx.random.normal((2, M, K), key=mx.random.key(11))  # leading axes are rows too
+    w = mx.random.normal((N, K), key=mx.random.key(12))
+    packed = kernels.pack_weight(w)
+    assert packed.shape == (-(-N // 32), K, 32)
+    got = kernels._ext.linear_rows(x, packed, N, threads)
+    assert got.shape == (2, M, N)
+    np.testing.assert_allclose(np.array(got), np.array(x @ w.T), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_rows_fallback_unpacks_the_same_weight(monkeypatch):
+    monkeypatch.setenv("MLX_CAI_KERNELS", "0")
+    x = mx.random.normal((5, 40), key=mx.random.key(13))
+    w = mx.random.normal((70, 40), key=mx.random.key(14))
+    np.testing.assert_allclose(np.array(kernels.linear_rows(x, kernels.pack_weight(w), 70)), np.array(x @ w.T),
+                               rtol=1e-5, atol=1e-5)
+
+
+@built
+def test_fast_decode_uses_packed_weights(tiny):
+    """The compiled decode path packs its weights when the kernels run (tokens vs the generic path: test_generate)."""
+    from mlx_cai.fastllama import FastLlama
+
+    model, _ = tiny
+    fast = FastLlama.build(model)
+    assert fast.head_packed is not None and all(lyr.packed is not None for lyr in fast.layers)
+    np.testing.assert_array_equal(np.array(kernels.linear_rows(mx.eye(model.args.hidden_size), fast.head_packed,
+                                                               fast.lm_head.shape[0])), np.array(fast.lm_head.T))
