@@ -21,5 +21,9 @@ mkdir -p "$ROOT/build"
 "$CMAKE" -S "$ROOT/csrc" -B "$BUILD" -DPython_EXECUTABLE="$("$PY" -c 'import sys; print(sys.executable)')" \
   -DCMAKE_BUILD_TYPE=Release >"$BUILD.log" 2>&1 || warn "cmake configure failed, see $BUILD.log"
 "$CMAKE" --build "$BUILD" -j "$(nproc 2>/dev/null || echo 2)" >>"$BUILD.log" 2>&1 || warn "compile failed, see $BUILD.log"
-cp "$BUILD"/_kernels*.so "$ROOT/mlx_cai/" || warn "no module was produced, see $BUILD.log"
+# copy, then rename: a process that has the old module loaded keeps its file (overwriting it in place can crash it)
+SO="$(ls "$BUILD"/_kernels*.so 2>/dev/null | head -n 1)"
+[ -n "$SO" ] || warn "no module was produced, see $BUILD.log"
+cp "$SO" "$ROOT/mlx_cai/.$(basename "$SO").tmp" && mv -f "$ROOT/mlx_cai/.$(basename "$SO").tmp" "$ROOT/mlx_cai/$(basename "$SO")" \
+  || warn "could not install $SO into mlx_cai/"
 "$PY" -c "from mlx_cai import kernels; print('mlx-cai kernels:', kernels.status())"
