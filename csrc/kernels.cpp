@@ -348,7 +348,10 @@ void linear_rows_impl(const float* x, int64_t M, int64_t K, const float* packed,
       int64_t n = p * LIN_NB, nb = std::min<int64_t>(LIN_NB, N - n);
       int64_t m = 0;
       for (; m + MB <= M; m += MB) linear_tile<MB>(x + m * K, K, panel, y + m * N + n, N, nb);
-      for (; m < M; ++m) linear_tile<1>(x + m * K, K, panel, y + m * N + n, N, nb);
+      // leftover rows in the largest tiles that fit (a 1-row tile does one FMA per load)
+      if (m + 4 <= M) linear_tile<4>(x + m * K, K, panel, y + m * N + n, N, nb), m += 4;
+      if (m + 2 <= M) linear_tile<2>(x + m * K, K, panel, y + m * N + n, N, nb), m += 2;
+      if (m < M) linear_tile<1>(x + m * K, K, panel, y + m * N + n, N, nb);
     }
   }, 4);
 }
