@@ -341,7 +341,7 @@ inline void linear_tile(const float* x, int64_t K, const float* panel, float* y,
 // Panels are split over threads; each panel is read once and reused by every row block from cache.
 void linear_rows_impl(const float* x, int64_t M, int64_t K, const float* packed, int64_t P, int64_t N, float* y,
                       int threads) {
-  constexpr int MB = 6;
+  constexpr int MB = 8;
   parallel_rows(P, threads, [=](int64_t a, int64_t b) {
     for (int64_t p = a; p < b; ++p) {
       const float* panel = packed + p * K * LIN_NB;
