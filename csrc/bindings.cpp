@@ -1,6 +1,7 @@
 // Python bindings of mlx-cai's CPU kernels (module mlx_cai._kernels). Arrays cross as mlx.core.array:
 // built with nanobind's "mlx" domain and the same nanobind ABI as mlx.core.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 
 #include "kernels.h"
 
@@ -13,6 +14,7 @@ NB_MODULE(_kernels, m) {
         "logits[k, targets[k]] - logsumexp(logits[k]) for logits (K, V) and targets (K,); CPU only.");
   m.def("linear_rows", &mlx_cai::linear_rows, "x"_a, "packed"_a, "n_out"_a, "threads"_a = 1,
         "x (..., K) @ w.T for w (n_out, K) packed as (ceil(n_out / 32), K, 32); CPU only, no gradient.");
-  m.def("attention_softmax", &mlx_cai::attention_softmax, "scores"_a, "scale"_a, "causal"_a, "threads"_a = 1,
+  m.def("attention_softmax", &mlx_cai::attention_softmax, "scores"_a, "scale"_a, "causal"_a,
+        "holes"_a = nb::none(), "threads"_a = 1,
         "softmax(scale * scores) over the last axis; causal: row t of (..., T, S) sees slots <= t + S - T. CPU only.");
 }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -204,9 +205,13 @@ inline int64_t row_limit(int64_t i, int64_t T, int64_t S, bool causal) {
   return causal ? std::min<int64_t>(S, i % T + S - T + 1) : S;
 }
 
+// holes (B, 2) int32 or null: batch row b (score rows [b * rows / B, (b + 1) * rows / B)) also skips slots
+// [lo, hi) (left padding), except a query's own slot t + S - T, so no row is left empty.
 void softmax_impl(const float* x, float* p, int64_t rows, int64_t T, int64_t S, float scale, bool causal,
-                  int threads) {
+                  const int32_t* holes, int64_t B, int threads) {
   parallel_rows(rows, threads, [=](int64_t a, int64_t b) {
+    constexpr float NEG = -std::numeric_limits<float>::infinity();
+    std::vector<float> tmp;
     for (int64_t i = a; i < b; ++i) {
       const float* xr = x + i * S;
       float* pr = p + i * S;
@@ -215,11 +220,17 @@ void softmax_impl(const float* x, float* p, int64_t rows, int64_t T, int64_t S, 
         std::fill(pr, pr + S, 0.0f);
         continue;
       }
+      if (holes) {  // copy the row with the hole at -inf (the own slot n - 1 stays)
+        int64_t bb = i / (rows / B), lo = holes[2 * bb], hi = std::min<int64_t>(holes[2 * bb + 1], n - 1);
+        tmp.assign(xr, xr + n);
+        for (int64_t s = std::max<int64_t>(lo, 0); s < hi; ++s) tmp[s] = NEG;
+        xr = tmp.data();
+      }
       float m = row_max(xr, n) * scale;
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t s = 0; s < n; ++s) {
-        float e = exp_poly(xr[s] * scale - m);
+        float e = xr[s] == NEG ? 0.0f : exp_poly(xr[s] * scale - m);
         pr[s] = e;
         sum += e;
       }
@@ -287,10 +298,14 @@ class AttentionSoftmax : public UnaryPrimitive {
     auto& enc = cpu::get_command_encoder(stream());
     enc.set_input_array(in[0]);
     enc.set_output_array(out);
-    enc.dispatch([x = array::unsafe_weak_copy(in[0]), out = array::unsafe_weak_copy(out), scale = scale_,
-                  causal = causal_, n = threads_]() mutable {
+    bool has_holes = in.size() > 1;
+    if (has_holes) check_cpu_layout(in[1], "attention_softmax: holes");
+    enc.dispatch([x = array::unsafe_weak_copy(in[0]), h = array::unsafe_weak_copy(in[has_holes ? 1 : 0]),
+                  out = array::unsafe_weak_copy(out), scale = scale_, causal = causal_, n = threads_,
+                  has_holes]() mutable {
       int64_t S = x.shape(-1), T = x.ndim() > 1 ? x.shape(-2) : 1;
-      softmax_impl(x.data<float>(), out.data<float>(), x.size() / S, T, S, scale, causal, n);
+      softmax_impl(x.data<float>(), out.data<float>(), x.size() / S, T, S, scale, causal,
+                   has_holes ? h.data<int32_t>() : nullptr, has_holes ? h.shape(0) : 1, n);
     });
   }
   void eval_gpu(const std::vector<array>&, array&) override {
@@ -299,6 +314,7 @@ class AttentionSoftmax : public UnaryPrimitive {
   std::vector<array> vjp(const std::vector<array>& primals, const std::vector<array>& cotangents,
                          const std::vector<int>& argnums, const std::vector<array>& outputs) override {
     auto s = stream();
+    if (primals.size() > 1) throw std::invalid_argument("attention_softmax: no gradient with holes (inference)");
     array g = contiguous(astype(cotangents[0], float32, s), false, s);
     return {array(primals[0].shape(), float32, std::make_shared<AttentionSoftmaxVJP>(s, scale_, causal_, threads_),
                   {outputs[0], g})};
@@ -398,13 +414,21 @@ array token_logprobs(const array& logits, const array& targets, int threads) {
   return outs[0];
 }
 
-array attention_softmax(const array& scores, float scale, bool causal, int threads) {
+array attention_softmax(const array& scores, float scale, bool causal, const std::optional<array>& holes,
+                        int threads) {
   if (scores.ndim() < 1 || (causal && scores.ndim() < 2)) {
     throw std::invalid_argument("attention_softmax: expected scores (..., T, S)");
   }
   auto s = to_stream(StreamOrDevice{});
   array x = contiguous(astype(scores, float32, s), false, s);
-  return array(x.shape(), float32, std::make_shared<AttentionSoftmax>(s, scale, causal, std::max(1, threads)), {x});
+  std::vector<array> inputs = {x};
+  if (holes) {
+    if (holes->ndim() != 2 || holes->shape(1) != 2 || x.ndim() < 2 || x.shape(0) != holes->shape(0)) {
+      throw std::invalid_argument("attention_softmax: holes must be (B, 2) for scores (B, ..., T, S)");
+    }
+    inputs.push_back(contiguous(astype(*holes, int32, s), false, s));
+  }
+  return array(x.shape(), float32, std::make_shared<AttentionSoftmax>(s, scale, causal, std::max(1, threads)), inputs);
 }
 
 array linear_rows(const array& x, const array& packed, int n_out, int threads) {

@@ -103,6 +103,18 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     return (p.reshape(B, KVH, rep * T, S) @ v).reshape(B, H, T, D)
 
 
+def attention_holes(q: mx.array, k: mx.array, v: mx.array, scale: float, holes: mx.array) -> mx.array:
+    """`attention` with a causal mask (query t at key slot t + S - T) from which batch row b also drops the
+    slots [holes[b, 0], holes[b, 1]) but its own: left padding in fastllama's prefill. One C++ softmax
+    (kernels.attention_softmax), inference only."""
+    B, H, T, D = q.shape
+    KVH, S = k.shape[1], k.shape[2]
+    rep = H // KVH
+    scores = (q.reshape(B, KVH, rep * T, D) @ k.swapaxes(-1, -2)).reshape(B, KVH, rep, T, S)
+    p = kernels.attention_softmax(scores, scale, causal=True, holes=holes).astype(v.dtype)
+    return (p.reshape(B, KVH, rep * T, S) @ v).reshape(B, H, T, D)
+
+
 def _grouped(mask: mx.array, B: int, KVH: int, rep: int, T: int, S: int) -> mx.array:
     """A mask broadcastable to (B, H, T, S) as one broadcastable to (B, KVH, rep, T, S)."""
     m = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)

@@ -58,19 +58,24 @@ def token_logprobs(logits: mx.array, targets: mx.array) -> mx.array:
     return picked - mx.logsumexp(logits, axis=-1)
 
 
-def attention_softmax(scores: mx.array, scale: float, causal: bool) -> mx.array:
+def attention_softmax(scores: mx.array, scale: float, causal: bool, holes: mx.array | None = None) -> mx.array:
     """softmax(scale * scores) over the last axis, float32; `causal`: in (..., T, S) scores, query row t sees the
-    slots s <= t + S - T (the queries are the last T positions). `scale` > 0. Differentiable in `scores`."""
+    slots s <= t + S - T (the queries are the last T positions). `holes` (B, 2) ints, for scores (B, ..., T, S):
+    batch row b also skips the slots [lo, hi) (left padding) but a query's own slot t + S - T (inference only).
+    `scale` > 0. Differentiable in `scores` without holes."""
     if scale <= 0:
         raise ValueError("attention_softmax: scale must be > 0")
     if enabled():
-        return _ext.attention_softmax(scores, scale, causal, backend.cpu_threads())
+        return _ext.attention_softmax(scores, scale, causal, holes=holes, threads=backend.cpu_threads())
     x = scores.astype(mx.float32) * scale
-    if causal:
-        T, S = x.shape[-2:]
-        keep = mx.arange(S)[None, :] <= (mx.arange(T) + (S - T))[:, None]
-        x = mx.where(keep, x, -mx.inf)
-    return mx.softmax(x, axis=-1)
+    T, S = x.shape[-2:] if x.ndim > 1 else (1, x.shape[-1])
+    own = mx.arange(T) + (S - T)
+    keep = mx.arange(S)[None, :] <= own[:, None] if causal else mx.ones((T, S), mx.bool_)
+    if holes is not None:
+        s = mx.arange(S).reshape((1,) * (x.ndim - 1) + (S,))
+        lo, hi = (holes[:, i].reshape((-1,) + (1,) * (x.ndim - 1)) for i in (0, 1))
+        keep = (keep & ((s < lo) | (s >= hi))) | (mx.arange(S)[None, :] == own[:, None])
+    return mx.softmax(mx.where(keep, x, -mx.inf), axis=-1)
 
 
 PANEL = 32  # columns per panel of a packed weight (csrc/kernels.cpp LIN_NB)

@@ -111,13 +111,13 @@ def softmax_reference(x, scale, causal):
 def test_attention_softmax_and_gradient_match_mlx(causal, T, S, threads):
     x = mx.random.normal((2, 3, 2, T, S), key=mx.random.key(3)) * 4
     g = mx.random.normal(x.shape, key=mx.random.key(4))
-    got = kernels._ext.attention_softmax(x, 0.3, causal, threads)
+    got = kernels._ext.attention_softmax(x, 0.3, causal, threads=threads)
     np.testing.assert_allclose(np.array(got), np.array(softmax_reference(x, 0.3, causal)), rtol=1e-5, atol=1e-7)
     if causal:  # the masked slots are exactly zero
         upper = np.triu(np.ones((T, S), bool), k=S - T + 1)
         assert (np.array(got)[..., upper] == 0).all()
     want = mx.grad(lambda x: (g * softmax_reference(x, 0.3, causal)).sum())(x)
-    grad = mx.grad(lambda x: (g * kernels._ext.attention_softmax(x, 0.3, causal, threads)).sum())(x)
+    grad = mx.grad(lambda x: (g * kernels._ext.attention_softmax(x, 0.3, causal, threads=threads)).sum())(x)
     np.testing.assert_allclose(np.array(grad), np.array(want), rtol=1e-4, atol=1e-6)
 
 
@@ -173,3 +173,20 @@ def test_fast_decode_uses_packed_weights(tiny):
     assert fast.head_packed is not None and all(lyr.packed is not None for lyr in fast.layers)
     np.testing.assert_array_equal(np.array(kernels.linear_rows(mx.eye(model.args.hidden_size), fast.head_packed,
                                                                fast.lm_head.shape[0])), np.array(fast.lm_head.T))
+
+
+@built
+@pytest.mark.parametrize("threads", [1, 2])
+def test_attention_softmax_with_padding_holes_matches_the_mlx_fallback(threads, monkeypatch):
+    """The prefill mask of fastllama: causal, minus each row's pad slots [lo, hi) except a query's own slot."""
+    B, T, S = 3, 4, 9
+    x = mx.random.normal((B, 2, 3, T, S), key=mx.random.key(15)) * 3
+    holes = mx.array([[0, 0], [2, 5], [0, 9]], dtype=mx.int32)  # none; slots 2-4; every slot
+    got = kernels._ext.attention_softmax(x, 0.5, True, holes=holes, threads=threads)
+    monkeypatch.setenv("MLX_CAI_KERNELS", "0")
+    want = kernels.attention_softmax(x, 0.5, True, holes)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-7)
+    g = np.array(got)
+    assert (g[1][..., 2:5][..., :, :] == 0).all()  # the pad slots get no weight...
+    assert np.allclose(g.sum(-1), 1)  # ...and every row, even one inside a hole, sums to 1
+    assert (g[2][..., np.arange(T), np.arange(S - T, S)] == 1).all()  # all-hole rows see only themselves
