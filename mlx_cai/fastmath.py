@@ -88,9 +88,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     KVH, S = k.shape[1], k.shape[2]
     rep = H // KVH
     if kernels.enabled() and (mask is None or (isinstance(mask, str) and mask == "causal")):  # fused C++ softmax
-        scores = (q.reshape(B, KVH, rep * T, D) @ k.swapaxes(-1, -2)).reshape(B, KVH, rep, T, S)
-        p = kernels.attention_softmax(scores, scale, causal=mask is not None).astype(v.dtype)
-        return (p.reshape(B, KVH, rep * T, S) @ v).reshape(B, H, T, D)
+        return _kernel_attention(q, k, v, scale, mask is not None)
     scores = ((q * scale).reshape(B, KVH, rep * T, D) @ k.swapaxes(-1, -2)).reshape(B, KVH, rep, T, S)
     if isinstance(mask, str):  # "causal": query t sits at key position t + S - T
         keep = mx.arange(S)[None, :] <= (mx.arange(T) + (S - T))[:, None]
@@ -107,11 +105,16 @@ def attention_holes(q: mx.array, k: mx.array, v: mx.array, scale: float, holes: 
     """`attention` with a causal mask (query t at key slot t + S - T) from which batch row b also drops the
     slots [holes[b, 0], holes[b, 1]) but its own: left padding in fastllama's prefill. One C++ softmax
     (kernels.attention_softmax), inference only."""
+    return _kernel_attention(q, k, v, scale, True, holes)
+
+
+def _kernel_attention(q, k, v, scale: float, causal: bool, holes=None) -> mx.array:
+    """Grouped-head attention with kernels.attention_softmax between the two matmuls."""
     B, H, T, D = q.shape
     KVH, S = k.shape[1], k.shape[2]
     rep = H // KVH
     scores = (q.reshape(B, KVH, rep * T, D) @ k.swapaxes(-1, -2)).reshape(B, KVH, rep, T, S)
-    p = kernels.attention_softmax(scores, scale, causal=True, holes=holes).astype(v.dtype)
+    p = kernels.attention_softmax(scores, scale, causal=causal, holes=holes).astype(v.dtype)
     return (p.reshape(B, KVH, rep * T, S) @ v).reshape(B, H, T, D)
 
 
