@@ -2,6 +2,7 @@
 // built with nanobind's "mlx" domain and the same nanobind ABI as mlx.core.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
 
 #include "kernels.h"
 
@@ -17,4 +18,14 @@ NB_MODULE(_kernels, m) {
   m.def("attention_softmax", &mlx_cai::attention_softmax, "scores"_a, "scale"_a, "causal"_a,
         "holes"_a = nb::none(), "threads"_a = 1,
         "softmax(scale * scores) over the last axis; causal: row t of (..., T, S) sees slots <= t + S - T. CPU only.");
+  m.def("decode_attention", &mlx_cai::decode_attention, "q"_a, "k"_a, "v"_a, "holes"_a, "slot"_a, "scale"_a, "end"_a,
+        "threads"_a = 1,
+        "Decode-step attention: q (B, H, D) over K/V (B, KVH, S, D) slots < min(end, slot + 1), row b skipping "
+        "[holes[b, 0], holes[b, 1]) but the slot; CPU only, no gradient.");
+  m.def("silu_mul", &mlx_cai::silu_mul, "g"_a, "u"_a = nb::none(), "threads"_a = 1,
+        "silu(g) * u (differentiable), or of gu = [g | u] (..., 2F) without u (inference); CPU only.");
+  m.def("rope_cache", &mlx_cai::rope_cache, "qkv"_a, "k"_a, "v"_a, "cossin"_a, "slot"_a, "heads"_a,
+        "traditional"_a, "threads"_a = 1,
+        "Decode step: qkv (B, (H + 2 KVH) D) -> [rotated q (B, H, D), K, V with rotated k and v written at slot]; "
+        "CPU only, no gradient.");
 }

@@ -9,6 +9,13 @@
 #include "kernels.h"
 
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -61,8 +68,72 @@ float row_sum_exp(const float* x, int64_t n, float shift) {
   return s;
 }
 
+// Worker threads kept for parallel_rows: a decode step makes ~150 kernel calls of a few hundred us each, and
+// starting a thread per call (~20-50 us, with its stack mapping) cost ~10% of a step. Workers spin briefly
+// after a job (calls come back to back), then sleep on a condition variable. One caller at a time: a second,
+// concurrent caller (another MLX stream) starts its own threads instead.
+class Pool {
+ public:
+  // Run job(i) for i in [1, parts) on workers and job(0) here; returns when all are done. False if busy.
+  bool run(int parts, const std::function<void(int)>& job) {
+    std::unique_lock<std::mutex> user(user_, std::try_to_lock);
+    if (!user.owns_lock()) return false;
+    while (static_cast<int>(workers_) < parts - 1) {
+      // the worker starts from the current generation: the job published below is new to it
+      std::thread(&Pool::work, this, static_cast<int>(workers_) + 1, gen_.load()).detach();
+      ++workers_;
+    }
+    job_ = &job;
+    parts_ = parts;
+    remaining_.store(parts - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    job(0);
+    for (int64_t spins = 0; remaining_.load(std::memory_order_acquire) > 0; ++spins) {
+      if (spins > 4096) std::this_thread::yield();
+    }
+    return true;
+  }
+
+ private:
+  void work(int index, uint64_t seen) {
+    for (;;) {
+      for (int i = 0; i < 20000 && gen_.load(std::memory_order_acquire) == seen; ++i) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      }
+      if (gen_.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (index < parts_) {
+        (*job_)(index);
+        remaining_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::mutex user_, m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> remaining_{0};
+  const std::function<void(int)>* job_ = nullptr;
+  int parts_ = 0;
+  size_t workers_ = 0;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: its detached workers outlive static destruction
+  return *p;
+}
+
 // Run f(first_row, end_row) over [0, rows) on up to `threads` threads (the calling thread takes the first
-// part), giving each at least `grain` rows: a thread start (~20-50 us) must pay for itself.
+// part), giving each at least `grain` rows.
 template <typename F>
 void parallel_rows(int64_t rows, int threads, F f, int64_t grain = 1) {
   int t = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, rows / std::max<int64_t>(grain, 1))));
@@ -70,11 +141,13 @@ void parallel_rows(int64_t rows, int threads, F f, int64_t grain = 1) {
     f(int64_t{0}, rows);
     return;
   }
-  std::vector<std::thread> pool;
-  pool.reserve(t - 1);
-  for (int i = 1; i < t; ++i) pool.emplace_back(f, rows * i / t, rows * (i + 1) / t);
-  f(int64_t{0}, rows / t);
-  for (auto& th : pool) th.join();
+  std::function<void(int)> part = [&](int i) { f(rows * i / t, rows * (i + 1) / t); };
+  if (pool().run(t, part)) return;
+  std::vector<std::thread> extra;
+  extra.reserve(t - 1);
+  for (int i = 1; i < t; ++i) extra.emplace_back(part, i);
+  part(0);
+  for (auto& th : extra) th.join();
 }
 
 template <typename I>
@@ -335,14 +408,21 @@ class AttentionSoftmax : public UnaryPrimitive {
 constexpr int LIN_NB = 32;
 
 // Rows [0, MB) of y[:, n0:n0+nb] = x @ (panel of the packed weight: K x 32, contiguous), the MB x 32
-// accumulator in registers. nb < 32 for the last panel of an N that is no multiple of 32.
+// accumulator in registers. nb < 32 for the last panel of an N that is no multiple of 32. `next` (or null):
+// the panel to fetch into cache meanwhile (its k-th 128 bytes with step k), so that reading the weights from
+// memory overlaps the arithmetic instead of preceding it.
 template <int MB>
-inline void linear_tile(const float* x, int64_t K, const float* panel, float* y, int64_t N, int64_t nb) {
+inline void linear_tile(const float* __restrict x, int64_t K, const float* __restrict panel, float* y, int64_t N,
+                        int64_t nb, const float* next) {
   float acc[MB][LIN_NB];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < LIN_NB; ++j) acc[m][j] = 0.0f;
   for (int64_t k = 0; k < K; ++k) {
     const float* w = panel + k * LIN_NB;
+    if (next) {
+      __builtin_prefetch(next + k * LIN_NB, 0, 2);
+      __builtin_prefetch(next + k * LIN_NB + 16, 0, 2);
+    }
     for (int m = 0; m < MB; ++m) {
       float xv = x[m * K + k];
 #pragma omp simd
@@ -354,20 +434,22 @@ inline void linear_tile(const float* x, int64_t K, const float* panel, float* y,
 }
 
 // y (M, N) = x (M, K) @ w.T for w packed as (P, K, 32) panels (P = ceil(N / 32), zero columns past N).
-// Panels are split over threads; each panel is read once and reused by every row block from cache.
+// Panels are split over threads; each panel is read once and reused by every row block from cache, and the
+// first row block of a panel prefetches the thread's next panel.
 void linear_rows_impl(const float* x, int64_t M, int64_t K, const float* packed, int64_t P, int64_t N, float* y,
                       int threads) {
   constexpr int MB = 8;
   parallel_rows(P, threads, [=](int64_t a, int64_t b) {
     for (int64_t p = a; p < b; ++p) {
       const float* panel = packed + p * K * LIN_NB;
+      const float* next = p + 1 < b ? panel + K * LIN_NB : nullptr;
       int64_t n = p * LIN_NB, nb = std::min<int64_t>(LIN_NB, N - n);
       int64_t m = 0;
-      for (; m + MB <= M; m += MB) linear_tile<MB>(x + m * K, K, panel, y + m * N + n, N, nb);
+      for (; m + MB <= M; m += MB, next = nullptr) linear_tile<MB>(x + m * K, K, panel, y + m * N + n, N, nb, next);
       // leftover rows in the largest tiles that fit (a 1-row tile does one FMA per load)
-      if (m + 4 <= M) linear_tile<4>(x + m * K, K, panel, y + m * N + n, N, nb), m += 4;
-      if (m + 2 <= M) linear_tile<2>(x + m * K, K, panel, y + m * N + n, N, nb), m += 2;
-      if (m < M) linear_tile<1>(x + m * K, K, panel, y + m * N + n, N, nb);
+      if (m + 4 <= M) linear_tile<4>(x + m * K, K, panel, y + m * N + n, N, nb, next), m += 4, next = nullptr;
+      if (m + 2 <= M) linear_tile<2>(x + m * K, K, panel, y + m * N + n, N, nb, next), m += 2, next = nullptr;
+      if (m < M) linear_tile<1>(x + m * K, K, panel, y + m * N + n, N, nb, next);
     }
   }, 4);
 }
@@ -394,6 +476,458 @@ class LinearRows : public UnaryPrimitive {
   const char* name() const override { return "LinearRows"; }
   bool is_equivalent(const Primitive& other) const override {
     return threads_ == static_cast<const LinearRows&>(other).threads_;
+  }
+
+ private:
+  int threads_;
+};
+
+// Sum of a[i] * b[i] (or of a[i] when b is null) for i < n, in 16 vector lanes added up as a tree: an in-order
+// reduction (what the compiler makes of a plain loop without -ffast-math) is a chain of n dependent adds.
+inline float lane_sum(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+#pragma omp simd
+    for (int j = 0; j < 16; ++j) acc[j] += b ? a[i + j] * b[i + j] : a[i + j];
+  }
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += b ? a[i] * b[i] : a[i];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0] + tail;
+}
+
+template <int64_t DT>  // DT > 0: the head size as a compile-time constant (unrolled, in registers); 0: any D
+void decode_attention_task(const float* __restrict qt, const float* __restrict Kt, const float* __restrict Vt,
+                           float* __restrict ot, float* __restrict sc, int64_t rep, int64_t n, int64_t D_,
+                           int64_t lo, int64_t hi, float scale) {
+  constexpr float NEG = -std::numeric_limits<float>::infinity();
+  const int64_t D = DT > 0 ? DT : D_;
+  for (int64_t s = 0; s < n; ++s) {
+    const float* ks = Kt + s * D;
+    bool skip = s >= lo && s < hi;
+    for (int64_t r = 0; r < rep; ++r) sc[r * n + s] = skip ? NEG : lane_sum(qt + r * D, ks, D) * scale;
+  }
+  for (int64_t r = 0; r < rep; ++r) {
+    float* pr = sc + r * n;
+    float m = row_max(pr, n);
+#pragma omp simd
+    for (int64_t s = 0; s < n; ++s) pr[s] = pr[s] == NEG ? 0.0f : exp_poly(pr[s] - m);
+    float inv = 1.0f / lane_sum(pr, nullptr, n);
+    float acc[DT > 0 ? DT : 256];
+    if (DT == 0 && D > 256) throw std::invalid_argument("decode_attention: head size > 256");
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+    for (int64_t s = 0; s < n; ++s) {
+      float w = pr[s];
+      const float* vs = Vt + s * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += w * vs[d];
+    }
+    float* o = ot + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[d] * inv;
+  }
+}
+
+#if defined(__AVX512F__)
+// exp_poly on 16 lanes; lanes equal to -inf give exactly 0 (masked slots).
+inline __m512 exp_poly16(__m512 x) {
+  __mmask16 masked = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                  _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~masked), _mm512_scalef_ps(p, n));
+}
+
+// decode_attention_task for D = 64 and rep <= 4 in AVX-512 registers: q heads and the output accumulators stay
+// in registers, each K and V row is loaded once for all `rep` heads, dot products reduce as trees.
+void decode_attention_task_d64(const float* __restrict qt, const float* __restrict Kt, const float* __restrict Vt,
+                               float* __restrict ot, float* __restrict sc, int64_t rep, int64_t n, int64_t lo,
+                               int64_t hi, float scale) {
+  constexpr float NEG = -std::numeric_limits<float>::infinity();
+  __m512 q[4][4];
+  for (int64_t r = 0; r < rep; ++r)
+    for (int j = 0; j < 4; ++j) q[r][j] = _mm512_mul_ps(_mm512_loadu_ps(qt + r * 64 + 16 * j), _mm512_set1_ps(scale));
+  for (int64_t s = 0; s < n; ++s) {
+    const float* ks = Kt + s * 64;
+    __m512 k0 = _mm512_loadu_ps(ks), k1 = _mm512_loadu_ps(ks + 16), k2 = _mm512_loadu_ps(ks + 32),
+           k3 = _mm512_loadu_ps(ks + 48);
+    for (int64_t r = 0; r < rep; ++r) {
+      __m512 a = _mm512_mul_ps(q[r][0], k0);
+      __m512 b = _mm512_mul_ps(q[r][1], k1);
+      a = _mm512_fmadd_ps(q[r][2], k2, a);
+      b = _mm512_fmadd_ps(q[r][3], k3, b);
+      sc[r * n + s] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    }
+  }
+  for (int64_t r = 0; r < rep; ++r)
+    for (int64_t s = std::max<int64_t>(lo, 0); s < std::min(hi, n); ++s) sc[r * n + s] = NEG;
+  float inv[4];
+  for (int64_t r = 0; r < rep; ++r) {
+    float* pr = sc + r * n;
+    float m = row_max(pr, n);
+    __m512 mv = _mm512_set1_ps(m), sum = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 16 <= n; s += 16) {
+      __m512 e = exp_poly16(_mm512_sub_ps(_mm512_loadu_ps(pr + s), mv));
+      _mm512_storeu_ps(pr + s, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (s < n) {
+      __mmask16 tail = static_cast<__mmask16>((1u << (n - s)) - 1);
+      __m512 e = exp_poly16(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(NEG), tail, pr + s), mv));
+      _mm512_mask_storeu_ps(pr + s, tail, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 acc[4][4];
+  for (int64_t r = 0; r < rep; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n; ++s) {
+    const float* vs = Vt + s * 64;
+    __m512 v0 = _mm512_loadu_ps(vs), v1 = _mm512_loadu_ps(vs + 16), v2 = _mm512_loadu_ps(vs + 32),
+           v3 = _mm512_loadu_ps(vs + 48);
+    for (int64_t r = 0; r < rep; ++r) {
+      __m512 w = _mm512_set1_ps(sc[r * n + s]);
+      acc[r][0] = _mm512_fmadd_ps(w, v0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w, v1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(w, v2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(w, v3, acc[r][3]);
+    }
+  }
+  for (int64_t r = 0; r < rep; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(ot + r * 64 + 16 * j, _mm512_mul_ps(acc[r][j], _mm512_set1_ps(inv[r])));
+}
+#endif
+
+// One decode step of grouped-query attention over a static KV cache, for every (batch row, KV head):
+// the `rep` query heads that share the KV head are scored against slots [0, n) (n = min(end, slot + 1))
+// in one pass over K, soft-maxed, and summed over V in one pass: K and V are read once, from where they lie.
+// Batch row b skips slots [holes[b, 0], holes[b, 1]) (its left padding) but the current slot.
+// q (B, H, D), K/V (B, KVH, S, D) contiguous, out (B, H, D); H = KVH * rep.
+void decode_attention_impl(const float* q, const float* K, const float* V, const int32_t* holes, int64_t slot,
+                           float* out, int64_t B, int64_t KVH, int64_t rep, int64_t S, int64_t D, int64_t end,
+                           float scale, int threads) {
+  int64_t n = std::min<int64_t>(end, slot + 1);
+  parallel_rows(B * KVH, threads, [=](int64_t a, int64_t b) {
+    std::vector<float> sc(rep * std::max<int64_t>(n, 1));
+    for (int64_t task = a; task < b; ++task) {
+      int64_t bb = task / KVH;
+      int64_t lo = holes[2 * bb], hi = std::min<int64_t>(holes[2 * bb + 1], slot);
+      const float *qt = q + task * rep * D, *Kt = K + task * S * D, *Vt = V + task * S * D;
+      float* ot = out + task * rep * D;
+#if defined(__AVX512F__)
+      if (D == 64 && rep <= 4)
+        decode_attention_task_d64(qt, Kt, Vt, ot, sc.data(), rep, n, lo, hi, scale);
+      else
+#endif
+      if (D == 64)
+        decode_attention_task<64>(qt, Kt, Vt, ot, sc.data(), rep, n, D, lo, hi, scale);
+      else if (D == 128)
+        decode_attention_task<128>(qt, Kt, Vt, ot, sc.data(), rep, n, D, lo, hi, scale);
+      else
+        decode_attention_task<0>(qt, Kt, Vt, ot, sc.data(), rep, n, D, lo, hi, scale);
+    }
+  }, 2);
+}
+
+class DecodeAttention : public UnaryPrimitive {
+ public:
+  DecodeAttention(Stream s, float scale, int end, int threads)
+      : UnaryPrimitive(s), scale_(scale), end_(end), threads_(threads) {}
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    const char* what[] = {"decode_attention: q", "decode_attention: K", "decode_attention: V",
+                          "decode_attention: holes", "decode_attention: slot"};
+    for (size_t i = 0; i < in.size(); ++i) check_cpu_layout(in[i], what[i]);
+    out.set_data(allocator::malloc(out.nbytes()));
+    auto& enc = cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([q = array::unsafe_weak_copy(in[0]), k = array::unsafe_weak_copy(in[1]),
+                  v = array::unsafe_weak_copy(in[2]), h = array::unsafe_weak_copy(in[3]),
+                  sl = array::unsafe_weak_copy(in[4]), out = array::unsafe_weak_copy(out), scale = scale_,
+                  end = end_, n = threads_]() mutable {
+      int64_t B = k.shape(0), KVH = k.shape(1), S = k.shape(2), D = k.shape(3), H = q.shape(1);
+      int64_t slot = sl.data<int32_t>()[0];
+      decode_attention_impl(q.data<float>(), k.data<float>(), v.data<float>(), h.data<int32_t>(), slot,
+                            out.data<float>(), B, KVH, H / KVH, S, D, std::min<int64_t>(end, S), scale, n);
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("mlx_cai kernels run on the CPU only");
+  }
+  const char* name() const override { return "DecodeAttention"; }
+  bool is_equivalent(const Primitive& other) const override {
+    auto& o = static_cast<const DecodeAttention&>(other);
+    return scale_ == o.scale_ && end_ == o.end_ && threads_ == o.threads_;
+  }
+  std::vector<Shape> output_shapes(const std::vector<array>& in) override { return {in[0].shape()}; }
+
+ private:
+  float scale_;
+  int end_;
+  int threads_;
+};
+
+// A decode step's q/k/v projection output -> rotated q, and rotated k and v written into the caches at `slot`.
+// qkv (B, (H + 2 KVH) D) -> q (B, H, D); K/V (B, KVH, S, D) updated in place when MLX can donate their
+// buffers (the step's only use of the old caches), else copied first. Row b rotates pair i by the angle whose
+// cos and sin are cossin[b, i] and cossin[b, D/2 + i]; `traditional` pairs (2i, 2i+1), else (i, i + D/2).
+void rope_rows(const float* __restrict x, float* __restrict y, int64_t heads, int64_t D, const float* cs,
+               const float* sn, bool traditional) {
+  int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* a = x + h * D;
+    float* o = y + h * D;
+    if (traditional) {
+      for (int64_t i = 0; i < half; ++i) {
+        float x1 = a[2 * i], x2 = a[2 * i + 1];
+        o[2 * i] = x1 * cs[i] - x2 * sn[i];
+        o[2 * i + 1] = x1 * sn[i] + x2 * cs[i];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        float x1 = a[i], x2 = a[i + half];
+        o[i] = x1 * cs[i] - x2 * sn[i];
+        o[i + half] = x1 * sn[i] + x2 * cs[i];
+      }
+    }
+  }
+}
+
+// A float32 4-d array (any strides) into a row-contiguous buffer.
+void copy_4d(const array& a, float* out) {
+  if (a.flags().row_contiguous) {
+    std::memcpy(out, a.data<float>(), a.nbytes());
+    return;
+  }
+  const float* x = a.data<float>();
+  auto& st = a.strides();
+  int64_t n0 = a.shape(0), n1 = a.shape(1), n2 = a.shape(2), n3 = a.shape(3);
+  for (int64_t i = 0; i < n0; ++i)
+    for (int64_t j = 0; j < n1; ++j)
+      for (int64_t k = 0; k < n2; ++k, out += n3) {
+        const float* row = x + i * st[0] + j * st[1] + k * st[2];
+        for (int64_t l = 0; l < n3; ++l) out[l] = row[l * st[3]];
+      }
+}
+
+// One output of rope_cache (single-output primitives: MLX donates an input only to a node that is its sole
+// user, and the outputs of a multi-output node each hold the inputs). part 0: q (B, H, D) = rotated q heads;
+// part 1: the K cache with rotated k at `slot`; part 2: the V cache with v at `slot`. Caches are updated in
+// place when their buffer can be donated, else copied first.
+class RopeCache : public UnaryPrimitive {
+ public:
+  RopeCache(Stream s, int part, int heads, int kv_heads, bool traditional, int threads)
+      : UnaryPrimitive(s), part_(part), heads_(heads), kv_heads_(kv_heads), traditional_(traditional),
+        threads_(threads) {}
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    // in: qkv, cossin, slot[, cache]
+    const char* what[] = {"rope_cache: qkv", "rope_cache: cossin", "rope_cache: slot"};
+    for (size_t i = 0; i < 3; ++i) check_cpu_layout(in[i], what[i]);
+    bool copy = false;
+    if (part_ == 0) {
+      out.set_data(allocator::malloc(out.nbytes()));
+    } else if (in[3].is_donatable() && in[3].flags().row_contiguous) {
+      out.copy_shared_buffer(in[3]);
+    } else {
+      out.set_data(allocator::malloc(out.nbytes()));
+      copy = true;
+    }
+    auto& enc = cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([x = array::unsafe_weak_copy(in[0]), off = array::unsafe_weak_copy(in[1]),
+                  sl = array::unsafe_weak_copy(in[2]), c0 = array::unsafe_weak_copy(in[part_ == 0 ? 0 : 3]),
+                  y = array::unsafe_weak_copy(out), part = part_, H = heads_, KVH = kv_heads_, trad = traditional_, n = threads_, copy]() mutable {
+      if (copy) copy_4d(c0, y.data<float>());
+      int64_t B = x.shape(0), D = part == 0 ? y.shape(2) : y.shape(3), W = (H + 2 * KVH) * D;
+      int64_t S = part == 0 ? 1 : y.shape(2), slot = sl.data<int32_t>()[0];
+      if (part > 0 && (slot < 0 || slot >= S)) return;  // nothing to write (checked in Python)
+      const float* xs = x.data<float>();
+      const float* cossin = off.data<float>();
+      float* yo = y.data<float>();
+      parallel_rows(B, n, [=](int64_t a, int64_t b) {
+        for (int64_t r = a; r < b; ++r) {
+          const float* xr = xs + r * W;
+          if (part == 2) {  // v: no rotation
+            for (int64_t g = 0; g < KVH; ++g)
+              std::memcpy(yo + ((r * KVH + g) * S + slot) * D, xr + (H + KVH + g) * D, D * sizeof(float));
+            continue;
+          }
+          const float *cs = cossin + r * D, *sn = cs + D / 2;
+          if (part == 0) {
+            rope_rows(xr, yo + r * H * D, H, D, cs, sn, trad);
+          } else {
+            for (int64_t g = 0; g < KVH; ++g) rope_rows(xr + (H + g) * D, yo + ((r * KVH + g) * S + slot) * D, 1, D, cs, sn, trad);
+          }
+        }
+      }, 8);
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("mlx_cai kernels run on the CPU only");
+  }
+  const char* name() const override { return "RopeCache"; }
+  bool is_equivalent(const Primitive& other) const override {
+    auto& o = static_cast<const RopeCache&>(other);
+    return part_ == o.part_ && heads_ == o.heads_ && kv_heads_ == o.kv_heads_ && traditional_ == o.traditional_ &&
+           threads_ == o.threads_;
+  }
+
+ private:
+  int part_, heads_, kv_heads_;
+  bool traditional_;
+  int threads_;
+};
+
+// SwiGLU: silu(g) * u = g * u / (1 + exp(-g)), and its gradient, over n elements.
+void silu_mul_span(const float* __restrict g, const float* __restrict u, float* __restrict out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    __m512 gv = _mm512_loadu_ps(g + i);
+    __m512 e = exp_poly16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    _mm512_storeu_ps(out + i, _mm512_div_ps(_mm512_mul_ps(gv, _mm512_loadu_ps(u + i)), _mm512_add_ps(one, e)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = g[i] * u[i] / (1.0f + exp_poly(-g[i]));
+}
+
+void silu_mul_vjp_span(const float* __restrict g, const float* __restrict u, const float* __restrict c,
+                       float* __restrict dg, float* __restrict du, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; i + 16 <= n; i += 16) {
+    __m512 gv = _mm512_loadu_ps(g + i), uv = _mm512_loadu_ps(u + i), cv = _mm512_loadu_ps(c + i);
+    __m512 sv = _mm512_div_ps(one, _mm512_add_ps(one, exp_poly16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+    __m512 cs = _mm512_mul_ps(cv, sv);
+    // dg = c * u * s * (1 + g * (1 - s)), du = c * g * s
+    _mm512_storeu_ps(dg + i, _mm512_mul_ps(_mm512_mul_ps(cs, uv), _mm512_fmadd_ps(gv, _mm512_sub_ps(one, sv), one)));
+    _mm512_storeu_ps(du + i, _mm512_mul_ps(cs, gv));
+  }
+#endif
+  for (; i < n; ++i) {
+    float sv = 1.0f / (1.0f + exp_poly(-g[i]));
+    dg[i] = c[i] * u[i] * sv * (1.0f + g[i] * (1.0f - sv));
+    du[i] = c[i] * g[i] * sv;
+  }
+}
+
+// Rows of g and u: either two (rows, F) arrays, or one (rows, 2F) array holding [g | u] (a fused gate/up
+// projection's output). F columns per row.
+struct GateRows {
+  const float *g, *u;
+  int64_t stride;  // floats from one row of g (and u) to the next
+  int64_t rows, F;
+  GateRows(const std::vector<array>& in) {
+    if (in.size() == 1) {
+      F = in[0].shape(-1) / 2;
+      rows = in[0].size() / (2 * F);
+      g = in[0].data<float>();
+      u = g + F;
+      stride = 2 * F;
+    } else {
+      F = in[0].shape(-1);
+      rows = in[0].size() / F;
+      g = in[0].data<float>();
+      u = in[1].data<float>();
+      stride = F;
+    }
+  }
+};
+
+class SiluMulVJP : public Primitive {
+ public:
+  SiluMulVJP(Stream s, int threads) : Primitive(s), threads_(threads) {}
+  void eval_cpu(const std::vector<array>& in, std::vector<array>& outs) override {
+    for (auto& a : in) check_cpu_layout(a, "silu_mul vjp inputs");
+    for (auto& o : outs) o.set_data(allocator::malloc(o.nbytes()));
+    auto& enc = cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& o : outs) enc.set_output_array(o);
+    enc.dispatch([g = array::unsafe_weak_copy(in[0]), u = array::unsafe_weak_copy(in[1]),
+                  c = array::unsafe_weak_copy(in[2]), dg = array::unsafe_weak_copy(outs[0]),
+                  du = array::unsafe_weak_copy(outs[1]), n = threads_]() mutable {
+      int64_t total = g.size();
+      const float *gp = g.data<float>(), *up = u.data<float>(), *cp = c.data<float>();
+      float *dgp = dg.data<float>(), *dup = du.data<float>();
+      parallel_rows(total, n, [=](int64_t a, int64_t b) {
+        silu_mul_vjp_span(gp + a, up + a, cp + a, dgp + a, dup + a, b - a);
+      }, 1 << 14);
+    });
+  }
+  void eval_gpu(const std::vector<array>&, std::vector<array>&) override {
+    throw std::runtime_error("mlx_cai kernels run on the CPU only");
+  }
+  std::vector<Shape> output_shapes(const std::vector<array>& in) override { return {in[0].shape(), in[1].shape()}; }
+  const char* name() const override { return "SiluMulVJP"; }
+
+ private:
+  int threads_;
+};
+
+class SiluMul : public UnaryPrimitive {
+ public:
+  SiluMul(Stream s, int threads) : UnaryPrimitive(s), threads_(threads) {}
+  void eval_cpu(const std::vector<array>& in, array& out) override {
+    for (auto& a : in) check_cpu_layout(a, "silu_mul inputs");
+    out.set_data(allocator::malloc(out.nbytes()));
+    auto& enc = cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    std::vector<array> ins;
+    for (auto& a : in) ins.push_back(array::unsafe_weak_copy(a));
+    enc.dispatch([ins = std::move(ins), out = array::unsafe_weak_copy(out), n = threads_]() mutable {
+      GateRows gr(ins);
+      float* o = out.data<float>();
+      if (gr.stride == gr.F) {  // two contiguous arrays: one flat span
+        parallel_rows(gr.rows * gr.F, n, [=](int64_t a, int64_t b) {
+          silu_mul_span(gr.g + a, gr.u + a, o + a, b - a);
+        }, 1 << 14);
+      } else {
+        parallel_rows(gr.rows, n, [=](int64_t a, int64_t b) {
+          for (int64_t r = a; r < b; ++r) silu_mul_span(gr.g + r * gr.stride, gr.u + r * gr.stride, o + r * gr.F, gr.F);
+        }, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(gr.F, 1)));
+      }
+    });
+  }
+  void eval_gpu(const std::vector<array>&, array&) override {
+    throw std::runtime_error("mlx_cai kernels run on the CPU only");
+  }
+  std::vector<array> vjp(const std::vector<array>& primals, const std::vector<array>& cotangents,
+                         const std::vector<int>& argnums, const std::vector<array>& outputs) override {
+    if (primals.size() != 2) throw std::invalid_argument("silu_mul: no gradient through the fused [g | u] form");
+    auto s = stream();
+    array c = contiguous(astype(cotangents[0], float32, s), false, s);
+    auto grads = array::make_arrays({primals[0].shape(), primals[1].shape()}, {float32, float32},
+                                    std::make_shared<SiluMulVJP>(s, threads_), {primals[0], primals[1], c});
+    std::vector<array> out;
+    for (int arg : argnums) out.push_back(grads[arg]);
+    return out;
+  }
+  std::vector<Shape> output_shapes(const std::vector<array>& in) override {
+    Shape shape = in[0].shape();
+    if (in.size() == 1) shape.back() /= 2;
+    return {shape};
+  }
+  const char* name() const override { return "SiluMul"; }
+  bool is_equivalent(const Primitive& other) const override {
+    return threads_ == static_cast<const SiluMul&>(other).threads_;
   }
 
  private:
@@ -444,4 +978,62 @@ array linear_rows(const array& x, const array& packed, int n_out, int threads) {
   return array(shape, float32, std::make_shared<LinearRows>(s, std::max(1, threads)), {xx, ww});
 }
 
+}  // namespace mlx_cai
+
+namespace mlx_cai {
+array decode_attention(const array& q, const array& k, const array& v, const array& holes, const array& slot,
+                       float scale, int end, int threads) {
+  if (q.ndim() != 3 || k.ndim() != 4 || v.shape() != k.shape() || q.shape(0) != k.shape(0) ||
+      q.shape(2) != k.shape(3) || q.shape(1) % k.shape(1) != 0 || holes.ndim() != 2 || holes.shape(0) != q.shape(0) ||
+      holes.shape(1) != 2 || slot.size() != 1 || end <= 0) {
+    throw std::invalid_argument(
+        "decode_attention: expected q (B, H, D), K and V (B, KVH, S, D) with KVH dividing H, holes (B, 2), a slot, end > 0");
+  }
+  auto s = to_stream(StreamOrDevice{});
+  auto f32 = [&](const array& a) { return contiguous(astype(a, float32, s), false, s); };
+  auto i32 = [&](const array& a) { return contiguous(astype(a, int32, s), false, s); };
+  return array(q.shape(), float32, std::make_shared<DecodeAttention>(s, scale, end, std::max(1, threads)),
+               {f32(q), f32(k), f32(v), i32(holes), i32(reshape(slot, {1}, s))});
+}
+}  // namespace mlx_cai
+
+namespace mlx_cai {
+std::vector<array> rope_cache(const array& qkv, const array& k, const array& v, const array& cossin,
+                              const array& slot, int heads, bool traditional, int threads) {
+  if (qkv.ndim() != 2 || k.ndim() != 4 || v.shape() != k.shape() || qkv.shape(0) != k.shape(0) ||
+      heads % k.shape(1) != 0 || qkv.shape(1) != (heads + 2 * k.shape(1)) * k.shape(3) || k.shape(3) % 2 != 0 ||
+      cossin.ndim() != 2 || cossin.shape(0) != qkv.shape(0) || cossin.shape(1) != k.shape(3) || slot.size() != 1) {
+    throw std::invalid_argument(
+        "rope_cache: expected qkv (B, (H + 2 KVH) D), K and V (B, KVH, S, D), cossin (B, D) and one slot");
+  }
+  auto s = to_stream(StreamOrDevice{});
+  auto f32 = [&](const array& a) { return contiguous(astype(a, float32, s), false, s); };
+  auto i32 = [&](const array& a) { return contiguous(astype(a, int32, s), false, s); };
+  int B = qkv.shape(0), D = k.shape(3), KVH = k.shape(1);
+  std::vector<array> common = {f32(qkv), f32(cossin), i32(reshape(slot, {1}, s))};
+  auto make = [&](int part, const Shape& shape, std::optional<array> cache) {
+    auto inputs = common;
+    // the cache as it is: a new node in between (astype, contiguous) would keep it from being donated
+    if (cache) inputs.push_back(cache->dtype() == float32 ? *cache : astype(*cache, float32, s));
+    return array(shape, float32,
+                 std::make_shared<RopeCache>(s, part, heads, KVH, traditional, std::max(1, threads)), inputs);
+  };
+  return {make(0, Shape{B, heads, D}, std::nullopt), make(1, k.shape(), k), make(2, v.shape(), v)};
+}
+}  // namespace mlx_cai
+
+namespace mlx_cai {
+array silu_mul(const array& g, const std::optional<array>& u, int threads) {
+  auto s = to_stream(StreamOrDevice{});
+  auto f32 = [&](const array& a) { return contiguous(astype(a, float32, s), false, s); };
+  auto prim = std::make_shared<SiluMul>(s, std::max(1, threads));
+  if (!u) {
+    if (g.ndim() < 1 || g.shape(-1) % 2 != 0) throw std::invalid_argument("silu_mul: expected gu (..., 2F)");
+    Shape shape = g.shape();
+    shape.back() /= 2;
+    return array(shape, float32, prim, {f32(g)});
+  }
+  if (g.shape() != u->shape()) throw std::invalid_argument("silu_mul: g and u must have the same shape");
+  return array(g.shape(), float32, prim, {f32(g), f32(*u)});
+}
 }  // namespace mlx_cai

@@ -26,4 +26,21 @@ array attention_softmax(const array& scores, float scale, bool causal, const std
 // the whole weight on every call, as much memory traffic as the product itself at 32 rows. No gradient.
 array linear_rows(const array& x, const array& packed, int n_out, int threads);
 
+// One decode step of grouped-query attention: q (B, H, D) against K/V caches (B, KVH, S, D) at slots
+// [0, min(end, slot + 1)), batch row b skipping slots [holes[b, 0], holes[b, 1]) but `slot` itself
+// (left padding). -> (B, H, D) float32. Inference only.
+array decode_attention(const array& q, const array& k, const array& v, const array& holes, const array& slot,
+                       float scale, int end, int threads);
+
+// A decode step's fused projection qkv (B, (H + 2 KVH) D) -> [q (B, H, D) rotated, K, V] with the rotated k and
+// the v of every row written at `slot` of the caches (B, KVH, S, D), in place when MLX can donate them. Row b
+// rotates pair i by the angle with cos cossin[b, i] and sin cossin[b, D/2 + i] (`traditional`: pairs
+// (2i, 2i+1), else (i, i + D/2)). Inference only.
+std::vector<array> rope_cache(const array& qkv, const array& k, const array& v, const array& cossin,
+                              const array& slot, int heads, bool traditional, int threads);
+
+// SwiGLU silu(g) * u, float32: g and u of one shape (differentiable), or u absent and g = [g | u] (..., 2F), the
+// output of a fused gate/up projection (inference).
+array silu_mul(const array& g, const std::optional<array>& u, int threads);
+
 }  // namespace mlx_cai

@@ -27,6 +27,7 @@ from mlx_cai import backend
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_cai import fastmath, kernels
@@ -34,6 +35,7 @@ from mlx_cai import fastmath, kernels
 BUCKET = 64  # cache length rounds up to this: few distinct compiled shapes
 SPAN = 32  # a decode step attends to the cache up to the next multiple of this...
 SPAN_ROWS = 8  # ...when it has at least this many rows
+PACKED_SLACK = 0.5  # prefill groups: rows whose own lengths are within this share of the group's longest
 FAST_OPS_ROWS = 4  # token rows (batch x positions) from which the CPU uses fastmath's attention and SwiGLU
 
 
@@ -128,16 +130,33 @@ class FastLlama:
         return fast
 
     # --- the model -------------------------------------------------------------------------------
-    def _layer(self, lyr: Layer, x, K, V, start, offsets, mask, end=None, holes=None):
+    def _layer(self, lyr: Layer, x, K, V, start, offsets, mask, end=None, holes=None, decode=False, cossin=None,
+               real=None):
         """x (B, T, hidden); K/V (B, KVH, S, D); writes slots [start, start+T); offsets (B,) rope positions.
-        `end` (a python int, prefill only): attend to slots [0, end) instead of the whole static cache."""
-        B, T, _ = x.shape
+        `end` (a python int): attend to slots [0, end) instead of the whole static cache. `holes` (B, 2): each
+        row's pad slots, for the C++ attention of prefill calls and of `decode` steps (T == 1), which rotate by
+        `cossin` (B, D), kernels.rope_angles of the rows' positions.
+        `real` (packed prefill): (B, T, (idx (M,), inv (B*T,))): x is (M, hidden), the M real (non-pad) tokens
+        of the (B, T) block, idx their flat positions in it and inv each flat position's row in x (pads: any)."""
+        if real is not None:
+            B, T, (idx, inv) = real
+        else:
+            B, T, _ = x.shape
         H, KVH, D = self.n_heads, self.n_kv, self.head_dim
-        # decode steps (one token per row) with packed weights: kernels.linear_rows, else BLAS
-        rows = lyr.packed is not None and T == 1 and B <= PACKED_ROWS_MAX
-        mm = (lambda a, i, w: kernels.linear_rows(a, lyr.packed[i], w.shape[0])) if rows else (lambda a, i, w: a @ w.T)
+        # up to PACKED_ROWS_MAX token rows (decode steps) with packed weights: kernels.linear_rows, else BLAS
+        def mm(a, i, w):
+            if lyr.packed is not None and a.size // a.shape[-1] <= PACKED_ROWS_MAX:
+                return kernels.linear_rows(a, lyr.packed[i], w.shape[0])
+            return a @ w.T
+
         h = mx.fast.rms_norm(x, lyr.norm_in, self.eps)
         qkv = mm(h, 0, lyr.w_qkv)
+        if real is not None:  # projections on the real tokens only; attention on the padded block
+            qkv = qkv[inv].reshape(B, T, -1)
+        if decode:  # the C++ decode kernels: rope + cache write in place, then attention over K/V in place
+            q, K, V = kernels.rope_cache(qkv.reshape(B, -1), K, V, cossin, start, H, self.traditional)
+            o = kernels.decode_attention(q, K, V, holes, start, self.scale, end).reshape(B, 1, H * D)
+            return self._mlp(lyr, x, o, mm), K, V
         q, k, v = mx.split(qkv, [H * D, (H + KVH) * D], axis=-1)
         q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)
         k = k.reshape(B, T, KVH, D).transpose(0, 2, 1, 3)
@@ -155,16 +174,30 @@ class FastLlama:
             o = fastmath.attention(q, Ka, Va, self.scale, mask)
         else:
             o = mx.fast.scaled_dot_product_attention(q, Ka, Va, scale=self.scale, mask=mask)
-        x = x + mm(o.transpose(0, 2, 1, 3).reshape(B, T, H * D), 1, lyr.w_o)
-        h = mx.fast.rms_norm(x, lyr.norm_post, self.eps)
-        g, u = mx.split(mm(h, 2, lyr.w_gu), 2, axis=-1)
-        act = fastmath.silu_mul(g, u) if fast_ops else nn.silu(g) * u
-        return x + mm(act, 3, lyr.w_down), K, V
+        o = o.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+        if real is not None:
+            o = o.reshape(B * T, H * D)[idx]
+        return self._mlp(lyr, x, o, mm, fast_ops), K, V
 
-    def _forward(self, tokens, caches, start, pad, prefix, end=None, prefill=False):
+    def _mlp(self, lyr: Layer, x, o, mm, fast_ops=True):
+        """The rest of a layer after attention's output o (B, T, H*D): o-projection, residual, norm, SwiGLU."""
+        x = x + mm(o, 1, lyr.w_o)
+        h = mx.fast.rms_norm(x, lyr.norm_post, self.eps)
+        gu = mm(h, 2, lyr.w_gu)
+        if self.cpu and kernels.enabled():  # one C++ pass over the fused [g | u]
+            act = kernels.silu_mul(gu)
+        else:
+            g, u = mx.split(gu, 2, axis=-1)
+            act = fastmath.silu_mul(g, u) if fast_ops else nn.silu(g) * u
+        return x + mm(act, 3, lyr.w_down)
+
+    def _forward(self, tokens, caches, start, pad, prefix, end=None, prefill=False, real=None):
         """tokens (B, T) at slots [start, start+T). Returns (last-position logits (B, V), new caches).
         `end` (a python int): attention reads slots [0, end) only (prefill: start + T; decode: the span end).
-        `prefill`: end == start + T, so query t sits at slot t + end - T (the C++ masked softmax needs that)."""
+        `prefill`: end == start + T, so query t sits at slot t + end - T (the C++ masked softmax needs that).
+        `real` (prefill; numpy bool (B, T)): which tokens are not padding. Then the matmuls, norms and gate run
+        on those tokens only (one large matmul per weight instead of a padded block); every row's last token
+        must be real."""
         B, T = tokens.shape
         S = caches[0][0].shape[2] if end is None else end
         slots = mx.arange(S)
@@ -178,17 +211,28 @@ class FastLlama:
         own = (s4 < lo) | (s4 >= lo + pad[:, None, None, None])
         mask = (own & (s4 <= p4)) | (s4 == p4)
         x = self.embed[tokens]
+        last = None
+        if real is not None:
+            flat = real.reshape(-1)
+            idx = np.flatnonzero(flat)
+            inv = np.maximum(np.cumsum(flat) - 1, 0)  # pads: the row before (their outputs are never read)
+            last = mx.array(inv.reshape(B, T)[:, -1].astype(np.int32))
+            real = (B, T, (mx.array(idx.astype(np.int32)), mx.array(inv.astype(np.int32))))
+            x = x.reshape(B * T, -1)[real[2][0]]
         new = []
         # Prefill (query t at slot t + S - T) on the CPU kernels: the mask as each row's pad
         # slots [lo, lo + pad) on top of causal. 16 prompts of ~1000 tokens: attention was 64% of prefill.
+        # Decode steps on the CPU kernels: one C++ pass per layer over K and V with the same mask.
         holes = None
-        if prefill and self.cpu and kernels.enabled():
+        decode = not prefill and T == 1 and end is not None and self.cpu and kernels.enabled()
+        if (prefill or decode) and self.cpu and kernels.enabled():
             holes = mx.stack([lo[:, 0, 0, 0], lo[:, 0, 0, 0] + pad], axis=-1).astype(mx.int32)
+        cossin = kernels.rope_angles(offsets, self.head_dim, self.theta) if decode else None  # shared by the layers
         for lyr, (K, V) in zip(self.layers, caches):
-            x, K, V = self._layer(lyr, x, K, V, start, offsets, mask, end, holes)
+            x, K, V = self._layer(lyr, x, K, V, start, offsets, mask, end, holes, decode, cossin, real)
             new.append((K, V))
-        x = mx.fast.rms_norm(x[:, -1, :], self.norm, self.eps)
-        if self.head_packed is not None and T == 1 and B <= PACKED_ROWS_MAX:
+        x = mx.fast.rms_norm(x[:, -1, :] if last is None else x[last], self.norm, self.eps)
+        if self.head_packed is not None:
             return kernels.linear_rows(x, self.head_packed, self.lm_head.shape[0]), new
         return x @ self.lm_head.T, new
 
@@ -201,10 +245,11 @@ class FastLlama:
         shape = (B, self.n_kv, S, self.head_dim)
         return [(mx.zeros(shape, dtype), mx.zeros(shape, dtype)) for _ in self.layers]
 
-    def prefill_steps(self, prompts: list[list[int]], prefix: int, caches, end: int, chunk: int = 256):
-        """Run prompts into `caches` (rows laid out as in the module docstring, every prompt ending at slot
-        end - 1), as a generator: it yields the arrays to evaluate after each chunk of work (so the graph
-        stays small) and returns the last-position logits (B, V).
+    def prefill_steps(self, prompts: list[list[int]], prefix: int, caches, end: int, chunk: int = 256,
+                      row0: int = 0):
+        """Run prompts into `caches` rows row0, row0 + 1, ... (laid out as in the module docstring, every prompt
+        ending at slot end - 1), as a generator: it yields the arrays to evaluate after each chunk of work (so
+        the graph stays small) and returns the last-position logits (B, V).
         Rows' first `prefix` tokens must be equal; each row needs a token after them."""
         zero = mx.zeros((1,), mx.int32)
         shared = None
@@ -216,10 +261,14 @@ class FastLlama:
                 yield one
             shared = [(K[:, :, :prefix], V[:, :, :prefix]) for K, V in one]
         out = []
-        for a, b in length_groups([len(p) - prefix for p in prompts]):
+        # Matmuls run on the real tokens only (see _forward's `real`), so padding costs only attention: groups
+        # may be loose. 32 chats: one group per ~4 tokens of length (6 groups) took 2.4 s, the packed
+        # tokens in 2 groups 1.4 s.
+        for a, b in length_groups([len(p) - prefix for p in prompts], slack=PACKED_SLACK, min_slack=16):
             rows = prompts[a:b]
             width = max(len(p) for p in rows) - prefix  # the group's own tokens, left-padded to this
             first = end - width  # ...and ending at slot end - 1 like every row
+            real = np.arange(width)[None, :] >= np.array([[width - (len(p) - prefix)] for p in rows])
             toks = mx.array([[0] * (width - len(p) + prefix) + p[prefix:] for p in rows])
             pad = mx.array([end - len(p) for p in rows])
             group = self.new_cache(b - a, end)
@@ -230,11 +279,12 @@ class FastLlama:
             for s in range(0, width, chunk):
                 piece = toks[:, s : s + chunk]
                 logits, group = self._forward(piece, group, mx.array(first + s), pad, prefix,
-                                              end=first + s + piece.shape[1], prefill=True)
+                                              end=first + s + piece.shape[1], prefill=True,
+                                              real=real[:, s : s + chunk])
                 yield [logits, group]
             for (K, V), (k, v) in zip(caches, group):
-                K[a:b, :, :end] = k[:, :, :end]
-                V[a:b, :, :end] = v[:, :, :end]
+                K[row0 + a : row0 + b, :, :end] = k[:, :, :end]
+                V[row0 + a : row0 + b, :, :end] = v[:, :, :end]
             yield caches
             out.append(logits)
         return mx.concatenate(out) if len(out) > 1 else out[0]
@@ -252,8 +302,9 @@ class FastLlama:
         return self._steps[key](tokens, caches, mx.array(slot), pad, prefix)
 
 
-# Rows up to which a decode step's matmuls use the packed weights: there linear_rows beat OpenBLAS (64 rows:
-# 2.18 vs 2.57 ms); from ~128 rows OpenBLAS's packing pays for itself (128 x 576 x 3072: 2.4 vs 4.3 ms).
+# Token rows up to which matmuls use the packed weights (decode steps): there linear_rows, which prefetches the
+# next panel while it computes, beat OpenBLAS (a batch-32 decode step's matmuls, 2 threads: 52 vs 72 ms
+# before the prefetch). For prefill's hundreds of rows OpenBLAS was faster (32 chats: 2.1 vs 2.5 s).
 PACKED_ROWS_MAX = 64
 PACK_MEMORY_SHARE = 0.25  # packed decode weights are made only if they take at most this share of the RAM
 
@@ -334,20 +385,35 @@ class FastRunner:
         return mx.stream(backend.cpu_stream(i)) if self.n_parts > 1 else contextlib.nullcontext()
 
     def prefill(self) -> mx.array:
-        """All parts, one after the other on the default stream with the process's BLAS threads: prefill is
-        large matmuls, which BLAS threads use well (64 chats, 4 alternating rounds on 2 cores: 4.55-5.42 s this
-        way, 4.84-5.90 s one part per stream at one BLAS thread each). Decode steps split over the streams."""
+        """All parts, one after the other. A part's rows are split in two runs of about equal token counts, each
+        on its own CPU stream with one BLAS thread: prefill's matmuls are large enough for one thread each, and
+        the two runs overlap each other's single-threaded MLX ops (norms, rope, gate) instead of leaving a BLAS
+        thread spinning through them (32 chats: ~1.3 vs ~2.1 s). Decode steps then use the part's streams."""
         logits = []
-        with backend.blas_threads_set(backend.blas_threads()):
-            for p in self.parts:
-                gen = self.fast.prefill_steps(p.prompts, p.prefix[0].item(), p.caches, self.slot)
-                while True:
-                    try:
-                        mx.eval(next(gen))
-                    except StopIteration as done:
-                        logits.append(done.value)
-                        break
+        two = backend.blas_threads() >= 2
+        for p in self.parts:
+            runs = _token_halves(p.prompts) if two else [(0, len(p.prompts))]
+            with backend.blas_threads_set(1 if len(runs) > 1 else backend.blas_threads()):
+                gens = [self.fast.prefill_steps(p.prompts[a:b], p.prefix[0].item(), p.caches, self.slot, row0=a)
+                        for a, b in runs]
+                out = [None] * len(gens)
+                while any(o is None for o in out):
+                    todo = []
+                    for i, gen in enumerate(gens):
+                        if out[i] is not None:
+                            continue
+                        with self._run_stream(i, len(gens)):
+                            try:
+                                todo.append(next(gen))
+                            except StopIteration as done:
+                                out[i] = done.value
+                    mx.eval(todo)
+            logits.append(mx.concatenate(out) if len(out) > 1 else out[0])
         return mx.concatenate(logits) if len(logits) > 1 else logits[0]
+
+    @staticmethod
+    def _run_stream(i: int, n: int):
+        return mx.stream(backend.cpu_stream(i)) if n > 1 else contextlib.nullcontext()
 
     def step(self, y: mx.array) -> mx.array:
         out, a = [], 0
@@ -373,6 +439,25 @@ class FastRunner:
         self.n_parts = min(self.n_parts, idx.shape[0])
         self.parts = [_Part(None, prefix[a:b], pad[a:b], [(K[a:b], V[a:b]) for K, V in caches])
                       for a, b in _split(idx.shape[0], self.n_parts)]
+
+
+# Prefill rows (of one part) from which they are split in two runs on two streams (prefill's matmuls then
+# get one BLAS thread each); fewer rows make matmuls too small for that.
+PREFILL_SPLIT_ROWS = 8
+
+
+def _token_halves(prompts: list[list[int]]) -> list[tuple[int, int]]:
+    """[(0, k), (k, n)] splitting the rows where the token counts before and after are closest (one range for
+    fewer than PREFILL_SPLIT_ROWS rows)."""
+    n = len(prompts)
+    if n < PREFILL_SPLIT_ROWS:
+        return [(0, n)]
+    sizes = [len(p) for p in prompts]
+    total, run, best = sum(sizes), 0, (float("inf"), 1)
+    for k in range(1, n):
+        run += sizes[k - 1]
+        best = min(best, (abs(total - 2 * run), k))
+    return [(0, best[1]), (best[1], n)]
 
 
 def _split(n: int, k: int) -> list[tuple[int, int]]:

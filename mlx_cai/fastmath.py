@@ -61,12 +61,19 @@ def _exp_vjp(x, cotangent, output):  # one input: MLX passes arrays, not tuples
 
 
 @mx.custom_function
-def silu_mul(g: mx.array, u: mx.array) -> mx.array:
-    """silu(g) * u, the SwiGLU gate."""
+def _silu_mul_ops(g: mx.array, u: mx.array) -> mx.array:
     return _silu_mul_c(g, u)
 
 
-@silu_mul.vjp
+def silu_mul(g: mx.array, u: mx.array) -> mx.array:
+    """silu(g) * u, the SwiGLU gate: the C++ kernel (kernels.silu_mul, float32) when it runs, else MLX ops."""
+    if kernels.enabled():
+        out = kernels.silu_mul(g, u)
+        return out if g.dtype == mx.float32 else out.astype(g.dtype)
+    return _silu_mul_ops(g, u)
+
+
+@_silu_mul_ops.vjp
 def _silu_mul_vjp(primals, cotangent, output):
     g, u = primals
     s = 1.0 / (1.0 + _exp_c(-g))

@@ -190,3 +190,125 @@ def test_attention_softmax_with_padding_holes_matches_the_mlx_fallback(threads, 
     assert (g[1][..., 2:5][..., :, :] == 0).all()  # the pad slots get no weight...
     assert np.allclose(g.sum(-1), 1)  # ...and every row, even one inside a hole, sums to 1
     assert (g[2][..., np.arange(T), np.arange(S - T, S)] == 1).all()  # all-hole rows see only themselves
+
+
+def decode_attention_numpy(q, k, v, holes, slot, scale, end):
+    """The decode-step attention written out with numpy loops: the reference for kernel and fallback."""
+    q, k, v, holes = (np.array(a, dtype=np.float64) for a in (q, k, v, holes))
+    B, H, D = q.shape
+    KVH = k.shape[1]
+    out = np.zeros((B, H, D))
+    n = min(end, slot + 1)
+    for b in range(B):
+        keep = [s for s in range(n) if not (holes[b, 0] <= s < holes[b, 1]) or s == slot]
+        for h in range(H):
+            g = h // (H // KVH)
+            sc = np.array([q[b, h] @ k[b, g, s] * scale for s in keep])
+            p = np.exp(sc - sc.max())
+            out[b, h] = (p / p.sum()) @ v[b, g, keep]
+    return out
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("D,threads", [(64, 1), (64, 2), (10, 3)])
+def test_decode_attention_matches_a_numpy_reference(kernel, D, threads, monkeypatch):
+    """Grouped heads (9 query heads on 3 KV heads), pad holes (none, inside, up to the slot), slots past the
+    current one ignored, a head size with and without the kernel's unrolled case."""
+    if kernel and kernels._ext is None:
+        pytest.skip("kernels not built")
+    if not kernel:
+        monkeypatch.setenv("MLX_CAI_KERNELS", "0")
+    B, H, KVH, S, slot, end = 3, 9, 3, 24, 13, 16
+    q = mx.random.normal((B, H, D), key=mx.random.key(21))
+    k = mx.random.normal((B, KVH, S, D), key=mx.random.key(22))
+    v = mx.random.normal((B, KVH, S, D), key=mx.random.key(23))
+    holes = mx.array([[0, 0], [4, 9], [2, 14]], dtype=mx.int32)
+    with backend.blas_threads_set(threads):
+        got = kernels.decode_attention(q, k, v, holes, mx.array(slot), 0.3, end)
+    assert got.shape == (B, H, D)
+    want = decode_attention_numpy(q, k, v, holes, slot, 0.3, end)
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-5)
+
+
+def rope_reference(x, positions, D, base, traditional):
+    """x (B, heads, D) rotated by mx.fast.rope at each row's own position."""
+    return mx.concatenate([mx.fast.rope(x[b : b + 1, :, None], D, traditional=traditional, base=base, scale=1.0,
+                                        offset=int(positions[b]))[:, :, 0] for b in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope_cache_rotates_like_mlx_rope_and_writes_the_slot(kernel, traditional, monkeypatch):
+    if kernel and kernels._ext is None:
+        pytest.skip("kernels not built")
+    if not kernel:
+        monkeypatch.setenv("MLX_CAI_KERNELS", "0")
+    B, H, KVH, D, S, slot, base = 4, 6, 2, 16, 10, 7, 10000.0
+    qkv = mx.random.normal((B, (H + 2 * KVH) * D), key=mx.random.key(31))
+    K0 = mx.random.normal((B, KVH, S, D), key=mx.random.key(32))
+    V0 = mx.random.normal((B, KVH, S, D), key=mx.random.key(33))
+    positions = mx.array([7, 3, 0, 250])
+    mx.eval(K0, V0)
+    before = np.array(K0), np.array(V0)
+    q, K, V = kernels.rope_cache(qkv, K0, V0, kernels.rope_angles(positions, D, base), mx.array(slot), H,
+                                 traditional)
+    x = qkv.reshape(B, H + 2 * KVH, D)
+    np.testing.assert_allclose(np.array(q), np.array(rope_reference(x[:, :H], positions, D, base, traditional)),
+                               rtol=1e-5, atol=1e-5)
+    want_k, want_v = before[0].copy(), before[1].copy()
+    want_k[:, :, slot] = np.array(rope_reference(x[:, H : H + KVH], positions, D, base, traditional))
+    want_v[:, :, slot] = np.array(x[:, H + KVH :])
+    np.testing.assert_allclose(np.array(K), want_k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.array(V), want_v)
+    # the old caches were still referenced here, so they were not written in place
+    np.testing.assert_array_equal(np.array(K0), before[0])
+    np.testing.assert_array_equal(np.array(V0), before[1])
+
+
+@built
+def test_rope_cache_updates_a_cache_nobody_else_holds_in_place():
+    """The decode loop's case: the old cache's only use is the update, so its buffer is reused (no copy)."""
+    B, H, KVH, D, S = 2, 3, 1, 8, 64
+    K = mx.zeros((B, KVH, S, D))
+    V = mx.zeros((B, KVH, S, D))
+    mx.eval(K, V)
+    cossin = kernels.rope_angles(mx.array([5, 6]), D, 10000.0)
+    step = mx.compile(lambda qkv, K, V, slot: kernels.rope_cache(qkv, K, V, cossin, slot, H, False))
+    for slot in range(3):
+        qkv = mx.full((B, (H + 2 * KVH) * D), float(slot + 1))
+        q, K, V = step(qkv, K, V, mx.array(slot))
+        mx.eval(q, K, V)
+    assert [float(V[0, 0, s, 0]) for s in range(4)] == [1.0, 2.0, 3.0, 0.0]  # every step's write kept
+
+
+@built
+def test_kernels_called_from_two_streams_at_once_stay_correct():
+    """Two MLX CPU streams each running 2-thread kernels: one takes the worker pool, the other its own threads."""
+    xs = [mx.random.normal((64, 96), key=mx.random.key(40 + i)) for i in range(2)]
+    w = mx.random.normal((300, 96), key=mx.random.key(42))
+    packed = kernels.pack_weight(w)
+    outs = []
+    for i, x in enumerate(xs):
+        with mx.stream(backend.cpu_stream(i)):
+            outs.append([kernels._ext.linear_rows(x, packed, 300, 2) for _ in range(20)])
+    mx.eval(outs)
+    for x, o in zip(xs, outs):
+        for y in o:
+            np.testing.assert_allclose(np.array(y), np.array(x @ w.T), rtol=1e-5, atol=1e-5)
+
+
+@built
+@pytest.mark.parametrize("threads", [1, 2])
+def test_silu_mul_matches_mlx_in_both_forms_with_gradients(threads):
+    """Sizes that are no multiple of the 16-lane vectors, large |g| (exp overflow/underflow), the fused [g | u]."""
+    g = mx.random.normal((5, 37), key=mx.random.key(50)) * 30
+    u = mx.random.normal((5, 37), key=mx.random.key(51))
+    want = g * mx.sigmoid(g) * u
+    np.testing.assert_allclose(np.array(kernels._ext.silu_mul(g, u, threads)), np.array(want), rtol=1e-5, atol=1e-6)
+    fused = kernels._ext.silu_mul(mx.concatenate([g, u], axis=-1), None, threads)
+    np.testing.assert_allclose(np.array(fused), np.array(want), rtol=1e-5, atol=1e-6)
+    c = mx.random.normal(g.shape, key=mx.random.key(52))
+    got = mx.grad(lambda g, u: (kernels._ext.silu_mul(g, u, threads) * c).sum(), argnums=(0, 1))(g, u)
+    ref = mx.grad(lambda g, u: (g * mx.sigmoid(g) * u * c).sum(), argnums=(0, 1))(g, u)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
