@@ -14,7 +14,9 @@ NB_MODULE(_kernels, m) {
   m.def("token_logprobs", &mlx_cai::token_logprobs, "logits"_a, "targets"_a, "threads"_a = 1,
         "logits[k, targets[k]] - logsumexp(logits[k]) for logits (K, V) and targets (K,); CPU only.");
   m.def("linear_rows", &mlx_cai::linear_rows, "x"_a, "packed"_a, "n_out"_a, "threads"_a = 1,
-        "x (..., K) @ w.T for w (n_out, K) packed as (ceil(n_out / 32), K, 32); CPU only, no gradient.");
+        "packed_t"_a = nb::none(),
+        "x (..., K) @ w.T for w (n_out, K) packed as (ceil(n_out / 32), K, 32); differentiable in x given packed_t "
+        "(w.T packed the same way); CPU only.");
   m.def("attention_softmax", &mlx_cai::attention_softmax, "scores"_a, "scale"_a, "causal"_a,
         "holes"_a = nb::none(), "threads"_a = 1,
         "softmax(scale * scores) over the last axis; causal: row t of (..., T, S) sees slots <= t + S - T. CPU only.");

@@ -477,6 +477,21 @@ class LinearRows : public UnaryPrimitive {
   bool is_equivalent(const Primitive& other) const override {
     return threads_ == static_cast<const LinearRows&>(other).threads_;
   }
+  // With a third input, w packed transposed ((ceil(K / 32), N, 32)): d x = d y @ w, the same kernel. The packed
+  // weights are constants (a frozen base layer): no gradient for them.
+  std::vector<array> vjp(const std::vector<array>& primals, const std::vector<array>& cotangents,
+                         const std::vector<int>& argnums, const std::vector<array>& outputs) override {
+    if (primals.size() < 3) throw std::invalid_argument("linear_rows: no gradient without the transposed packing");
+    std::vector<array> grads;
+    auto s = stream();
+    for (int arg : argnums) {
+      if (arg != 0) throw std::invalid_argument("linear_rows: the packed weights take no gradient (frozen)");
+      array c = contiguous(astype(cotangents[0], float32, s), false, s);
+      Shape shape = primals[0].shape();
+      grads.push_back(array(shape, float32, std::make_shared<LinearRows>(s, threads_), {c, primals[2]}));
+    }
+    return grads;
+  }
 
  private:
   int threads_;
@@ -965,17 +980,23 @@ array attention_softmax(const array& scores, float scale, bool causal, const std
   return array(x.shape(), float32, std::make_shared<AttentionSoftmax>(s, scale, causal, std::max(1, threads)), inputs);
 }
 
-array linear_rows(const array& x, const array& packed, int n_out, int threads) {
+array linear_rows(const array& x, const array& packed, int n_out, int threads, const std::optional<array>& packed_t) {
   if (x.ndim() < 1 || packed.ndim() != 3 || packed.shape(2) != LIN_NB || x.shape(-1) != packed.shape(1) ||
       n_out <= 0 || n_out > packed.shape(0) * LIN_NB) {
     throw std::invalid_argument("linear_rows: expected x (..., K) and a weight packed as (ceil(N / 32), K, 32)");
   }
+  int64_t K = x.shape(-1);
+  if (packed_t && (packed_t->ndim() != 3 || packed_t->shape(2) != LIN_NB || packed_t->shape(1) != n_out ||
+                   packed_t->shape(0) * LIN_NB < K)) {
+    throw std::invalid_argument("linear_rows: packed_t must be the weight transposed, packed as (ceil(K / 32), N, 32)");
+  }
   auto s = to_stream(StreamOrDevice{});
   array xx = contiguous(astype(x, float32, s), false, s);
-  array ww = contiguous(astype(packed, float32, s), false, s);
+  std::vector<array> inputs = {xx, contiguous(astype(packed, float32, s), false, s)};
+  if (packed_t) inputs.push_back(contiguous(astype(*packed_t, float32, s), false, s));
   Shape shape = x.shape();
   shape.back() = n_out;
-  return array(shape, float32, std::make_shared<LinearRows>(s, std::max(1, threads)), {xx, ww});
+  return array(shape, float32, std::make_shared<LinearRows>(s, std::max(1, threads)), inputs);
 }
 
 }  // namespace mlx_cai

@@ -23,8 +23,9 @@ array attention_softmax(const array& scores, float scale, bool causal, const std
 
 // y (..., N) = x (..., K) @ w.T for a few rows (decoding), float32, with w (N, K) packed once into (ceil(N / 32),
 // K, 32) column panels (zero past N): each panel is streamed from memory once per call. BLAS instead packs
-// the whole weight on every call, as much memory traffic as the product itself at 32 rows. No gradient.
-array linear_rows(const array& x, const array& packed, int n_out, int threads);
+// the whole weight on every call, as much memory traffic as the product itself at 32 rows.
+// With packed_t (w.T packed the same way, (ceil(K / 32), N, 32)) it is differentiable in x: d x = d y @ w.
+array linear_rows(const array& x, const array& packed, int n_out, int threads, const std::optional<array>& packed_t);
 
 // One decode step of grouped-query attention: q (B, H, D) against K/V caches (B, KVH, S, D) at slots
 // [0, min(end, slot + 1)), batch row b skipping slots [holes[b, 0], holes[b, 1]) but `slot` itself

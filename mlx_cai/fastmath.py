@@ -18,6 +18,7 @@ import os
 from mlx_cai import backend  # noqa: F401  (BLAS before mlx.core)
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from mlx_cai import kernels
 
@@ -170,3 +171,49 @@ def _sdpa_for(original):
 
     return sdpa
 
+
+
+PACKED_TRAIN_SHARE = 0.25  # packed copies of frozen weights are made only if they take at most this share of RAM
+
+
+class _PackedLinear(nn.Linear):
+    """A frozen nn.Linear whose product runs in kernels.linear_rows over weights packed once (see
+    `packed_frozen_linears`); the class of a layer is switched to this and back."""
+
+    def __call__(self, x):
+        packed, packed_t = self._mlx_cai_packed
+        y = kernels.linear_rows(x, packed, self.weight.shape[0], packed_t)
+        return y if x.dtype == mx.float32 else y.astype(x.dtype)
+
+
+@contextlib.contextmanager
+def packed_frozen_linears(model):
+    """While active, the model's frozen bias-free float32 nn.Linear layers (LoRA's base layers and the layers
+    without adapters) compute x @ w.T with kernels.linear_rows over w packed once, and d x = d y @ w over w.T
+    packed once: OpenBLAS repacks both operands on every call (~11% of an SFT step's samples). CPU kernels
+    only, and only when the two packed copies fit in PACKED_TRAIN_SHARE of the RAM; MLX_CAI_PACKED_TRAIN=0 turns
+    it off. Restored on exit."""
+    if not kernels.enabled() or os.environ.get("MLX_CAI_PACKED_TRAIN") == "0":
+        yield
+        return
+    layers = [m for _, m in model.named_modules()
+              if type(m) is nn.Linear and "bias" not in m and m.weight.dtype == mx.float32
+              and not m.trainable_parameters()]
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 0
+    if not layers or 2 * sum(m.weight.nbytes for m in layers) > PACKED_TRAIN_SHARE * ram:
+        yield
+        return
+    for m in layers:
+        w = m.weight
+        object.__setattr__(m, "_mlx_cai_packed", (kernels.pack_weight(w), kernels.pack_weight(w.T)))
+        mx.eval(m._mlx_cai_packed)
+        m.__class__ = _PackedLinear
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__class__ = nn.Linear
+            object.__delattr__(m, "_mlx_cai_packed")

@@ -156,10 +156,11 @@ def pack_weight(w: mx.array) -> mx.array:
     return mx.contiguous(w.reshape(P, PANEL, K).transpose(0, 2, 1))
 
 
-def linear_rows(x: mx.array, packed: mx.array, n_out: int) -> mx.array:
-    """x (..., K) @ w.T, float32, for w (n_out, K) packed by `pack_weight` (inference: no gradient)."""
+def linear_rows(x: mx.array, packed: mx.array, n_out: int, packed_t: mx.array | None = None) -> mx.array:
+    """x (..., K) @ w.T, float32, for w (n_out, K) packed by `pack_weight`. Differentiable in x when `packed_t`
+    is `pack_weight(w.T)` (a frozen layer in training: the weights take no gradient)."""
     if enabled():
-        return _ext.linear_rows(x, packed, n_out, backend.cpu_threads())
+        return _ext.linear_rows(x, packed, n_out, backend.cpu_threads(), packed_t)
     P, K, _ = packed.shape
     w = packed.transpose(0, 2, 1).reshape(P * PANEL, K)[:n_out]
-    return x.astype(mx.float32) @ w.T
+    return x.astype(mx.float32) @ mx.stop_gradient(w).T

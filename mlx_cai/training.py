@@ -732,7 +732,8 @@ def train(model, optimizer: optim.Optimizer, loss_fn: LossFn, get_batch: Callabl
     writer = records.writer(out / "metrics.jsonl", D.is_main(), sync=False)
     last_saved = latest_checkpoint(out)
     model.train()
-    with fastmath.mlx_lm_cpu_ops():  # cheaper CPU exp (fastmath)
+    # cheaper CPU exp and attention (fastmath), frozen matmuls over pre-packed weights
+    with fastmath.mlx_lm_cpu_ops(), fastmath.packed_frozen_linears(model):
         try:
             while pos.step < cfg.iters:
                 t0 = time.perf_counter()

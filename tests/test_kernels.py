@@ -312,3 +312,34 @@ def test_silu_mul_matches_mlx_in_both_forms_with_gradients(threads):
     ref = mx.grad(lambda g, u: (g * mx.sigmoid(g) * u * c).sum(), argnums=(0, 1))(g, u)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+
+
+@built
+def test_packed_frozen_linears_give_the_same_loss_and_gradients(tiny):
+    """Frozen layers switch to the packed kernel (forward and d x) and back; trainable ones stay on BLAS."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_cai import fastmath
+
+    model, _ = tiny
+    model.freeze()
+    model.model.layers[0].mlp.up_proj.unfreeze()  # its gradient flows back through packed frozen layers
+    tokens = mx.array([[1, 5, 9, 30, 7, 2, 11, 4]])
+
+    def loss(m):
+        return (m(tokens).astype(mx.float32) ** 2).mean()
+
+    want_loss, want_grad = nn.value_and_grad(model, loss)(model)
+    with fastmath.packed_frozen_linears(model):
+        assert type(model.model.layers[1].mlp.down_proj) is fastmath._PackedLinear
+        assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+        got_loss, got_grad = nn.value_and_grad(model, loss)(model)
+    assert type(model.model.layers[1].mlp.down_proj) is nn.Linear  # restored
+    assert "_mlx_cai_packed" not in vars(model.model.layers[1].mlp.down_proj)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+    (name, g), = tree_flatten(got_grad)
+    (_, w), = tree_flatten(want_grad)
+    assert name.endswith("up_proj.weight")
+    np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-6)
+    assert float(mx.abs(w).max()) > 0
