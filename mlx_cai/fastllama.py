@@ -245,21 +245,29 @@ class FastLlama:
         shape = (B, self.n_kv, S, self.head_dim)
         return [(mx.zeros(shape, dtype), mx.zeros(shape, dtype)) for _ in self.layers]
 
+    def prefix_steps(self, tokens: list[int], chunk: int = 256):
+        """The K/V of a shared prompt prefix (one row), as a generator like `prefill_steps`; returns the per-layer
+        (K, V) of its len(tokens) slots (None for no tokens)."""
+        if not tokens:
+            return None
+        zero = mx.zeros((1,), mx.int32)
+        one = self.new_cache(1, len(tokens))
+        for s in range(0, len(tokens), chunk):
+            piece = mx.array([tokens[s : s + chunk]])
+            _, one = self._forward(piece, one, mx.array(s), zero, 0, end=s + piece.shape[1], prefill=True)
+            yield one
+        return [(K[:, :, : len(tokens)], V[:, :, : len(tokens)]) for K, V in one]
+
     def prefill_steps(self, prompts: list[list[int]], prefix: int, caches, end: int, chunk: int = 256,
-                      row0: int = 0):
+                      row0: int = 0, shared=None):
         """Run prompts into `caches` rows row0, row0 + 1, ... (laid out as in the module docstring, every prompt
         ending at slot end - 1), as a generator: it yields the arrays to evaluate after each chunk of work (so
         the graph stays small) and returns the last-position logits (B, V).
-        Rows' first `prefix` tokens must be equal; each row needs a token after them."""
+        Rows' first `prefix` tokens must be equal (their K/V: `shared` from `prefix_steps`, else computed
+        here); each row needs a token after them."""
         zero = mx.zeros((1,), mx.int32)
-        shared = None
-        if prefix:
-            one = self.new_cache(1, prefix)
-            for s in range(0, prefix, chunk):
-                piece = mx.array([prompts[0][s : min(s + chunk, prefix)]])
-                _, one = self._forward(piece, one, mx.array(s), zero, 0, end=s + piece.shape[1], prefill=True)
-                yield one
-            shared = [(K[:, :, :prefix], V[:, :, :prefix]) for K, V in one]
+        if prefix and shared is None:
+            shared = yield from self.prefix_steps(prompts[0][:prefix], chunk)
         out = []
         # Matmuls run on the real tokens only (see _forward's `real`), so padding costs only attention: groups
         # may be loose. 32 chats: one group per ~4 tokens of length (6 groups) took 2.4 s, the packed
@@ -393,8 +401,10 @@ class FastRunner:
         two = backend.blas_threads() >= 2
         for p in self.parts:
             runs = _token_halves(p.prompts) if two else [(0, len(p.prompts))]
+            prefix = p.prefix[0].item()
+            shared = _drain(self.fast.prefix_steps(p.prompts[0][:prefix])) if len(runs) > 1 else None  # once
             with backend.blas_threads_set(1 if len(runs) > 1 else backend.blas_threads()):
-                gens = [self.fast.prefill_steps(p.prompts[a:b], p.prefix[0].item(), p.caches, self.slot, row0=a)
+                gens = [self.fast.prefill_steps(p.prompts[a:b], prefix, p.caches, self.slot, row0=a, shared=shared)
                         for a, b in runs]
                 out = [None] * len(gens)
                 while any(o is None for o in out):
@@ -444,6 +454,15 @@ class FastRunner:
 # Prefill rows (of one part) from which they are split in two runs on two streams (prefill's matmuls then
 # get one BLAS thread each); fewer rows make matmuls too small for that.
 PREFILL_SPLIT_ROWS = 8
+
+
+def _drain(gen):
+    """Run a prefill generator to its end, evaluating what it yields; its return value."""
+    while True:
+        try:
+            mx.eval(next(gen))
+        except StopIteration as done:
+            return done.value
 
 
 def _token_halves(prompts: list[list[int]]) -> list[tuple[int, int]]:

@@ -63,11 +63,15 @@ def test_silu_mul_and_masked_softmax_match_mlx():
     assert np.all(p[~np.array(mask)] == 0)
 
 
-@pytest.fixture
-def two_streams(monkeypatch):
-    """Make generation split every batch of >= 2 rows over two CPU streams, whatever the machine's load."""
+@pytest.fixture(params=["kernels", "mlx-ops"])
+def two_streams(monkeypatch, request):
+    """Make generation use two CPU streams whatever the machine's load: with the C++ kernels, prefill in two
+    runs of rows (decode then runs in one stream with 2-thread kernels); with MLX ops (MLX_CAI_KERNELS=0), also
+    decode steps split over two streams."""
     monkeypatch.setattr(G, "STREAM_ROWS", 1)
     monkeypatch.setattr(backend, "blas_threads", lambda: 2)
+    if request.param == "mlx-ops":
+        monkeypatch.setenv("MLX_CAI_KERNELS", "0")
 
 
 def test_shared_prefix_and_streams_give_the_generic_paths_tokens(tiny, two_streams):
@@ -149,3 +153,22 @@ def test_mlx_lm_cpu_ops_give_the_same_loss_and_gradients(tiny):
 
     assert _close(plain[0], fast[0])
     assert all(_close(a, b) for (_, a), (_, b) in zip(tree_flatten(plain[1]), tree_flatten(fast[1])))
+
+
+def test_prefill_in_two_runs_and_a_decode_step_match_the_model_logits(tiny, two_streams):
+    """Row by row against mlx-lm's own forward pass: catches rows of one run written into another's cache
+    (the tiny model's greedy tokens are too repetitive to show that)."""
+    from mlx_cai import fastllama
+    from mlx_cai.fastllama import FastLlama, FastRunner
+    from mlx_cai.generate import encode
+
+    model, tok = tiny
+    prompts = sorted([encode(tok, c) for c in convs(TEXTS)], key=len, reverse=True)
+    assert len(fastllama._token_halves(prompts)) == 2 and fastllama.shared_prefix(prompts) > 0
+    runner = FastRunner(FastLlama.build(model), prompts, 4)
+    first = runner.prefill()
+    y = mx.array([(37 * i + 5) % 250 for i in range(len(prompts))])
+    second = runner.step(y)
+    for i, p in enumerate(prompts):
+        assert _close(first[i], model(mx.array([p]))[0, -1]), i
+        assert _close(second[i], model(mx.array([p + [int(y[i])]]))[0, -1]), i
