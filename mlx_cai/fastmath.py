@@ -173,7 +173,7 @@ def _sdpa_for(original):
 
 
 
-PACKED_TRAIN_SHARE = 0.25  # packed copies of frozen weights are made only if they take at most this share of RAM
+PACKED_TRAIN_SHARE = 0.1  # packed copies of frozen weights (2x their size) only if they take at most this share of RAM
 
 
 class _PackedLinear(nn.Linear):

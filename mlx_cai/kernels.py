@@ -12,9 +12,16 @@ CUDA, a failed build) the MLX-op fallbacks run. Both paths are tested against ea
   scale, max, exp, normalize) and their gradient in one more, instead of ~25 elementwise MLX passes each way.
   Training attention (fastmath.attention) uses it: an SFT step of the training benchmark spent 0.52 s of
   2.03 s in attention before.
-- `linear_rows(x, packed, n)`: x @ w.T for the few rows of a decode step, with w packed once by `pack_weight`
-  into 32-column panels that are streamed from memory once per call (OpenBLAS packs the whole weight on every
-  call: at 32 rows that copy was a fifth of the generation benchmark's samples).
+- `linear_rows(x, packed, n[, packed_t])`: x @ w.T with w packed once by `pack_weight` into 32-column panels,
+  each streamed from memory once per call while the next is prefetched (OpenBLAS packs the whole weight on
+  every call: at 32 rows that copy was a fifth of the generation benchmark's samples). Decode steps use it,
+  and training for frozen layers (`packed_t`: the input gradient over w.T packed).
+- `decode_attention`, `rope_cache`, `silu_mul`: the rest of a decode step (attention over the KV cache read
+  in place, rotary embedding with the cache write in place, the SwiGLU gate), each one pass split over the
+  threads; `silu_mul` is differentiable and serves training too.
+
+Threads come from a worker pool kept by the module (a thread start per call cost more than a decode step's
+small calls); the count is the BLAS threads in effect when the work is traced (`backend.cpu_threads`).
 """
 
 from __future__ import annotations
