@@ -13,6 +13,7 @@ import glob
 import os
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 _BLAS_PATH: str | None = None
@@ -28,17 +29,42 @@ def _openblas_candidates() -> list[str]:
     return sorted(found, key=lambda p: (not p.endswith(".so.0"), p))
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return sum(v) - idle, sum(v)
+
+
+def _others_busy(cores: int, seconds: float = 0.1) -> bool:
+    """Whether other work keeps the cores busy right now: at least cores - 0.5 of them over `seconds` of
+    /proc/stat (this process is idle meanwhile). The 1-minute load average, used where /proc/stat is
+    missing, lags: right after a test run it still said 2+ on a quiet 2-core machine, and a demo started
+    then ran with one BLAS thread throughout (~2x slower training)."""
+    a = _cpu_times()
+    if a is None:
+        return hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
+    time.sleep(seconds)
+    b = _cpu_times()
+    busy, total = b[0] - a[0], b[1] - a[1]
+    n_cpus = os.cpu_count() or cores
+    return total > 0 and busy / total * n_cpus >= cores - 0.5
+
+
 def _choose_blas_threads() -> None:
-    """OpenBLAS threads spin while waiting for work: on a machine already busy (load >= cores) that made a
-    decode step 6x slower than one thread (measured on 2 cores under load ~8). Use one thread then, all
+    """OpenBLAS threads spin while waiting for work: on a machine already busy (other work on every core) that
+    made a decode step 6x slower than one thread (measured on 2 cores under load ~8). Use one thread then, all
     cores otherwise. OPENBLAS_NUM_THREADS or MLX_CAI_BLAS_THREADS, if set, win."""
     if "OPENBLAS_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     chosen = os.environ.get("MLX_CAI_BLAS_THREADS")
     if not chosen:
-        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
-        chosen = "1" if busy else str(cores)
+        chosen = "1" if cores > 1 and _others_busy(cores) else str(cores)
     os.environ["OPENBLAS_NUM_THREADS"] = chosen
 
 

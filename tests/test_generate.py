@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_cai import sampling
+from mlx_cai import backend, sampling
 from mlx_cai.generate import ContextError, SamplingConfig, fit_context, generate
 
 PROMPTS = ["hi", "hello there, how are you today?", "a much longer prompt " * 6, "ok"]
@@ -168,3 +172,20 @@ def test_blas_threads_set_nests_and_restores_the_previous_setting():
         with backend.blas_threads_per(1):  # one stream: nothing changes
             assert get() == other
     assert get() == start
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_blas_thread_choice_sees_cores_kept_busy_by_others():
+    """Busy-looping processes on every core are seen within the 0.1 s sample (the 1-minute load average
+    would take about a minute to notice them)."""
+    import subprocess
+
+    cores = len(os.sched_getaffinity(0))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.3)
+        assert backend._others_busy(cores, seconds=0.3)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
