@@ -530,8 +530,7 @@ void decode_attention_task(const float* __restrict qt, const float* __restrict K
 #pragma omp simd
     for (int64_t s = 0; s < n; ++s) pr[s] = pr[s] == NEG ? 0.0f : exp_poly(pr[s] - m);
     float inv = 1.0f / lane_sum(pr, nullptr, n);
-    float acc[DT > 0 ? DT : 256];
-    if (DT == 0 && D > 256) throw std::invalid_argument("decode_attention: head size > 256");
+    float acc[DT > 0 ? DT : 256];  // D <= 256: checked by decode_attention()
     for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
     for (int64_t s = 0; s < n; ++s) {
       float w = pr[s];
@@ -1006,9 +1005,10 @@ array decode_attention(const array& q, const array& k, const array& v, const arr
                        float scale, int end, int threads) {
   if (q.ndim() != 3 || k.ndim() != 4 || v.shape() != k.shape() || q.shape(0) != k.shape(0) ||
       q.shape(2) != k.shape(3) || q.shape(1) % k.shape(1) != 0 || holes.ndim() != 2 || holes.shape(0) != q.shape(0) ||
-      holes.shape(1) != 2 || slot.size() != 1 || end <= 0) {
+      holes.shape(1) != 2 || slot.size() != 1 || end <= 0 || q.shape(2) > 256) {
     throw std::invalid_argument(
-        "decode_attention: expected q (B, H, D), K and V (B, KVH, S, D) with KVH dividing H, holes (B, 2), a slot, end > 0");
+        "decode_attention: expected q (B, H, D <= 256), K and V (B, KVH, S, D) with KVH dividing H, holes (B, 2), a "
+        "slot, end > 0");
   }
   auto s = to_stream(StreamOrDevice{});
   auto f32 = [&](const array& a) { return contiguous(astype(a, float32, s), false, s); };

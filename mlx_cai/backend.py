@@ -132,6 +132,14 @@ def blas_threads_set(n: int):
         _threads_now = before
 
 
+def ram_bytes() -> int:
+    """The machine's physical memory in bytes (0 where it cannot be read): the budget for packed weight copies."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def cpu_threads() -> int:
     """Threads the CPU work being set up now may use: the BLAS threads in effect (blas_threads_set's, else the
     import-time choice), so kernels on parallel streams share the cores as BLAS does."""
@@ -189,10 +197,7 @@ def memory_summary() -> str:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
         total, avail = info.get("MemTotal"), info.get("MemAvailable")
     except OSError:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
-            pass
+        total = ram_bytes() or None
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     parts = []
     if total:

@@ -19,7 +19,6 @@ architectures) returns None from `build` and the caller uses the generic path.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -323,11 +322,7 @@ def _packing_fits(layers: list[Layer], head: mx.array) -> bool:
     ws = [head] + [w for lyr in layers for w in (lyr.w_qkv, lyr.w_o, lyr.w_gu, lyr.w_down)]
     if any(w.dtype != mx.float32 for w in ws):
         return False
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return False
-    return sum(w.nbytes for w in ws) <= PACK_MEMORY_SHARE * ram
+    return sum(w.nbytes for w in ws) <= PACK_MEMORY_SHARE * backend.ram_bytes()
 
 
 def shared_prefix(prompts: list[list[int]]) -> int:
@@ -389,8 +384,9 @@ class FastRunner:
         self.parts = [_Part.start(fast, prompts[a:b], self.slot, max_tokens)
                       for a, b in _split(len(prompts), self.n_parts)]
 
-    def _stream(self, i: int):
-        return mx.stream(backend.cpu_stream(i)) if self.n_parts > 1 else contextlib.nullcontext()
+    def _stream(self, i: int, n: int | None = None):
+        """Stream i of n parallel ones (default: the decode parts), or the default stream when n is 1."""
+        return mx.stream(backend.cpu_stream(i)) if (n or self.n_parts) > 1 else contextlib.nullcontext()
 
     def prefill(self) -> mx.array:
         """All parts, one after the other. A part's rows are split in two runs of about equal token counts, each
@@ -412,7 +408,7 @@ class FastRunner:
                     for i, gen in enumerate(gens):
                         if out[i] is not None:
                             continue
-                        with self._run_stream(i, len(gens)):
+                        with self._stream(i, len(gens)):
                             try:
                                 todo.append(next(gen))
                             except StopIteration as done:
@@ -420,10 +416,6 @@ class FastRunner:
                     mx.eval(todo)
             logits.append(mx.concatenate(out) if len(out) > 1 else out[0])
         return mx.concatenate(logits) if len(logits) > 1 else logits[0]
-
-    @staticmethod
-    def _run_stream(i: int, n: int):
-        return mx.stream(backend.cpu_stream(i)) if n > 1 else contextlib.nullcontext()
 
     def step(self, y: mx.array) -> mx.array:
         out, a = [], 0

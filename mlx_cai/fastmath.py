@@ -15,7 +15,7 @@ import contextlib
 import importlib
 import os
 
-from mlx_cai import backend  # noqa: F401  (BLAS before mlx.core)
+from mlx_cai import backend  # first: BLAS before mlx.core
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -199,11 +199,7 @@ def packed_frozen_linears(model):
     layers = [m for _, m in model.named_modules()
               if type(m) is nn.Linear and "bias" not in m and m.weight.dtype == mx.float32
               and not m.trainable_parameters()]
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = 0
-    if not layers or 2 * sum(m.weight.nbytes for m in layers) > PACKED_TRAIN_SHARE * ram:
+    if not layers or 2 * sum(m.weight.nbytes for m in layers) > PACKED_TRAIN_SHARE * backend.ram_bytes():
         yield
         return
     for m in layers:
