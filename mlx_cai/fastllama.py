@@ -223,8 +223,9 @@ class FastLlama:
         # slots [lo, lo + pad) on top of causal. 16 prompts of ~1000 tokens: attention was 64% of prefill.
         # Decode steps on the CPU kernels: one C++ pass per layer over K and V with the same mask.
         holes = None
-        decode = not prefill and T == 1 and end is not None and self.cpu and kernels.enabled()
-        if (prefill or decode) and self.cpu and kernels.enabled():
+        kern = self.cpu and kernels.enabled()
+        decode = kern and not prefill and T == 1 and end is not None
+        if kern and (prefill or decode):
             holes = mx.stack([lo[:, 0, 0, 0], lo[:, 0, 0, 0] + pad], axis=-1).astype(mx.int32)
         cossin = kernels.rope_angles(offsets, self.head_dim, self.theta) if decode else None  # shared by the layers
         for lyr, (K, V) in zip(self.layers, caches):
@@ -269,8 +270,8 @@ class FastLlama:
             shared = yield from self.prefix_steps(prompts[0][:prefix], chunk)
         out = []
         # Matmuls run on the real tokens only (see _forward's `real`), so padding costs only attention: groups
-        # may be loose. 32 chats: one group per ~4 tokens of length (6 groups) took 2.4 s, the packed
-        # tokens in 2 groups 1.4 s.
+        # may be loose. 32 chats: one group per ~4 tokens of length (6 groups) took 2.4 s, the real tokens
+        # in looser groups 2.1 s.
         for a, b in length_groups([len(p) - prefix for p in prompts], slack=PACKED_SLACK, min_slack=16):
             rows = prompts[a:b]
             width = max(len(p) for p in rows) - prefix  # the group's own tokens, left-padded to this
@@ -392,30 +393,38 @@ class FastRunner:
         """All parts, one after the other. A part's rows are split in two runs of about equal token counts, each
         on its own CPU stream with one BLAS thread: prefill's matmuls are large enough for one thread each, and
         the two runs overlap each other's single-threaded MLX ops (norms, rope, gate) instead of leaving a BLAS
-        thread spinning through them (32 chats: ~1.3 vs ~2.1 s). Decode steps then use the part's streams."""
+        thread spinning through them (32 chats, alternating: 1.58-1.70 vs 1.93-2.24 s). Decode steps then use the
+        part's streams."""
         logits = []
         two = backend.blas_threads() >= 2
         for p in self.parts:
             runs = _token_halves(p.prompts) if two else [(0, len(p.prompts))]
             prefix = p.prefix[0].item()
-            shared = _drain(self.fast.prefix_steps(p.prompts[0][:prefix])) if len(runs) > 1 else None  # once
+            shared = None
+            if len(runs) > 1:  # the shared prefix once, with all threads
+                shared = self._run([self.fast.prefix_steps(p.prompts[0][:prefix])])[0]
             with backend.blas_threads_set(1 if len(runs) > 1 else backend.blas_threads()):
-                gens = [self.fast.prefill_steps(p.prompts[a:b], prefix, p.caches, self.slot, row0=a, shared=shared)
-                        for a, b in runs]
-                out = [None] * len(gens)
-                while any(o is None for o in out):
-                    todo = []
-                    for i, gen in enumerate(gens):
-                        if out[i] is not None:
-                            continue
-                        with self._stream(i, len(gens)):
-                            try:
-                                todo.append(next(gen))
-                            except StopIteration as done:
-                                out[i] = done.value
-                    mx.eval(todo)
+                out = self._run([self.fast.prefill_steps(p.prompts[a:b], prefix, p.caches, self.slot, row0=a,
+                                                         shared=shared) for a, b in runs])
             logits.append(mx.concatenate(out) if len(out) > 1 else out[0])
         return mx.concatenate(logits) if len(logits) > 1 else logits[0]
+
+    def _run(self, gens: list) -> list:
+        """Run prefill generators to their ends, generator i on stream i (the default stream for one),
+        evaluating what each step of all of them yields together; their return values."""
+        out, done = [None] * len(gens), [False] * len(gens)
+        while not all(done):
+            todo = []
+            for i, gen in enumerate(gens):
+                if done[i]:
+                    continue
+                with self._stream(i, len(gens)):
+                    try:
+                        todo.append(next(gen))
+                    except StopIteration as stop:
+                        out[i], done[i] = stop.value, True
+            mx.eval(todo)
+        return out
 
     def step(self, y: mx.array) -> mx.array:
         out, a = [], 0
@@ -446,15 +455,6 @@ class FastRunner:
 # Prefill rows (of one part) from which they are split in two runs on two streams (prefill's matmuls then
 # get one BLAS thread each); fewer rows make matmuls too small for that.
 PREFILL_SPLIT_ROWS = 8
-
-
-def _drain(gen):
-    """Run a prefill generator to its end, evaluating what it yields; its return value."""
-    while True:
-        try:
-            mx.eval(next(gen))
-        except StopIteration as done:
-            return done.value
 
 
 def _token_halves(prompts: list[list[int]]) -> list[tuple[int, int]]:

@@ -172,7 +172,6 @@ def _sdpa_for(original):
     return sdpa
 
 
-
 PACKED_TRAIN_SHARE = 0.1  # packed copies of frozen weights (2x their size) only if they take at most this share of RAM
 
 
