@@ -24,6 +24,25 @@ def stable_id(*parts: Any, prefix: str = "") -> str:
     return prefix + hashlib.sha256(blob).hexdigest()[:16]
 
 
+def row_seed(*parts: Any) -> int:
+    """A sampling seed for one row from (run seed, row id, tag...) alone: a resumed or sharded run draws
+    what an uninterrupted one-process run would."""
+    return int(stable_id(*parts)[:8], 16)
+
+
+def is_messages(value: Any) -> bool:
+    """A non-empty list of {role, content} string messages (the chat format of every stage)."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def check_messages(value: Any, where: str, name: str = "messages") -> list[dict]:
+    """`value` if it is a chat (is_messages), else a RecordError naming `where`."""
+    if not is_messages(value):
+        raise RecordError(f"{where}: `{name}` must be a non-empty list of {{role, content}} strings")
+    return value
+
+
 def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]:
     """Yield the JSON objects of `path`, skipping blank lines; a bad line raises RecordError naming it."""
     path = Path(path)
@@ -44,6 +63,16 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]
             if missing:
                 raise RecordError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
             yield obj
+
+
+def numbered_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[tuple[str, dict]]:
+    """("FILE:LINE", record) for each record of a JSONL file (blank lines skipped, as read_jsonl does)."""
+    path = Path(path)
+    rows = read_jsonl(path, required)
+    with path.open(encoding="utf-8") as f:
+        numbers = [i for i, line in enumerate(f, 1) if line.strip()]
+    for lineno, row in zip(numbers, rows):
+        yield f"{path}:{lineno}", row
 
 
 def repair_tail(path: str | Path) -> int:
@@ -135,3 +164,18 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> Path:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a whole file via a temporary sibling and a rename: a kill leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """A summary, marker or config written whole (write_text_atomic), indented."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
