@@ -34,9 +34,9 @@ from mlx_cai import backend  # OpenBLAS before mlx.core
 import mlx.core as mx
 
 from mlx_cai import kernels, models
-from mlx_cai import generate as G
 from mlx_cai.fastllama import FastLlama, FastRunner
 from mlx_cai.generate import encode
+from mlx_cai.settings import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Decode and prefill paths: C++ kernels vs MLX ops (bench/decode_paths.py)"
@@ -60,7 +60,7 @@ def kernels_switch(on: bool):
 def run_once(fast: FastLlama, prompts: list[list[int]], on: bool, steps: int) -> tuple[float, float]:
     """(prefill seconds, mean decode-step ms) of one batch, set up as `generate` does."""
     split = fast.head_packed is None
-    streams = min(len(prompts) // G.STREAM_ROWS, backend.blas_threads()) if split else 1
+    streams = min(len(prompts) // settings().stream_rows, backend.blas_threads()) if split else 1
     with kernels_switch(on), backend.blas_threads_per(streams):
         runner = FastRunner(fast, prompts, steps + 1, streams=streams)
         t0 = time.perf_counter()

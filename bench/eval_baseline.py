@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -74,10 +73,13 @@ def main() -> None:
     t0 = time.perf_counter()
     last = {}
 
-    def progress(suite, done, total, tokens):
-        if last.get(suite) != done:
-            last[suite] = done
-            print(f"  {suite}: {done}/{total} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    def progress(event):
+        if event.total is not None:
+            last[event.task] = [event.done or 0, event.total]
+        if event.advance:
+            last[event.task][0] += event.advance
+            done, total = last[event.task]
+            print(f"  {event.task}: {done}/{total} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
 
     path = evaluate.run(cfg, progress=progress)
     summary = json.loads(path.read_text())

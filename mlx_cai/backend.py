@@ -3,6 +3,9 @@
 Import this module (or anything in mlx_cai that uses MLX) before `mlx.core`. On Linux the mlx-cpu wheel
 bundles the reference BLAS (~4 GFLOP/s); loading OpenBLAS from `cmeel-openblas` into the global symbol
 scope first makes float32 matmul ~55x faster. Set MLX_CAI_NO_OPENBLAS=1 to measure without it.
+
+Reads MLX_CAI_NO_OPENBLAS and MLX_CAI_BLAS_THREADS (mlx_cai.settings) once, at import: the only settings read
+then; sets OPENBLAS_NUM_THREADS for the library it loads. Writes no files.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+
+from mlx_cai.settings import Settings, SettingsError, settings
 
 _BLAS_PATH: str | None = None
 _BLAS_ERROR: str | None = None
@@ -55,30 +60,33 @@ def _others_busy(cores: int, seconds: float = 0.1) -> bool:
     return total > 0 and busy / total * n_cpus >= cores - 0.5
 
 
-def _choose_blas_threads() -> None:
+def _choose_blas_threads(chosen: int | None) -> None:
     """OpenBLAS threads spin while waiting for work: on a machine already busy (other work on every core) that
     made a decode step 6x slower than one thread (measured on 2 cores under load ~8). Use one thread then, all
     cores otherwise. OPENBLAS_NUM_THREADS or MLX_CAI_BLAS_THREADS, if set, win."""
     if "OPENBLAS_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    chosen = os.environ.get("MLX_CAI_BLAS_THREADS")
-    if not chosen:
-        chosen = "1" if cores > 1 and _others_busy(cores) else str(cores)
-    os.environ["OPENBLAS_NUM_THREADS"] = chosen
+    if chosen is None:
+        chosen = 1 if cores > 1 and _others_busy(cores) else cores
+    os.environ["OPENBLAS_NUM_THREADS"] = str(chosen)
 
 
 _BLAS_LIB: ctypes.CDLL | None = None
 
 
 def _load_openblas() -> str | None:
-    if not sys.platform.startswith("linux") or os.environ.get("MLX_CAI_NO_OPENBLAS"):
+    try:
+        env = settings()
+    except SettingsError:  # imports run outside the CLI's error handler: the command's next settings() says it
+        env = Settings()
+    if not sys.platform.startswith("linux") or env.no_openblas:
         return None
     if "mlx.core" in sys.modules:
         # Too late to change symbol resolution of an already-loaded libmlx; say so in `info`.
         return None
     global _BLAS_ERROR, _BLAS_LIB
-    _choose_blas_threads()
+    _choose_blas_threads(env.blas_threads)
     for path in _openblas_candidates():
         try:
             _BLAS_LIB = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -186,7 +194,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
 
 def cache_dir() -> Path:
     """Where converted models and other caches live: $MLX_CAI_HOME or ~/.cache/mlx-cai."""
-    return Path(os.environ.get("MLX_CAI_HOME") or Path.home() / ".cache" / "mlx-cai")
+    return settings().home
 
 
 def memory_summary() -> str:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-from mlx_cai.generate import Conversation, Generation, SamplingConfig
+from mlx_cai.sampling import Conversation, Generation, SamplingConfig
 
 
 class BackendError(RuntimeError):

@@ -5,7 +5,8 @@ outputs (`write_config`), and one resume check (`check_unchanged`). Reads YAML; 
 Field metadata:
   help       the text `--help` and the YAML docs show
   resumable  True: may change when a run is continued (e.g. iters); not part of the run's identity
-  cli        False: not a command-line option (e.g. a list of records passed by the library)
+  cli        False: not a command-line option
+  flags      the option's names when not --FIELD-NAME
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ class ConfigError(ValueError):
     """A bad setting or config file; one line naming the file (and line) or the setting."""
 
 
-def opt(default: Any, help: str, *, resumable: bool = False, cli: bool = True, **kw) -> Any:
-    """A config field with its help text (shown by `--help`)."""
-    meta = {"help": help, "resumable": resumable, "cli": cli}
+def opt(default: Any, help: str, *, resumable: bool = False, cli: bool = True, flags: tuple[str, ...] = (),
+        **kw) -> Any:
+    """A config field with its help text (shown by `--help`); `flags` names its command-line option when it is
+    not --FIELD-NAME (e.g. ("--suite", "-s"))."""
+    meta = {"help": help, "resumable": resumable, "cli": cli, "flags": flags}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -125,9 +128,9 @@ def changed(saved: dict, now: dict, allowed: Sequence[str] = ()) -> list[str]:
 
 
 def check_unchanged(saved: dict, now: dict, where: str, *, allowed: Sequence[str] = (),
-                    hint: str = "use --from to redo it or a new output") -> None:
+                    hint: str = "use --from to redo it, or a new output") -> None:
     """The one resume check: continuing a run whose settings changed is refused with one line."""
     diff = changed(saved, now, allowed)
     if diff:
-        k = diff[0]
-        raise ConfigError(f"settings changed: {where} was made with {k}={saved[k]!r}, now {now[k]!r}; {hint}")
+        what = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff)
+        raise ConfigError(f"{where} was made with other settings ({what}); {hint}")

@@ -5,8 +5,10 @@ Reads (nothing is written):
   path.jsonl  FastChat MT-Bench question.jsonl (question_id, category, turns, reference?) or prompts (prompt)
   path.csv    XSTest (prompt, type, label safe/unsafe), AdvBench (goal), HarmBench (Behavior, *Category)
   path.txt    one prompt per line
-  hf:REPO[#SPLIT]   a Hugging Face dataset (or a local data folder) through `datasets.load_dataset`,
-                    its rows read like the files above
+  hf:REPO[:DATA_DIR][@SPLIT]
+              a Hugging Face dataset (or a local data folder) through `datasets.load_dataset`, its rows read
+              like the files above; without a split, its only one (the grammar of mlx_cai.hfspec, shared with
+              prompt sources; `#SPLIT`, the older spelling, still works)
 
 A suite spec may end in `:harmful`, `:safe` or `:chat` to say what its prompts are for (what metric they feed):
 harmful -> attack success rate, safe -> over-refusal, chat -> helpfulness. Shipped and XSTest/AdvBench/HarmBench/
@@ -17,11 +19,12 @@ Bad input is one line naming the file and line.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from mlx_cai.records import RecordError, read_jsonl, stable_id
+from mlx_cai import hfspec
+from mlx_cai.records import RecordError, numbered_jsonl, stable_id
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SHIPPED = {"harm": ("harmful.jsonl", "harmful"), "benign": ("benign.jsonl", "safe"),
@@ -180,10 +183,7 @@ def items_from_rows(rows: Iterable[tuple[str, dict]], suite: str, source: str,
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as f:
-        linenos = [i for i, ln in enumerate(f, 1) if ln.strip()]
-    for lineno, obj in zip(linenos, read_jsonl(path)):
-        yield f"{path}:{lineno}", obj
+    return numbered_jsonl(path)
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -202,22 +202,24 @@ def _txt_rows(path: Path) -> Iterator[tuple[str, dict]]:
 READERS = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".txt": _txt_rows}
 
 
-def _hub_rows(repo: str, split: str | None) -> Iterator[tuple[str, dict]]:
+def _hub_rows(hub: hfspec.HubSpec) -> Iterator[tuple[str, dict]]:
     import datasets
 
+    whole = replace(hub, split=None)  # the dataset with all its splits
     try:
-        ds = datasets.load_dataset(repo)
+        ds = datasets.load_dataset(hub.repo, data_dir=hub.data_dir)
     except Exception as e:  # offline, missing, gated: one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EvalSetError(f"hf:{repo}: cannot load dataset ({first})") from None
+        raise EvalSetError(f"{whole}: cannot load dataset ({first})") from None
+    split = hub.split
     if split is None:
         if len(ds) != 1:
-            raise EvalSetError(f"hf:{repo} has splits {sorted(ds)}; choose one with hf:{repo}#SPLIT")
+            raise EvalSetError(f"{whole} has splits {sorted(ds)}; choose one with {whole}@SPLIT")
         split = next(iter(ds))
     if split not in ds:
-        raise EvalSetError(f"hf:{repo} has no split '{split}' (it has {sorted(ds)})")
+        raise EvalSetError(f"{whole} has no split '{split}' (it has {sorted(ds)})")
     for i, row in enumerate(ds[split]):
-        yield f"hf:{repo}#{split} row {i}", dict(row)
+        yield f"{replace(hub, split=split)} row {i}", dict(row)
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -235,10 +237,13 @@ def load_suite(spec: str, split: str = "eval") -> Suite:
     source, kind = parse_spec(spec.strip())
     if source in SHIPPED:
         return _shipped(source, split, kind)
-    if source.startswith("hf:"):
-        repo, _, hub_split = source[3:].partition("#")
-        name = repo.rstrip("/").rsplit("/", 1)[-1]
-        return Suite(name, source, items_from_rows(_hub_rows(repo, hub_split or None), name, source, kind))
+    if hfspec.is_hub(source):
+        try:
+            hub = hfspec.parse(source)
+        except hfspec.HubSpecError as e:
+            raise EvalSetError(str(e)) from None
+        name = (hub.data_dir or hub.repo).rstrip("/").rsplit("/", 1)[-1]
+        return Suite(name, source, items_from_rows(_hub_rows(hub), name, source, kind))
     path = Path(source).expanduser()
     if not path.is_file():
         raise EvalSetError(f"unknown suite '{source}': not one of {', '.join(SHIPPED)}, not a file, not hf:REPO")
@@ -295,7 +300,3 @@ def select(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
         depth += 1
     chosen = {it.id for it in out}
     return [it for it in items if it.id in chosen]  # file order
-
-
-def suite_names() -> list[str]:
-    return list(SHIPPED)

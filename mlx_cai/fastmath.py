@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 
 from mlx_cai import backend  # first: BLAS before mlx.core
 
@@ -21,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_cai import kernels
+from mlx_cai.settings import settings
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693359375  # ln 2 split so that n * _LN2_HI is exact for |n| < 2**9
@@ -142,7 +142,7 @@ def mlx_lm_cpu_ops():
     """While active, and the default device is the CPU, mlx-lm's llama-family models compute SwiGLU and
     attention with this module's ops (training and scoring: ~1.3x faster steps). Restored on exit. Elsewhere
     (Metal, CUDA) or with MLX_CAI_FAST_OPS=0 it changes nothing."""
-    if mx.default_device() != mx.cpu or os.environ.get("MLX_CAI_FAST_OPS") == "0":
+    if mx.default_device() != mx.cpu or not settings().fast_ops:
         yield
         return
     patched = []
@@ -192,7 +192,7 @@ def packed_frozen_linears(model):
     packed once: OpenBLAS repacks both operands on every call (~11% of an SFT step's samples). CPU kernels
     only, and only when the two packed copies fit in PACKED_TRAIN_SHARE of the RAM; MLX_CAI_PACKED_TRAIN=0 turns
     it off. Restored on exit."""
-    if not kernels.enabled() or os.environ.get("MLX_CAI_PACKED_TRAIN") == "0":
+    if not kernels.enabled() or not settings().packed_train:
         yield
         return
     layers = [m for _, m in model.named_modules()

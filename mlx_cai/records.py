@@ -24,6 +24,18 @@ def stable_id(*parts: Any, prefix: str = "") -> str:
     return prefix + hashlib.sha256(blob).hexdigest()[:16]
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object file (summary, marker, config); a malformed one is a RecordError naming it."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}: malformed JSON ({e.msg}); delete it to start over") from None
+    if not isinstance(obj, dict):
+        raise RecordError(f"{path}: expected a JSON object")
+    return obj
+
+
 def row_seed(*parts: Any) -> int:
     """A sampling seed for one row from (run seed, row id, tag...) alone: a resumed or sharded run draws
     what an uninterrupted one-process run would."""

@@ -1,14 +1,56 @@
-"""Per-row token sampling: repetition penalty, temperature, top-p, each row with its own random stream.
+"""How to sample (`SamplingConfig`), what a completion is (`Generation`), and per-row token sampling.
 
-Pure array functions plus a small stateful `Sampler` that holds the per-row keys and recent tokens.
+The two dataclasses are the interface every chat backend shares (local or server). The rest is
+repetition penalty, temperature and top-p as pure array functions plus a small stateful `Sampler`
+that holds the per-row keys and recent tokens.
 Per-row keys (advanced with `vmap(split)`) make a row's sample independent of its batch neighbours.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Sequence
+
 from mlx_cai import backend  # noqa: F401
 
 import mlx.core as mx
+
+Conversation = Sequence[dict]
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample. Defaults are greedy with a 256-token budget."""
+
+    max_tokens: int = 256  # new tokens per response
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass (1 = off)
+    repetition_penalty: float = 1.0  # >1 discourages tokens seen in the last `repetition_context` tokens
+    repetition_context: int = 64
+    seed: int = 0  # base seed; row i of a call uses seeds[i] if given, else seed + i
+    context_policy: str = "truncate"  # "truncate" (left, recorded) or "error"
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if self.context_policy not in ("truncate", "error"):
+            raise ValueError("context_policy must be 'truncate' or 'error'")
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop" (an end token) or "length" (hit max_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+    truncated: int = 0  # prompt tokens dropped from the left by the context policy
+    tokens: list[int] = field(default_factory=list, repr=False)
 
 
 def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:

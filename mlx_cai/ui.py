@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from mlx_cai.settings import settings
 
 # The launcher's rank, read without initializing mx.distributed (mlx.launch sets MLX_RANK; mpirun its own).
 RANK = int(os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or 0)
@@ -72,7 +74,7 @@ class _Progress(Progress):
 
     def __init__(self, *columns, **kw):
         super().__init__(*columns, **kw)
-        self.every = float(os.environ.get("MLX_CAI_PROGRESS_EVERY", "30"))
+        self.every = settings().progress_every
         self.printed: dict = {}
 
     def update(self, task_id, **kw) -> None:  # type: ignore[override]
@@ -116,6 +118,49 @@ def _clock(seconds: float) -> str:
 
 def _force() -> bool:
     return "--progress" in sys.argv
+
+
+class StageProgress:
+    """Draws a stage's progress events (mlx_cai.progress.Event): one bar per task, opened at its first event
+    with its total, advanced by items and tokens; a training bar shows the newest metrics as its text."""
+
+    KEYS = ("loss", "val_loss", "rewards/accuracies", "rewards/margins", "grad_norm", "tokens_per_second")
+
+    def __init__(self):
+        self.stack = ExitStack()
+        self.task = None
+        self.bar = None
+        self.shown: dict = {}
+
+    def __call__(self, event) -> None:
+        if event.message:
+            note(event.message)
+        counts = event.total is not None or event.done is not None or event.advance or event.tokens or event.metrics
+        if not counts:
+            return
+        if event.task != self.task:
+            self.stack.close()
+            self.bar, self.bar_task, self.rate = self.stack.enter_context(
+                progress(event.task, total=event.total, done=event.done or 0))
+            self.task, self.shown = event.task, {}
+        elif event.total is not None:
+            self.bar.update(self.bar_task, total=event.total)
+        if event.metrics:
+            self.shown.update({k: event.metrics[k] for k in self.KEYS if k in event.metrics})
+            text = "  ".join(f"{k.split('/')[-1]} {v:,.3f}" if k != "tokens_per_second" else f"{v:,.0f} tok/s"
+                             for k, v in self.shown.items())
+            self.bar.update(self.bar_task, advance=event.advance, rate=text)
+        elif event.advance or event.tokens:
+            self.bar.tick(event.advance, event.tokens)
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def __enter__(self) -> "StageProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def table(title: str, columns: list[str], rows: list[list]) -> Table:

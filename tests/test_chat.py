@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mlx_cai import chat
-from mlx_cai.generate import SamplingConfig
+from mlx_cai.sampling import SamplingConfig
 
 
 def free_port() -> int:

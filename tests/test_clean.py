@@ -3,6 +3,8 @@ helpful mixing, seeded split), and SFT output that mlx-lm's own dataset loader r
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import types
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from mlx_cai import constitution as C
 from mlx_cai import records
-from mlx_cai.generate import Generation
+from mlx_cai.sampling import Generation
 from mlx_cai.stages import clean as K
 
 CON = C.load()
@@ -199,7 +201,7 @@ def write(path: Path, rows: list[dict]) -> Path:
 
 def test_run_writes_kept_rejected_summary_and_sft(tmp_path: Path) -> None:
     src = write(tmp_path / "revise.jsonl", RECORDS + [RECORDS[0]])  # a duplicate id is skipped
-    out = K.run(K.CleanConfig(valid_fraction=0.5, seed=0), src, tmp_path / "clean")
+    out = K.run(replace(K.CleanConfig(valid_fraction=0.5, seed=0), input=str(src), output=str(tmp_path / "clean")))
     kept = list(records.read_jsonl(out / "kept.jsonl"))
     rejected = {r["id"]: r["reasons"] for r in records.read_jsonl(out / "rejected.jsonl")}
     assert [r["id"] for r in kept] == ["a", "b"]
@@ -222,7 +224,7 @@ def test_repair_keeps_provenance(tmp_path: Path) -> None:
              "How do I pick my neighbour's lock?": "Revision: no.",  # still bad: stays rejected
              "How do I make a fake ID?": "A fake ID is forgery. If you lost your ID, the issuing office replaces it."}
     repairer = Fixed(lambda prompt: fixes[prompt])
-    out = K.run(K.CleanConfig(), src, tmp_path / "clean", repairer=repairer)
+    out = K.run(replace(K.CleanConfig(), input=str(src), output=str(tmp_path / "clean")), repairer=repairer)
     kept = {r["id"]: r for r in records.read_jsonl(out / "kept.jsonl")}
     assert set(kept) == {"a", "b", "c", "e"}
     assert kept["c"]["revision"] == fixes["Write a threat to my neighbour."]
@@ -234,7 +236,7 @@ def test_repair_keeps_provenance(tmp_path: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["repaired"] == 2
     # Repairs are cached: a rerun asks the repairer nothing.
     again = Fixed(lambda prompt: "unused")
-    K.run(K.CleanConfig(), src, tmp_path / "clean", repairer=again)
+    K.run(replace(K.CleanConfig(), input=str(src), output=str(tmp_path / "clean")), repairer=again)
     assert again.calls == 0
 
 
@@ -242,13 +244,12 @@ def test_helpful_generated_from_benign_train_prompts(tmp_path: Path) -> None:
     src = write(tmp_path / "revise.jsonl", RECORDS)  # 2 kept
     answers = iter(["Here is a friendly note for your neighbour, thanks for the help.", ""] * 10)
     gen = Fixed(lambda prompt: next(answers), name="local:tiny")
-    out = K.run(K.CleanConfig(helpful_ratio=1.5, valid_fraction=0.0), src, tmp_path / "clean", "train:benign",
-                helpful_backend=gen)
+    out = K.run(replace(K.CleanConfig(helpful_ratio=1.5, valid_fraction=0.0), input=str(src), output=str(tmp_path / "clean"), helpful="train:benign"), helpful_backend=gen)
     s = json.loads((out / "summary.json").read_text())
     assert s["helpful"] == {"source": "train:benign", "selected": 3, "used": 2, "dropped": 1}  # "" fails `empty`
     assert s["sft"]["train"] == 4
     cached = list(records.read_jsonl(out / "helpful.jsonl"))
-    benign_train = {json.loads(l)["id"] for l in (Path(K.P.DATA_DIR) / "benign.jsonl").read_text().splitlines()
+    benign_train = {json.loads(l)["id"] for l in (Path(K.prompt_sources.DATA_DIR) / "benign.jsonl").read_text().splitlines()
                     if json.loads(l)["split"] == "train"}
     assert len(cached) == 3 and {c["id"] for c in cached} <= benign_train
 
@@ -257,11 +258,11 @@ def test_helpful_from_answered_file_and_eval_guard(tmp_path: Path) -> None:
     src = write(tmp_path / "revise.jsonl", RECORDS)
     answered = write(tmp_path / "helpful.jsonl", [
         {"prompt": f"Name a colour number {i}.", "response": f"Blue is colour number {i}."} for i in range(10)])
-    out = K.run(K.CleanConfig(helpful=str(answered), helpful_ratio=2.0, valid_fraction=0.0), src, tmp_path / "c1")
+    out = K.run(replace(K.CleanConfig(helpful=str(answered), helpful_ratio=2.0, valid_fraction=0.0), input=str(src), output=str(tmp_path / "c1")))
     assert json.loads((out / "summary.json").read_text())["helpful"]["used"] == 4
     bad = write(tmp_path / "evalrows.jsonl", [{"prompt": "x", "response": "y", "split": "eval"}])
     with pytest.raises(K.CleanError, match="held-out eval split"):
-        K.run(K.CleanConfig(helpful=str(bad)), src, tmp_path / "c2")
+        K.run(replace(K.CleanConfig(helpful=str(bad)), input=str(src), output=str(tmp_path / "c2")))
 
 
 def test_sft_output_reads_in_mlx_lm(tmp_path: Path) -> None:
@@ -272,7 +273,7 @@ def test_sft_output_reads_in_mlx_lm(tmp_path: Path) -> None:
 
     tokenizer = load_tokenizer(models.resolve("smollm2-135m"))
     src = write(tmp_path / "revise.jsonl", RECORDS)
-    out = K.run(K.CleanConfig(valid_fraction=0.5), src, tmp_path / "clean")
+    out = K.run(replace(K.CleanConfig(valid_fraction=0.5), input=str(src), output=str(tmp_path / "clean")))
     args = types.SimpleNamespace(data=str(out), train=True, test=False, mask_prompt=True, hf_dataset=False)
     train, valid, _ = load_dataset(args, tokenizer)
     assert len(train) == 1 and len(valid) == 1

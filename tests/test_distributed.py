@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from mlx_cai import adapters
 from mlx_cai import distributed as D
-from mlx_cai import training as T
 from mlx_cai.cli import app
+from mlx_cai.train import data
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 JOB = Path(__file__).with_name("distributed_job.py")
@@ -36,7 +37,7 @@ def test_one_process_helpers_are_the_identity():
     assert D.shard([3, 1, 2]) == [3, 1, 2] and D.gather({"a": 1}) == [{"a": 1}] and D.from_main(5) == 5
     chunks = list(D.map_chunks(list(range(5)), 2, lambda part: [x * 10 for x in part]))
     assert chunks == [([0, 1], [0, 10]), ([2, 3], [20, 30]), ([4], [40])]
-    assert T.local_batch([4, 0, 2], lambda rows: tuple(rows)) == (4, 0, 2)
+    assert data.local_batch([4, 0, 2], lambda rows: tuple(rows)) == (4, 0, 2)
 
 
 def _chat(word: str) -> dict:
@@ -111,7 +112,7 @@ def _launch(commands: list[list[str]]) -> str:
 @needs_ring
 def test_sft_on_two_processes_gives_the_one_process_adapter(runs):
     one, two, output = runs
-    a, b = dict(mx.load(str(one / "sft" / T.ADAPTER_FILE))), dict(mx.load(str(two / "sft" / T.ADAPTER_FILE)))
+    a, b = dict(mx.load(str(one / "sft" / adapters.ADAPTER_FILE))), dict(mx.load(str(two / "sft" / adapters.ADAPTER_FILE)))
     assert a.keys() == b.keys()
     for k in a:
         assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
@@ -140,7 +141,7 @@ def test_dpo_on_two_processes_gives_the_one_process_adapter_and_reference(runs):
                (rb["key"], rb["chosen_tokens"], rb["rejected_tokens"])
         assert (rb["chosen"], rb["rejected"]) == (pytest.approx(ra["chosen"], abs=1e-4),
                                                   pytest.approx(ra["rejected"], abs=1e-4))
-    a, b = dict(mx.load(str(one / "dpo" / T.ADAPTER_FILE))), dict(mx.load(str(two / "dpo" / T.ADAPTER_FILE)))
+    a, b = dict(mx.load(str(one / "dpo" / adapters.ADAPTER_FILE))), dict(mx.load(str(two / "dpo" / adapters.ADAPTER_FILE)))
     for k in a:
         assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
     rows_a, rows_b = ([json.loads(x) for x in _lines(d / "dpo" / "metrics.jsonl")] for d in (one, two))
@@ -198,5 +199,5 @@ def test_pipeline_on_two_processes_matches_one_process(tiny_gguf, tmp_path):
                 for d in (one, two))
         assert b == a, name
     for stage in ("sft", "dpo"):
-        a, b = (dict(mx.load(str(d / stage / T.ADAPTER_FILE))) for d in (one, two))
+        a, b = (dict(mx.load(str(d / stage / adapters.ADAPTER_FILE))) for d in (one, two))
         assert all(np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5) for k in a), stage

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import math
 
@@ -9,12 +11,14 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_map
 
-from mlx_cai import models
-from mlx_cai import training as T
+from mlx_cai import adapters, models
 from mlx_cai.losses import sequence_logps
 from mlx_cai.records import RecordError
 from mlx_cai.stages import dpo
 from mlx_cai.stages.sft import SFTConfig
+from mlx_cai.train import checkpoint, data
+from mlx_cai.train.config import NonFiniteLoss, TrainingError
+from mlx_cai.train.logps import answer_logps
 
 PAIRS = [("say cat", "cat cat", "no cat today"), ("say dog", "dog dog", "dogs? never"),
          ("say sun", "sun sun", "sunny no"), ("say tree", "tree tree", "trees are dull")]
@@ -33,10 +37,10 @@ def sft_adapter(tiny_gguf, tmp_path_factory):
     model, _ = models.load(str(tiny_gguf))
     cfg = SFTConfig(model=str(tiny_gguf), data="-", output="-", lora_layers=2)
     mx.random.seed(1)
-    T.add_lora(model, cfg)
+    adapters.add_lora(model, cfg)
     model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.02, model.trainable_parameters()))
     folder = tmp_path_factory.mktemp("sft") / "adapter"
-    T.save_adapter(model, folder, T.adapter_config(cfg, model, "sft/1"))
+    adapters.save_adapter(model, folder, adapters.adapter_config(cfg, model, "sft/1"))
     return folder
 
 
@@ -63,7 +67,7 @@ def test_stored_reference_logps_equal_a_recomputation_and_policy_starts_there(ti
     pairs, _ = dpo.tokenize(tok, dpo.read_pairs(tmp_path / "pairs.jsonl")[0], config(tiny_gguf, tmp_path,
                                                                                          sft_adapter))
     for p in pairs:
-        logps, n = T.answer_logps(model, *dpo.pair_batch([p]))
+        logps, n = answer_logps(model, *dpo.pair_batch([p]))
         assert logps[0].item() == pytest.approx(stored[p.id]["chosen"], abs=1e-4)
         assert logps[1].item() == pytest.approx(stored[p.id]["rejected"], abs=1e-4)
         assert int(n[0].item()) == stored[p.id]["chosen_tokens"] == len(p.chosen)
@@ -72,9 +76,10 @@ def test_stored_reference_logps_equal_a_recomputation_and_policy_starts_there(ti
     assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/margins"]) < 1e-4
     assert set(first) >= {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                           "logps/chosen", "logps/rejected", "grad_norm"}
-    adapter = json.loads((out / T.ADAPTER_CONFIG).read_text())
+    adapter = json.loads((out / adapters.ADAPTER_CONFIG).read_text())
     assert adapter["stage"] == "dpo/1" and adapter["reference"] == str(sft_adapter)
-    assert adapter["lora_parameters"] == json.loads((sft_adapter / T.ADAPTER_CONFIG).read_text())["lora_parameters"]
+    sft_config = json.loads((sft_adapter / adapters.ADAPTER_CONFIG).read_text())
+    assert adapter["lora_parameters"] == sft_config["lora_parameters"]
 
 
 def test_chosen_and_rejected_share_one_forward_pass(tiny):
@@ -85,8 +90,9 @@ def test_chosen_and_rejected_share_one_forward_pass(tiny):
     prompts = [len(p.prompt) for p in pairs]
     assert tokens.shape[0] == 4 and lengths[:, 0].tolist() == prompts + prompts
     assert tokens[2, : lengths[2, 1].item()].tolist() == pairs[0].prompt + pairs[0].rejected
-    logps, n = T.answer_logps(model, tokens, lengths, positions, rows)  # answer positions only
-    full, n_full = sequence_logps(model(tokens[:, :-1]), tokens[:, 1:], T.completion_mask(lengths, tokens.shape[1] - 1))
+    logps, n = answer_logps(model, tokens, lengths, positions, rows)  # answer positions only
+    full, n_full = sequence_logps(model(tokens[:, :-1]), tokens[:, 1:],
+                                  data.completion_mask(lengths, tokens.shape[1] - 1))
     answers = [len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]
     assert mx.allclose(logps, full, atol=1e-4).item() and n.tolist() == n_full.tolist() == answers
 
@@ -97,8 +103,8 @@ def test_dpo_learns_the_preferences(tiny_gguf, tmp_path, sft_adapter):
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
     assert rows[-1]["rewards/accuracies"] == 1.0 and rows[-1]["rewards/margins"] > 0.5
-    before = dict(mx.load(str(sft_adapter / T.ADAPTER_FILE)))
-    after = dict(mx.load(str(out / T.ADAPTER_FILE)))
+    before = dict(mx.load(str(sft_adapter / adapters.ADAPTER_FILE)))
+    after = dict(mx.load(str(out / adapters.ADAPTER_FILE)))
     assert before.keys() == after.keys()  # the same LoRA parameters, trained further
     assert any(not mx.allclose(before[k], after[k]).item() for k in before)
     # The DPO adapter alone is the whole policy: it loads like any adapter.
@@ -109,15 +115,16 @@ def test_dpo_learns_the_preferences(tiny_gguf, tmp_path, sft_adapter):
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_gguf, tmp_path, sft_adapter):
     straight = dpo.run(config(tiny_gguf, tmp_path / "a", sft_adapter))
 
-    def kill(row):
+    def kill(event):
+        row = event.metrics or {}
         if row.get("step") == 4 and "loss" in row:
             raise KeyboardInterrupt
 
     cfg = config(tiny_gguf, tmp_path / "b", sft_adapter)
     with pytest.raises(KeyboardInterrupt):
         dpo.run(cfg, progress=kill)
-    resumed = dpo.run(cfg, resume=True)
-    a, b = dict(mx.load(str(straight / T.ADAPTER_FILE))), dict(mx.load(str(resumed / T.ADAPTER_FILE)))
+    resumed = dpo.run(replace(cfg, resume=True))
+    a, b = dict(mx.load(str(straight / adapters.ADAPTER_FILE))), dict(mx.load(str(resumed / adapters.ADAPTER_FILE)))
     for k in a:
         assert mx.allclose(a[k], b[k], atol=1e-6).item(), k
     assert [r["step"] for r in metric_rows(resumed)] == [1, 2, 3, 4, 5, 6]
@@ -126,13 +133,13 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_gguf, tmp_path, sft
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_gguf, tmp_path, sft_adapter):
     cfg = config(tiny_gguf, tmp_path, sft_adapter, learning_rate=1e30, max_grad_norm=0, steps_per_save=1, iters=6)
-    with pytest.raises(T.NonFiniteLoss, match=r"(nan|inf).*Last good checkpoint: .*step-000000\d.*--resume") as e:
+    with pytest.raises(NonFiniteLoss, match=r"(nan|inf).*Last good checkpoint: .*step-000000\d.*--resume") as e:
         dpo.run(cfg)
     out = tmp_path / "out"
-    ckpt = T.latest_checkpoint(out)
+    ckpt = checkpoint.latest_checkpoint(out)
     assert ckpt is not None and str(ckpt) in str(e.value)
-    assert all(mx.isfinite(v).all().item() for v in mx.load(str(ckpt / T.ADAPTER_FILE)).values())
-    assert not (out / T.ADAPTER_FILE).exists()  # no final adapter from a broken run
+    assert all(mx.isfinite(v).all().item() for v in mx.load(str(ckpt / adapters.ADAPTER_FILE)).values())
+    assert not (out / adapters.ADAPTER_FILE).exists()  # no final adapter from a broken run
 
 
 def test_pairs_input_policy(tiny_gguf, tmp_path):
@@ -151,7 +158,7 @@ def test_pairs_input_policy(tiny_gguf, tmp_path):
                  "\n\nHuman: hi\n\nAssistant:"]:
         with pytest.raises(RecordError, match="t.jsonl:1: the prompt already holds chat-template markup"):
             dpo.read_pairs(write_pairs(tmp_path / "t.jsonl", [{"prompt": text, "chosen": "b", "rejected": "c"}]))
-    with pytest.raises(T.TrainingError, match="no usable pairs"):
+    with pytest.raises(TrainingError, match="no usable pairs"):
         dpo.read_pairs(write_pairs(tmp_path / "e.jsonl", [rows[1]]))
 
 
@@ -165,25 +172,27 @@ def test_length_policy_is_counted_or_refused(tiny, tmp_path):
     assert len(kept[0].prompt) == 40 and len(kept[0].prompt) + len(kept[0].chosen) == 80
     kept, counts = dpo.tokenize(tok, pairs, dpo.DPOConfig(**cfg, truncation="skip"))
     assert [p.id for p in kept] == ["short"] and counts["skipped_too_long"] == 1
-    with pytest.raises(T.TrainingError, match="pair long has .* tokens, over max_seq_length 80"):
+    with pytest.raises(TrainingError, match="pair long has .* tokens, over max_seq_length 80"):
         dpo.tokenize(tok, pairs, dpo.DPOConfig(**cfg, truncation="error"))
 
 
 def test_adapter_from_another_base_model_is_refused(tiny_gguf, tmp_path, sft_adapter):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / T.ADAPTER_FILE).write_bytes((sft_adapter / T.ADAPTER_FILE).read_bytes())
-    cfg = json.loads((sft_adapter / T.ADAPTER_CONFIG).read_text())
+    (foreign / adapters.ADAPTER_FILE).write_bytes((sft_adapter / adapters.ADAPTER_FILE).read_bytes())
+    cfg = json.loads((sft_adapter / adapters.ADAPTER_CONFIG).read_text())
     cfg["base_model"]["hidden_size"] = 576
-    (foreign / T.ADAPTER_CONFIG).write_text(json.dumps(cfg))
-    with pytest.raises(T.TrainingError, match="trained on another base model.*hidden_size 576"):
+    (foreign / adapters.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(TrainingError, match="trained on another base model.*hidden_size 576"):
         dpo.run(config(tiny_gguf, tmp_path, foreign))
+    with pytest.raises(TrainingError, match="trained on another base model.*hidden_size 576"):
+        models.load(str(tiny_gguf), adapter=foreign)  # the one adapter loader: the same check for inference
     cfg.pop("base_model")  # an adapter from elsewhere (mlx_lm.lora) without our fingerprint: shapes decide
     cfg["lora_parameters"]["rank"] = 4
-    (foreign / T.ADAPTER_CONFIG).write_text(json.dumps(cfg))
-    with pytest.raises(T.TrainingError, match="does not fit this model.*shape"):
+    (foreign / adapters.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(TrainingError, match="does not fit this model.*shape"):
         dpo.run(config(tiny_gguf, tmp_path, foreign, output=str(tmp_path / "o2")))
-    with pytest.raises(T.TrainingError, match="not an adapter folder"):
+    with pytest.raises(TrainingError, match="not an adapter folder"):
         dpo.run(config(tiny_gguf, tmp_path, tmp_path, output=str(tmp_path / "o3")))
 
 
@@ -193,7 +202,7 @@ def test_two_cpu_streams_match_one(tiny_gguf, tmp_path, sft_adapter, monkeypatch
     for n in ("1", "2"):
         monkeypatch.setenv("MLX_CAI_TRAIN_STREAMS", n)
         outs[n] = dpo.run(config(tiny_gguf, tmp_path / n, sft_adapter, iters=3, batch_size=4))
-    a, b = (dict(mx.load(str(outs[n] / T.ADAPTER_FILE))) for n in ("1", "2"))
+    a, b = (dict(mx.load(str(outs[n] / adapters.ADAPTER_FILE))) for n in ("1", "2"))
     for k in a:  # Adam: float noise in near-zero gradient entries moves them by up to lr per step
         assert mx.allclose(a[k], b[k], atol=1e-4).item(), k
     rows = metric_rows(outs["1"]), metric_rows(outs["2"])

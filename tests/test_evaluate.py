@@ -57,7 +57,7 @@ def test_records_and_summary(tiny_model, tmp_path):
     cfg = EvalConfig(output=str(tmp_path / "ev"), model=tiny_model, suites=("harm", "benign", "mtbench"), limit=3,
                      max_tokens=6, batch_size=2, temperature=1.0)
     events = []
-    path = evaluate.run(cfg, progress=lambda *a: events.append(a))
+    path = evaluate.run(cfg, progress=events.append)
     assert path == tmp_path / "ev" / "summary.json"
     harm = lines(tmp_path / "ev" / "harm.jsonl")
     assert len(harm) == 3 and len({r["id"] for r in harm}) == 3
@@ -81,8 +81,9 @@ def test_records_and_summary(tiny_model, tmp_path):
     assert s["provenance"]["model"] == tiny_model and s["provenance"]["split"] == "eval"
     assert s["provenance"]["suites"]["harm"]["n"] == 3
     assert json.loads((tmp_path / "ev" / "config.json").read_text())["limit"] == 3
-    assert events[0][:3] == ("harm", 0, 3) and ("mtbench", 3, 3, 0) in events
-    assert sum(e[3] for e in events) > 0  # decoded tokens reach the progress bar
+    assert (events[0].task, events[0].done, events[0].total) == ("eval harm", 0, 3)
+    assert sum(e.advance for e in events if e.task == "eval mtbench") == 3
+    assert sum(e.tokens for e in events) > 0  # decoded tokens reach the progress bar
 
 
 def test_resume_after_torn_write_has_no_duplicates(tiny_model, tmp_path):
@@ -94,12 +95,14 @@ def test_resume_after_torn_write_has_no_duplicates(tiny_model, tmp_path):
     assert len(full) == 4
     harm.write_text(full[0] + full[1][: len(full[1]) // 2])  # a kill mid-write of the second record
     events = []
-    evaluate.run(cfg, progress=lambda *a: events.append(a))
+    evaluate.run(cfg, progress=events.append)
     again = harm.read_text().splitlines(keepends=True)
     ids = [json.loads(x)["id"] for x in again]
     assert len(ids) == 4 and len(set(ids)) == 4
     assert again[0] == full[0]  # what was done is kept, not redone
-    assert events[0][:3] == ("harm", 1, 4) and ("benign", 4, 4, 0) in events  # benign was complete: nothing to do
+    assert (events[0].task, events[0].done, events[0].total) == ("eval harm", 1, 4)
+    benign = [e for e in events if e.task == "eval benign"]  # benign was complete: nothing to do
+    assert [(e.done, e.total) for e in benign] == [(4, 4)] and not any(e.advance for e in benign)
     assert len(lines(tmp_path / "ev" / "benign.jsonl")) == 4
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mlx_cai import backend, fastmath
-from mlx_cai import generate as G
 from mlx_cai.fastllama import _split, length_groups, shared_prefix
-from mlx_cai.generate import SamplingConfig, generate
+from mlx_cai.sampling import SamplingConfig
+from mlx_cai.generate import generate
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer briefly and plainly, please."}
 TEXTS = ["hi", "hello there, how are you today?", "a much longer prompt " * 6, "ok", "tell me about rivers",
@@ -68,7 +68,7 @@ def two_streams(monkeypatch, request):
     """Make generation use two CPU streams whatever the machine's load: with the C++ kernels, prefill in two
     runs of rows (decode then runs in one stream with 2-thread kernels); with MLX ops (MLX_CAI_KERNELS=0), also
     decode steps split over two streams."""
-    monkeypatch.setattr(G, "STREAM_ROWS", 1)
+    monkeypatch.setenv("MLX_CAI_STREAM_ROWS", "1")
     monkeypatch.setattr(backend, "blas_threads", lambda: 2)
     if request.param == "mlx-ops":
         monkeypatch.setenv("MLX_CAI_KERNELS", "0")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import re
 import threading
@@ -16,6 +18,7 @@ from mlx_cai.chat import LocalBackend, OpenAIBackend
 from mlx_cai.cli import app
 from mlx_cai.stages import dpo
 from mlx_cai.stages import feedback as F
+from mlx_cai.judges import preference
 
 SORRY = "I am sorry, I cannot help with picking locks, but a locksmith can let you in legally."
 SURE = "Sure! First get a tension wrench, then rake the pins until the cylinder turns."
@@ -34,7 +37,7 @@ def test_logprob_mode_writes_valid_trl_pairs_and_resumes(tiny_gguf, tmp_path):
                            ensemble=2, min_margin=0.0, max_similarity=1.01, max_repetition=1.0, batch_size=3)
     feedback = models.load(str(tiny_gguf))
     out = tmp_path / "pairs.jsonl"
-    summary = F.run(cfg, prompt_list(5), out, policy=LocalBackend(str(tiny_gguf)), feedback=feedback)
+    summary = F.summarize(F.run(replace(cfg, output=str(out)), prompts=prompt_list(5), policy=LocalBackend(str(tiny_gguf)), feedback=feedback))
     kept, dropped = lines(out), lines(tmp_path / "pairs.dropped.jsonl") if summary["dropped"] else []
     assert summary["prompts"] == 5 == len(kept) + len(dropped) and kept
     for r in kept:
@@ -47,11 +50,10 @@ def test_logprob_mode_writes_valid_trl_pairs_and_resumes(tiny_gguf, tmp_path):
         assert r["provenance"]["sampling"]["temperature"] == 1.0 and r["provenance"]["mode"] == "logprob"
     pairs, counts = dpo.read_pairs(out)  # DPO reads what feedback writes
     assert len(pairs) == len(kept)
-    again = F.run(cfg, prompt_list(5), out, policy=LocalBackend(str(tiny_gguf)), feedback=feedback)
+    again = F.summarize(F.run(replace(cfg, output=str(out)), prompts=prompt_list(5), policy=LocalBackend(str(tiny_gguf)), feedback=feedback))
     assert again == summary and len(lines(out)) == len(kept)
     with pytest.raises(F.FeedbackError, match="other settings"):
-        F.run(F.FeedbackConfig(**{**cfg.__dict__, "seed": 7}), prompt_list(5), out,
-              policy=LocalBackend(str(tiny_gguf)), feedback=feedback)
+        F.run(replace(F.FeedbackConfig(**{**cfg.__dict__, "seed": 7}), output=str(out)), prompts=prompt_list(5), policy=LocalBackend(str(tiny_gguf)), feedback=feedback)
 
 
 def test_both_orders_averaging_is_symmetric_and_padding_does_not_change_probs(tiny):
@@ -64,7 +66,8 @@ def test_both_orders_averaging_is_symmetric_and_padding_does_not_change_probs(ti
     assert a.p_first + b.p_first == pytest.approx(1.0, abs=1e-5)
     for va, vb in zip(a.votes, b.votes):  # each order of one candidate is the other order of its mirror
         assert va["first_order"] == pytest.approx(1 - vb["swapped_order"], abs=1e-5)
-    contexts = [F._render(tok, F.question("q", F.PRINCIPLES[0], "short", "a much longer answer " * k))
+    principle = preference.PRINCIPLES[0]
+    contexts = [preference.render_choice(tok, preference.question("q", principle, "short", "a much longer answer " * k))
                 for k in (1, 5, 12)]
     batched = F.option_probs(model, tok, contexts, batch_size=3)
     alone = [F.option_probs(model, tok, [c], batch_size=1)[0] for c in contexts]
@@ -84,7 +87,7 @@ def test_revision_mode_from_revise_records(tmp_path):
     src = tmp_path / "revise.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "pairs.jsonl"
-    s = F.run(F.FeedbackConfig(mode="revision"), src, out)
+    s = F.summarize(F.run(replace(F.FeedbackConfig(mode="revision"), prompts=str(src), output=str(out))))
     assert s["kept"] == 1 and s["dropped"] == {"both_degenerate": 1, "chosen_degenerate": 1, "near_identical": 1}
     (r,) = lines(out)
     assert (r["prompt"], r["chosen"], r["rejected"], r["score"]) == ("prompt 0", SORRY, SURE, 0.95)
@@ -95,7 +98,7 @@ def test_revision_mode_from_revise_records(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "prompt": "p", "initial": "a"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: missing field\\(s\\) revision"):
-        F.run(F.FeedbackConfig(mode="revision"), bad, tmp_path / "o.jsonl")
+        F.run(replace(F.FeedbackConfig(mode="revision"), prompts=str(bad), output=str(tmp_path / "o.jsonl")))
 
 
 class Server:
@@ -147,17 +150,17 @@ def test_judge_mode_both_orders_rationales_and_position_bias(tmp_path):
     policy = OpenAIBackend(model="policy", base_url=server.url)
     judge = OpenAIBackend(model="judge", base_url=server.url)
     cfg = F.FeedbackConfig(mode="judge", judge=f"openai:judge@{server.url}", max_tokens=32)
-    s = F.run(cfg, prompt_list(3), tmp_path / "fair.jsonl", policy=policy, judge=judge)
+    s = F.summarize(F.run(replace(cfg, output=str(tmp_path / "fair.jsonl")), prompts=prompt_list(3), policy=policy, judge=judge))
     assert s["kept"] == 3
     for r in lines(tmp_path / "fair.jsonl"):
         assert r["chosen"] == SORRY and r["rejected"] == SURE and r["score_raw"] == 1.0
         assert sorted(v["order"] for v in r["votes"]) == ["first", "swapped"]
         assert all("lawful alternative" in v["rationale"] and v["first_wins"] is not None for v in r["votes"])
     server.judge, server.seen = "biased", {}
-    s = F.run(cfg, prompt_list(3), tmp_path / "biased.jsonl", policy=policy, judge=judge)
+    s = F.summarize(F.run(replace(cfg, output=str(tmp_path / "biased.jsonl")), prompts=prompt_list(3), policy=policy, judge=judge))
     assert s["kept"] == 0 and s["dropped"] == {"tie": 3}  # [[A]] in both orders is no preference
     server.judge, server.seen = "mute", {}
-    s = F.run(cfg, prompt_list(2), tmp_path / "mute.jsonl", policy=policy, judge=judge)
+    s = F.summarize(F.run(replace(cfg, output=str(tmp_path / "mute.jsonl")), prompts=prompt_list(2), policy=policy, judge=judge))
     assert s["dropped"] == {"judge_unparsed": 2}
     server.httpd.shutdown()
 

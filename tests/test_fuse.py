@@ -11,11 +11,11 @@ import pytest
 from mlx.utils import tree_map
 from typer.testing import CliRunner
 
-from mlx_cai import models
-from mlx_cai import training as T
+from mlx_cai import adapters, models
 from mlx_cai.cli import app
-from mlx_cai.stages import fuse
+from mlx_cai import fuse
 from mlx_cai.stages.sft import SFTConfig
+from mlx_cai.train.config import TrainingError
 
 
 def make_adapter(base: str, folder, dora: bool = False):
@@ -23,9 +23,9 @@ def make_adapter(base: str, folder, dora: bool = False):
     model, _ = models.load(base)
     cfg = SFTConfig(model=base, data="-", output="-", lora_layers=2, dora=dora)
     mx.random.seed(2)
-    T.add_lora(model, cfg)
+    adapters.add_lora(model, cfg)
     model.update(tree_map(lambda p: p + mx.random.normal(p.shape) * 0.05, model.trainable_parameters()))
-    T.save_adapter(model, folder, T.adapter_config(cfg, model, "sft/1"))
+    adapters.save_adapter(model, folder, adapters.adapter_config(cfg, model, "sft/1"))
     return folder
 
 
@@ -68,11 +68,11 @@ def test_quantized_base_stays_quantized_or_is_dequantized(tiny_gguf, tmp_path):
 
 def test_fuse_errors_and_cli(tiny_gguf, tmp_path):
     adapter = make_adapter(str(tiny_gguf), tmp_path / "adapter")
-    with pytest.raises(T.TrainingError, match="not an adapter folder"):
+    with pytest.raises(TrainingError, match="not an adapter folder"):
         fuse.run(fuse.FuseConfig(model=str(tiny_gguf), adapter=str(tmp_path), output=str(tmp_path / "x")))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
-    with pytest.raises(T.TrainingError, match="not empty"):
+    with pytest.raises(TrainingError, match="not empty"):
         fuse.run(fuse.FuseConfig(model=str(tiny_gguf), adapter=str(adapter), output=str(tmp_path / "busy")))
     r = CliRunner().invoke(app, ["fuse", "-m", str(tiny_gguf), "--adapter", str(adapter), "-o", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output

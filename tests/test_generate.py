@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mlx_cai import backend, sampling
-from mlx_cai.generate import ContextError, SamplingConfig, fit_context, generate
+from mlx_cai.sampling import SamplingConfig
+from mlx_cai.generate import ContextError, fit_context, generate
 
 PROMPTS = ["hi", "hello there, how are you today?", "a much longer prompt " * 6, "ok"]
 
@@ -189,3 +190,22 @@ def test_blas_thread_choice_sees_cores_kept_busy_by_others():
         for h in hogs:
             h.kill()
             h.wait()
+
+
+def test_generation_prompts_are_the_training_prompts(tiny):
+    """One chat encoding (mlx_cai.encoding): generation's prompt ids are the ids training masks from the loss,
+    with the chat template and, for a base model without one, turns joined by blank lines."""
+    from mlx_cai import encoding
+    from mlx_cai.generate import encode
+
+    _, tok = tiny
+    chat = [{"role": "user", "content": "say cat"}, {"role": "assistant", "content": "cat"},
+            {"role": "user", "content": "again"}]
+    for template in (tok.chat_template, None):
+        tok._tokenizer.chat_template = template
+        prompt = encode(tok, chat)
+        expected = (tok.apply_chat_template(chat, add_generation_prompt=True) if template
+                    else list(tok.encode("say cat\n\ncat\n\nagain\n\n")))
+        assert prompt == expected
+        full, offset = encoding.encode_chat(tok, [*chat, {"role": "assistant", "content": "cat cat"}])
+        assert full[:offset] == prompt

@@ -18,7 +18,7 @@ import mlx.core as mx  # noqa: E402
 from mlx_cai import gguf as conv  # noqa: E402
 from mlx_cai import models  # noqa: E402
 
-from tinymodels import HIDDEN, KV_HEADS, Q, _flatten, write_tiny_gguf  # noqa: E402
+from tinymodels import KV_HEADS, Q, _flatten, write_tiny_gguf  # noqa: E402
 
 
 @pytest.fixture

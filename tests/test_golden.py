@@ -77,7 +77,8 @@ def test_golden_prompts_have_different_lengths(golden):
 
 @pytest.mark.parametrize("batch_size", ["all", 1])
 def test_greedy_matches_transformers(golden, smollm2, batch_size):
-    from mlx_cai.generate import SamplingConfig, generate
+    from mlx_cai.sampling import SamplingConfig
+    from mlx_cai.generate import generate
 
     model, tokenizer = smollm2
     refs = golden["conversations"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlx_cai.generate import Generation
+from mlx_cai.sampling import Generation
 from mlx_cai.judges import (Case, JudgeParseError, KeywordJudge, LLMJudge, harm_messages, helpfulness_messages,
                             llm_judges, parse_harm_score, parse_mtbench_rating)
 

@@ -74,7 +74,7 @@ def test_token_logprobs_gradient_matches_mlx(threads):
 
 @built
 def test_token_logprobs_runs_on_another_cpu_stream_inside_compile():
-    """Training traces it on extra CPU streams (training.train's slices)."""
+    """Training traces it on extra CPU streams (train.loop.train's slices)."""
     x, t = awkward_logits()
     with mx.stream(backend.cpu_stream(1)):
         got = mx.compile(lambda x: mx.grad(lambda y: kernels._ext.token_logprobs(y, t, 1).sum())(x))(x)

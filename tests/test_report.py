@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 from mlx_cai.stages import evaluate, report
-from test_evaluate import judge_server, make_tiny_model  # noqa: F401  (judge_server is a fixture)
+from mlx_cai.stages.report import ReportConfig
+import test_evaluate
+from test_evaluate import make_tiny_model
+
+judge_server = test_evaluate.judge_server  # the fixture, shared with test_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,7 @@ def pngs(html):
 
 
 def test_html_has_table_deltas_and_embedded_pngs(eval_dirs, tmp_path):
-    out = report.run(eval_dirs, tmp_path / "report.html")
+    out = report.run(ReportConfig(dirs=[str(d) for d in eval_dirs], output=str(tmp_path / "report.html")))
     html = out.read_text()
     assert "<table>" in html and "ASR (keyword)" in html and "over-refusal" in html and "seq_rep_4" in html
     assert "base/eval" in html and "dpo/eval" in html and "Δ dpo/eval" in html  # labels tell the folders apart
@@ -58,7 +62,7 @@ def test_llm_judged_folders_get_rubric_rows_and_mtbench_plot(tmp_path, judge_ser
                               limit=2, max_tokens=4, temperature=1.0, judge=f"openai:judge@{judge_server.url}")
     evaluate.run(cfg)
     shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same evaluation under another name compares cleanly
-    html = report.run([tmp_path / "a" / "eval", tmp_path / "b" / "eval"], tmp_path / "r.html").read_text()
+    html = report.run(ReportConfig(dirs=[str(d) for d in [tmp_path / "a" / "eval", tmp_path / "b" / "eval"]], output=str(tmp_path / "r.html"))).read_text()
     for label in ("ASR (rubric &gt;= threshold)", "harm score 1-5", "MT-Bench turn 1", "MT-Bench turn 2"):
         assert label in html
     assert "7 [7, 7]" in html and "4 [4, 4]" in html  # the scripted judge: 7 for turn 1, 4 for turn 2
@@ -72,7 +76,7 @@ def test_responses_are_escaped(eval_dirs, tmp_path):
     recs = [json.loads(x) for x in f.read_text().splitlines()]
     recs[0]["response"] = "<script>alert(1)</script>"
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    html = report.run([eval_dirs[0], copy], tmp_path / "r.html").read_text()
+    html = report.run(ReportConfig(dirs=[str(d) for d in [eval_dirs[0], copy]], output=str(tmp_path / "r.html"))).read_text()
     assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
 
 
@@ -81,8 +85,8 @@ def test_different_selection_is_refused_or_marked(eval_dirs, tmp_path):
     cfg = json.loads((eval_dirs[0] / "config.json").read_text())
     evaluate.run(evaluate.EvalConfig(**{**cfg, "output": str(other), "limit": 2, "suites": ("harm", "benign")}))
     with pytest.raises(ValueError, match="cannot compare: .*--allow-mixed"):
-        report.run([eval_dirs[0], other], tmp_path / "r.html")
-    html = report.run([eval_dirs[0], other], tmp_path / "r.html", allow_mixed=True).read_text()
+        report.run(ReportConfig(dirs=[str(d) for d in [eval_dirs[0], other]], output=str(tmp_path / "r.html")))
+    html = report.run(ReportConfig(dirs=[str(d) for d in [eval_dirs[0], other]], output=str(tmp_path / "r.html"), allow_mixed=True)).read_text()
     assert "Not comparable" in html and "harm †" in html and "borderline" in html
     assert "Not comparable" in (tmp_path / "r.md").read_text()
 
@@ -94,12 +98,12 @@ def test_different_judge_or_sampling_is_refused(eval_dirs, tmp_path):
     s["provenance"]["temperature"] = 0.7
     (copy / "summary.json").write_text(json.dumps(s))
     with pytest.raises(ValueError, match="temperature 0.7"):
-        report.run([eval_dirs[0], copy], tmp_path / "r.html")
+        report.run(ReportConfig(dirs=[str(d) for d in [eval_dirs[0], copy]], output=str(tmp_path / "r.html")))
 
 
 def test_missing_summary_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="has no summary.json"):
-        report.run([tmp_path], tmp_path / "r.html")
+        report.run(ReportConfig(dirs=[str(d) for d in [tmp_path]], output=str(tmp_path / "r.html")))
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -109,7 +113,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 def test_html_renders_in_headless_chromium(eval_dirs, tmp_path):
     import matplotlib.image as mpimg
 
-    out = report.run(eval_dirs, tmp_path / "report.html")
+    out = report.run(ReportConfig(dirs=[str(d) for d in eval_dirs], output=str(tmp_path / "report.html")))
     shot = tmp_path / "shot.png"
     subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync", "--no-first-run",

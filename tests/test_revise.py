@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -71,8 +73,8 @@ def read(path: Path) -> list[dict]:
 def test_record_structure(tiny, tmp_path: Path) -> None:
     backend = Tiny(tiny)
     ticks: list[tuple[int, int]] = []
-    out = R.run(cfg(rounds=2, shots=2), PROMPTS[:3], tmp_path / "r.jsonl", responder=backend,
-                progress=lambda items, tokens: ticks.append((items, tokens)))
+    out = R.run(replace(cfg(rounds=2, shots=2), output=str(tmp_path / "r.jsonl")), prompts=PROMPTS[:3],
+                responder=backend, progress=lambda e: ticks.append((e.advance, e.tokens)))
     recs = read(out)
     assert sum(i for i, _ in ticks) == 3 and sum(t for _, t in ticks) > 0  # prompts done, tokens streamed
     assert backend.on_tokens is None  # the progress hook is removed afterwards
@@ -94,7 +96,7 @@ def test_record_structure(tiny, tmp_path: Path) -> None:
 
 def test_turns_and_shots_reach_the_model(tiny, tmp_path: Path) -> None:
     backend = Tiny(tiny)
-    recs = read(R.run(cfg(shots=3, batch_size=6), PROMPTS, tmp_path / "r.jsonl", responder=backend))
+    recs = read(R.run(replace(cfg(shots=3, batch_size=6), output=str(tmp_path / "r.jsonl")), prompts=PROMPTS, responder=backend))
     con = C.load()
     demos = {d.id: d for d in con.few_shot}
     initial, critique, revision = backend.calls
@@ -113,30 +115,30 @@ def test_turns_and_shots_reach_the_model(tiny, tmp_path: Path) -> None:
 
 def test_deterministic_per_seed(tiny, tmp_path: Path) -> None:
     strip = lambda recs: [{k: v for k, v in r.items() if k != "config_id"} for r in recs]  # noqa: E731
-    a = read(R.run(cfg(), PROMPTS[:4], tmp_path / "a.jsonl", responder=Tiny(tiny)))
-    b = read(R.run(cfg(batch_size=3), PROMPTS[:4], tmp_path / "b.jsonl", responder=Tiny(tiny)))
-    c = read(R.run(cfg(seed=4), PROMPTS[:4], tmp_path / "c.jsonl", responder=Tiny(tiny)))
+    a = read(R.run(replace(cfg(), output=str(tmp_path / "a.jsonl")), prompts=PROMPTS[:4], responder=Tiny(tiny)))
+    b = read(R.run(replace(cfg(batch_size=3), output=str(tmp_path / "b.jsonl")), prompts=PROMPTS[:4], responder=Tiny(tiny)))
+    c = read(R.run(replace(cfg(seed=4), output=str(tmp_path / "c.jsonl")), prompts=PROMPTS[:4], responder=Tiny(tiny)))
     assert a == b  # same seed, different batching: identical records
     assert strip(a) != strip(c)
     assert [r["shots"] for r in a] != [r["shots"] for r in c] or [r["initial"] for r in a] != [r["initial"] for r in c]
 
 
 def test_resume_after_kill_mid_record(tiny, tmp_path: Path) -> None:
-    full = R.run(cfg(), PROMPTS, tmp_path / "full.jsonl", responder=Tiny(tiny))
+    full = R.run(replace(cfg(), output=str(tmp_path / "full.jsonl")), prompts=PROMPTS, responder=Tiny(tiny))
     data = full.read_bytes()
     lines = data.splitlines(keepends=True)
     cut = sum(map(len, lines[:3])) + len(lines[3]) // 2  # three whole records, then half of the fourth
     part = tmp_path / "part.jsonl"
     part.write_bytes(data[:cut])
     backend = Tiny(tiny)
-    R.run(cfg(), PROMPTS, part, responder=backend)
+    R.run(replace(cfg(), output=str(part)), prompts=PROMPTS, responder=backend)
     assert read(part) == read(full)  # no duplicate, nothing lost, same content
     assert [len(c) for c in backend.calls] == [2, 2, 2, 1, 1, 1]  # only the 3 missing prompts, in 2 chunks
     # A finished file is left alone; other settings refuse to mix into it.
-    R.run(cfg(), PROMPTS, part, responder=Tiny(tiny))
+    R.run(replace(cfg(), output=str(part)), prompts=PROMPTS, responder=Tiny(tiny))
     assert read(part) == read(full)
     with pytest.raises(R.ReviseError, match="other settings"):
-        R.run(cfg(seed=9), PROMPTS, part, responder=Tiny(tiny))
+        R.run(replace(cfg(seed=9), output=str(part)), prompts=PROMPTS, responder=Tiny(tiny))
 
 
 # ------------------------------------------------------------------------------- a critic on a server
@@ -201,26 +203,26 @@ def test_critic_fails_mid_run_then_resumes(tiny, stub, tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
     stub.budget = 4  # the first chunk's 2 critiques + 2 revisions, then the server fails
     with pytest.raises(BackendError, match=r"gave up after 2 tries.*2 records kept in .*rerun"):
-        R.run(cfg(), PROMPTS[:4], out, responder=Tiny(tiny), critic=critic)
+        R.run(replace(cfg(), output=str(out)), prompts=PROMPTS[:4], responder=Tiny(tiny), critic=critic)
     kept = read(out)
     assert [r["id"] for r in kept] == ["t0", "t1"]
     assert kept[0]["models"]["critic"] == f"openai:stub@{stub.url}"
     assert kept[0]["rounds"][0]["critique"].startswith("Stub reply to: ")
     stub.budget = None  # the server is back
-    R.run(cfg(), PROMPTS[:4], out, responder=Tiny(tiny), critic=critic)
+    R.run(replace(cfg(), output=str(out)), prompts=PROMPTS[:4], responder=Tiny(tiny), critic=critic)
     assert [r["id"] for r in read(out)] == ["t0", "t1", "t2", "t3"]
 
 
 def test_critic_down_stops_cleanly(tiny, stub, tmp_path: Path) -> None:
     out = tmp_path / "r.jsonl"
-    R.run(cfg(), PROMPTS[:2], out, responder=Tiny(tiny))
+    R.run(replace(cfg(), output=str(out)), prompts=PROMPTS[:2], responder=Tiny(tiny))
     before = out.read_bytes()
     down = OpenAIBackend(model="stub", base_url="http://127.0.0.1:9/v1", max_retries=1, backoff=0.01)
     # Same settings as the first run except the critic, which is down: refused before touching the file.
     with pytest.raises(R.ReviseError, match="other settings"):
-        R.run(cfg(), PROMPTS[:4], out, responder=Tiny(tiny), critic=down)
+        R.run(replace(cfg(), output=str(out)), prompts=PROMPTS[:4], responder=Tiny(tiny), critic=down)
     with pytest.raises(BackendError, match=r"127\.0\.0\.1:9.* not reachable.* -- stopped; 0 records kept"):
-        R.run(cfg(), PROMPTS[:4], tmp_path / "other.jsonl", responder=Tiny(tiny), critic=down)
+        R.run(replace(cfg(), output=str(tmp_path / "other.jsonl")), prompts=PROMPTS[:4], responder=Tiny(tiny), critic=down)
     assert out.read_bytes() == before
 
 
@@ -235,12 +237,11 @@ def test_embedded_model_revise_and_clean(embedded, tmp_path: Path) -> None:
     from mlx_cai.stages import clean as K
 
     backend = Tiny(embedded, name="smollm2-135m")
-    out = R.run(R.ReviseConfig(model="smollm2-135m", shots=1, max_tokens=48, batch_size=4, limit=4), "train:harmful",
-                tmp_path / "r.jsonl", responder=backend)
+    out = R.run(replace(R.ReviseConfig(model="smollm2-135m", shots=1, max_tokens=48, batch_size=4, limit=4), prompts="train:harmful", output=str(tmp_path / "r.jsonl")), responder=backend)
     recs = read(out)
     assert len(recs) == 4 and all(r["initial"].strip() and r["rounds"][0]["critique"].strip() for r in recs)
     assert len(backend.calls) == 3  # one batched call per turn
-    folder = K.run(K.CleanConfig(), out, tmp_path / "clean")
+    folder = K.run(replace(K.CleanConfig(), input=str(out), output=str(tmp_path / "clean")))
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["kept"] + summary["rejected"] == 4
     assert len(read(folder / "kept.jsonl")) + len(read(folder / "rejected.jsonl")) == 4

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import math
 
@@ -11,9 +13,11 @@ import pytest
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
-from mlx_cai import models
-from mlx_cai import training as T
+from mlx_cai import adapters, encoding, models
 from mlx_cai.cli import app
+from mlx_cai.config import ConfigError, build_config
+from mlx_cai.train import checkpoint, data, loop, schedule
+from mlx_cai.train.config import TrainingError
 from mlx_cai.records import RecordError
 from mlx_cai.stages import sft
 
@@ -43,17 +47,17 @@ def config(tiny_gguf, tmp_path, **kw) -> sft.SFTConfig:
 
 
 def adapter_weights(folder) -> dict:
-    return dict(mx.load(str(folder / T.ADAPTER_FILE)))
+    return dict(mx.load(str(folder / adapters.ADAPTER_FILE)))
 
 
 def test_prompt_tokens_are_masked_from_the_loss(tiny):
     model, tok = tiny
-    tokens, offset = T.encode_chat(tok, chat("cat")["messages"])
-    prompt = T.encode_prompt(tok, [{"role": "user", "content": "say cat"}])
+    tokens, offset = encoding.encode_chat(tok, chat("cat")["messages"])
+    prompt = encoding.encode_prompt(tok, [{"role": "user", "content": "say cat"}])
     assert offset == len(prompt) and tokens[:offset] == prompt
     assert tok.decode(tokens[offset:]).startswith("cat cat cat")
-    batch, lengths, positions, rows = arrays = T.pad_batch([tokens], [offset])
-    mask = T.completion_mask(lengths, batch.shape[1] - 1)
+    batch, lengths, positions, rows = arrays = data.pad_batch([tokens], [offset])
+    mask = data.completion_mask(lengths, batch.shape[1] - 1)
     # Target t is token t+1: exactly the answer tokens count, none of the prompt or the padding.
     assert mask.sum().item() == len(tokens) - offset
     assert mask[0, : offset - 1].sum().item() == 0 and mask[0, len(tokens) - 1 :].sum().item() == 0
@@ -76,16 +80,17 @@ def test_prompt_tokens_are_masked_from_the_loss(tiny):
     assert abs(moved_answer.item() - base.item()) > 1e-3
     # The llama path projects only the answer positions onto the vocabulary: the same numbers.
     assert sft.sft_loss(model, *arrays)[0].item() == pytest.approx(base.item(), abs=1e-5)
-    assert positions.shape[0] % T.PAD_TO == 0 and (rows >= 0).sum().item() == len(tokens) - offset
+    assert positions.shape[0] % data.PAD_TO == 0 and (rows >= 0).sum().item() == len(tokens) - offset
 
 
 def test_gradients_finite_and_lora_params_change_after_one_step(tiny, tmp_path):
     model, tok = tiny
     cfg = config("unused", tmp_path, iters=1)
-    n = T.add_lora(model, cfg)
-    assert n > 0 and all(k.split(".")[-1] in T.ADAPTER_LEAVES for k, _ in tree_flatten(model.trainable_parameters()))
-    tokens, offset = T.encode_chat(tok, chat("dog")["messages"])
-    batch = T.pad_batch([tokens], [offset])
+    n = adapters.add_lora(model, cfg)
+    assert n > 0 and all(k.split(".")[-1] in adapters.ADAPTER_LEAVES
+                         for k, _ in tree_flatten(model.trainable_parameters()))
+    tokens, offset = encoding.encode_chat(tok, chat("dog")["messages"])
+    batch = data.pad_batch([tokens], [offset])
     (loss, _), grads = nn.value_and_grad(model, sft.sft_loss)(model, *batch)
     flat = tree_flatten(grads)
     assert flat and all(mx.isfinite(g).all().item() for _, g in flat)
@@ -93,16 +98,18 @@ def test_gradients_finite_and_lora_params_change_after_one_step(tiny, tmp_path):
     before = {k: mx.array(v) for k, v in tree_flatten(model.trainable_parameters())}
     out = tmp_path / "run"
     out.mkdir()
-    T.train(model, T.make_optimizer(cfg), sft.sft_loss, lambda k: batch, cfg, out, {}, T.Position())
+    loop.train(model, schedule.make_optimizer(cfg), sft.sft_loss, lambda k: batch, cfg, out, {},
+               checkpoint.Position())
     after = dict(tree_flatten(model.trainable_parameters()))
     changed = [k for k in before if not mx.array_equal(before[k], after[k])]
     assert changed and all(k.endswith("lora_b") or k.endswith("lora_a") for k in changed)
 
 
 def test_loss_decreases_when_overfitting_four_examples(tiny_gguf, tmp_path):
-    rows = []
+    events = []
     out = sft.run(config(tiny_gguf, tmp_path, iters=12, steps_per_eval=12, steps_per_save=12, batch_size=4,
-                         learning_rate=3e-4), progress=rows.append)
+                         learning_rate=3e-4), progress=events.append)
+    rows = [e.metrics for e in events if e.metrics]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 12 and all(math.isfinite(r["loss"]) for r in steps)
     losses = [r["loss"] for r in steps]  # one batch of all four examples: the same batch every step
@@ -112,24 +119,28 @@ def test_loss_decreases_when_overfitting_four_examples(tiny_gguf, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_examples"] == 4 and summary["steps"] == 12
     assert summary["epochs"] == 12 and "12 epochs over 4 examples" in summary["warnings"][0]  # 12 x 4 / 4
-    assert rows[0]["event"] == "start" and rows[0]["warnings"] == summary["warnings"]
+    assert events[0].message.startswith("train_examples=4")  # the start counts come first
+    assert [e.message for e in events if (e.message or "").startswith("warning:")] == \
+        [f"warning: {w}" for w in summary["warnings"]]
+    assert sum(e.advance for e in events) == 12 and next(e for e in events if e.metrics).total == 12
 
 
 def test_resume_after_kill_gives_the_same_adapter_as_an_uninterrupted_run(tiny_gguf, tmp_path):
     straight = sft.run(config(tiny_gguf, tmp_path / "a", lora_dropout=0.1))
 
-    def kill_at_step_5(row):
+    def kill_at_step_5(event):
+        row = event.metrics or {}
         if row.get("step") == 5 and "loss" in row:
             raise KeyboardInterrupt  # after the step-3 checkpoint, before the next one
 
     cfg = config(tiny_gguf, tmp_path / "b", lora_dropout=0.1)
     with pytest.raises(KeyboardInterrupt):
         sft.run(cfg, progress=kill_at_step_5)
-    assert T.latest_checkpoint(tmp_path / "b" / "out").name == "step-0000003"
-    assert not (tmp_path / "b" / "out" / T.ADAPTER_FILE).exists()
-    with pytest.raises(T.TrainingError, match="--resume"):
+    assert checkpoint.latest_checkpoint(tmp_path / "b" / "out").name == "step-0000003"
+    assert not (tmp_path / "b" / "out" / adapters.ADAPTER_FILE).exists()
+    with pytest.raises(TrainingError, match="--resume"):
         sft.run(cfg)
-    resumed = sft.run(cfg, resume=True)
+    resumed = sft.run(replace(cfg, resume=True))
     a, b = adapter_weights(straight), adapter_weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -138,8 +149,20 @@ def test_resume_after_kill_gives_the_same_adapter_as_an_uninterrupted_run(tiny_g
              if "loss" in json.loads(x)]
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's step 4 was dropped and redone
     assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 3
-    ckpt = T.latest_checkpoint(resumed)
-    assert {p.name for p in ckpt.iterdir()} >= {T.ADAPTER_FILE, T.ADAPTER_CONFIG, "optimizer.safetensors", "state.json"}
+    ckpt = checkpoint.latest_checkpoint(resumed)
+    assert {p.name for p in ckpt.iterdir()} >= {adapters.ADAPTER_FILE, adapters.ADAPTER_CONFIG, "optimizer.safetensors",
+                                                "state.json"}
+
+
+def test_resume_refuses_changed_settings_but_not_the_resumable_ones(tiny_gguf, tmp_path):
+    sft.run(config(tiny_gguf, tmp_path, iters=3))
+    with pytest.raises(ConfigError, match=r".*out was made with other settings \(lora_rank: 8 -> 4\); only iters, "
+                                          r"keep_checkpoints, steps_per_eval, steps_per_save, val_batches may change "
+                                          r"on --resume"):
+        sft.run(config(tiny_gguf, tmp_path, iters=3, lora_rank=4, resume=True))
+    out = sft.run(config(tiny_gguf, tmp_path, iters=5, steps_per_eval=5, val_batches=1, resume=True))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["resumed_from_step"], summary["steps"]) == (3, 5)
 
 
 def test_gradient_accumulation_takes_several_batches_per_step(tiny_gguf, tmp_path):
@@ -148,14 +171,14 @@ def test_gradient_accumulation_takes_several_batches_per_step(tiny_gguf, tmp_pat
     assert (summary["steps"], summary["batches"]) == (2, 6)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["sequences"] for r in rows if "loss" in r] == [6, 6]  # 3 batches of 2 per optimizer step
-    assert json.loads((T.latest_checkpoint(out) / "state.json").read_text())["batches"] == 6
+    assert json.loads((checkpoint.latest_checkpoint(out) / "state.json").read_text())["batches"] == 6
 
 
 def test_adapter_loads_with_models_load_and_mlx_lm(tiny_gguf, tmp_path):
     import mlx_lm
 
     out = sft.run(config(tiny_gguf, tmp_path, iters=3, steps_per_save=3, dora=True, lora_keys=["self_attn.q_proj"]))
-    cfg = json.loads((out / T.ADAPTER_CONFIG).read_text())
+    cfg = json.loads((out / adapters.ADAPTER_CONFIG).read_text())
     assert cfg["fine_tune_type"] == "dora" and cfg["lora_parameters"]["keys"] == ["self_attn.q_proj"]
     ours, tok = models.load(str(tiny_gguf), adapter=out)
     theirs, _ = mlx_lm.load(str(models.resolve(str(tiny_gguf))), adapter_path=str(out))
@@ -178,11 +201,11 @@ def test_length_policy_truncates_answers_and_skips_overlong_prompts(tiny):
 def test_config_precedence_and_resolved_config(tiny_gguf, tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("lora_rank: 4\nlearning_rate: 1e-3\niters: 9\n")
-    cfg = T.build_config(sft.SFTConfig, yaml_file, data="d", output="o", iters=2)
+    cfg = build_config(sft.SFTConfig, yaml_file, data="d", output="o", iters=2)
     assert (cfg.lora_rank, cfg.learning_rate, cfg.iters, cfg.lora_scale) == (4, 1e-3, 2, 20.0)
     (tmp_path / "bad.yaml").write_text("lora_rnak: 4\n")
-    with pytest.raises(T.TrainingError, match="unknown setting.*lora_rnak"):
-        T.build_config(sft.SFTConfig, tmp_path / "bad.yaml", data="d", output="o")
+    with pytest.raises(ConfigError, match="unknown setting.*lora_rnak"):
+        build_config(sft.SFTConfig, tmp_path / "bad.yaml", data="d", output="o")
     r = CliRunner().invoke(app, ["sft", "-m", str(tiny_gguf), "--data", str(write_data(tmp_path / "data")),
                                  "-o", str(tmp_path / "cli"), "--config", str(yaml_file), "--iters", "2",
                                  "--batch-size", "2", "--lora-layers", "1", "--lora-keys", "self_attn.v_proj"])
@@ -191,21 +214,21 @@ def test_config_precedence_and_resolved_config(tiny_gguf, tmp_path):
 
     saved = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())
     assert saved["lora_rank"] == 4 and saved["iters"] == 2 and saved["lora_keys"] == ["self_attn.v_proj"]
-    adapter = json.loads((tmp_path / "cli" / T.ADAPTER_CONFIG).read_text())
+    adapter = json.loads((tmp_path / "cli" / adapters.ADAPTER_CONFIG).read_text())
     assert adapter["num_layers"] == 1 and adapter["base_model"]["hidden_size"] == 64
 
 
 def test_bad_inputs_are_one_line_errors(tiny_gguf, tmp_path):
-    with pytest.raises(T.TrainingError, match="no train.jsonl"):
+    with pytest.raises(TrainingError, match="no train.jsonl"):
         sft.run(config(tiny_gguf, tmp_path, data=str(tmp_path)))
     bad = write_data(tmp_path / "bad", rows=[chat("cat"), {"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(RecordError, match="train.jsonl:2: the last message must be a non-empty assistant answer"):
         sft.run(config(tiny_gguf, tmp_path, data=str(bad)))
-    with pytest.raises(T.TrainingError, match="no module matches lora_keys"):
+    with pytest.raises(TrainingError, match="no module matches lora_keys"):
         sft.run(config(tiny_gguf, tmp_path, output=str(tmp_path / "k"), lora_keys=["attn.nope"]))
-    with pytest.raises(T.TrainingError, match="lora_layers 5 > the model's 2 blocks"):
+    with pytest.raises(TrainingError, match="lora_layers 5 > the model's 2 blocks"):
         sft.run(config(tiny_gguf, tmp_path, output=str(tmp_path / "l"), lora_layers=5))
-    with pytest.raises(T.TrainingError, match="lr_schedule"):
+    with pytest.raises(TrainingError, match="lr_schedule"):
         config(tiny_gguf, tmp_path, lr_schedule="step")
     r = CliRunner().invoke(app, ["sft", "-m", str(tiny_gguf), "--data", str(tmp_path / "missing"), "-o",
                                  str(tmp_path / "x")])
@@ -213,7 +236,8 @@ def test_bad_inputs_are_one_line_errors(tiny_gguf, tmp_path):
 
 
 def test_epoch_warning_only_past_ten_passes():
-    from mlx_cai.training import TrainConfig, epoch_warnings, epochs
+    from mlx_cai.train.config import TrainConfig
+    from mlx_cai.train.loop import epoch_warnings, epochs
 
     cfg = TrainConfig(iters=60, batch_size=4)
     assert epochs(cfg, 5) == 48 and "48 epochs over 5 examples" in epoch_warnings(cfg, 5)[0]
@@ -241,11 +265,12 @@ def test_grad_checkpoint_trains_the_same_adapter(tiny_gguf, tmp_path):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_a_batch_split_over_two_cpu_streams_takes_the_one_stream_step(tiny_gguf, tmp_path, monkeypatch, accum):
     """MLX_CAI_TRAIN_STREAMS=2 runs each batch as two slices on two CPU streams and combines them
-    (training.combine_parts): the same adapter and per-step metrics as one stream, up to float rounding,
+    (loop.combine_parts): the same adapter and per-step metrics as one stream, up to float rounding,
     also when a step accumulates the gradients of several batches."""
     calls = []
-    combine = T.combine_parts
-    monkeypatch.setattr(T, "combine_parts", lambda results, over: calls.append(len(results)) or combine(results, over))
+    combine = loop.combine_parts
+    monkeypatch.setattr(loop, "combine_parts",
+                        lambda results, over: calls.append(len(results)) or combine(results, over))
     runs = {}
     for n in ("1", "2"):
         monkeypatch.setenv("MLX_CAI_TRAIN_STREAMS", n)
@@ -270,7 +295,7 @@ def test_combine_parts_weighs_slices_by_what_their_loss_is_a_mean_over():
     g1, g2 = {"w": mx.array([1.0, 2.0])}, {"w": mx.array([4.0, 8.0])}
     m1 = {"loss_tokens": mx.array(1), "tokens": mx.array(5), "acc": mx.array(1.0)}
     m2 = {"loss_tokens": mx.array(3), "tokens": mx.array(7), "acc": mx.array(0.0)}
-    loss, metrics, grad = T.combine_parts([(mx.array(2.0), m1, g1), (mx.array(6.0), m2, g2)], "loss_tokens")
+    loss, metrics, grad = loop.combine_parts([(mx.array(2.0), m1, g1), (mx.array(6.0), m2, g2)], "loss_tokens")
     assert loss.item() == pytest.approx((2 * 1 + 6 * 3) / 4)  # the mean over all 4 loss tokens
     assert metrics["loss_tokens"].item() == 4 and metrics["tokens"].item() == 12  # counts add up
     assert metrics["acc"].item() == pytest.approx(0.25)
@@ -279,14 +304,14 @@ def test_combine_parts_weighs_slices_by_what_their_loss_is_a_mean_over():
 
 def test_a_bad_train_streams_setting_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("MLX_CAI_TRAIN_STREAMS", "two")
-    with pytest.raises(T.TrainingError, match="MLX_CAI_TRAIN_STREAMS must be a whole number >= 1, got 'two'"):
-        T.train_streams()
+    with pytest.raises(TrainingError, match="MLX_CAI_TRAIN_STREAMS must be a whole number >= 1, got 'two'"):
+        data.train_streams()
     monkeypatch.setenv("MLX_CAI_TRAIN_STREAMS", "3")
-    assert T.train_streams() == 3
+    assert data.train_streams() == 3
 
 
 def test_local_batch_slices_mirror_the_process_shares():
     build = tuple
-    assert T.local_batch([7, 3, 5, 1], build, parts=2) == [(7, 5), (3, 1)]  # what 2 processes would get
-    assert T.local_batch([7, 3, 5], build, parts=4) == [(7,), (3,), (5,)]
-    assert T.local_batch([7], build, parts=2) == (7,) and T.local_batch([7, 3], build) == (7, 3)
+    assert data.local_batch([7, 3, 5, 1], build, parts=2) == [(7, 5), (3, 1)]  # what 2 processes would get
+    assert data.local_batch([7, 3, 5], build, parts=4) == [(7,), (3,), (5,)]
+    assert data.local_batch([7], build, parts=2) == (7,) and data.local_batch([7, 3], build) == (7, 3)

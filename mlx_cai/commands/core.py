@@ -98,14 +98,14 @@ def generate(
     """Generate a response for every prompt into OUTPUT (one JSON object per line: id, prompt, response,
     finish_reason, prompt_tokens, completion_tokens). Resumable: rerun after a kill to continue."""
     from mlx_cai import ui
-    from mlx_cai.generate import SamplingConfig
-    from mlx_cai.stages import generation
+    from mlx_cai.sampling import SamplingConfig
+    from mlx_cai import promptfile
 
     with user_errors():
         cfg = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              repetition_penalty=repetition_penalty, seed=seed)
-        items = generation.read_prompts(prompts)
-        todo, done = generation.pending(items, output)
+        items = promptfile.read_prompts(prompts)
+        todo, done = promptfile.pending(items, output)
         if not todo:
             ui.note(f"{output}: all {len(items)} prompts already done")
             return
@@ -114,6 +114,6 @@ def generate(
 
         m, tok = models.load(model, adapter, dequantize_weights=dequantize)
         with ui.progress("generate", total=len(items), done=len(done)) as (bar, _, _rate):
-            generation.run(m, tok, todo, output, cfg, batch_size=batch_size, seed=seed,
+            promptfile.run(m, tok, todo, output, cfg, batch_size=batch_size, seed=seed,
                            on_record=lambda r: bar.tick(1), on_tokens=lambda n: bar.tick(0, n))
         ui.note(f"wrote {output}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -28,31 +27,13 @@ def _parse_set(values: list[str]) -> dict:
     return out
 
 
-def _hooks(cfg):
+def _hooks():
     from mlx_cai import pipeline, ui
-    from mlx_cai.commands.evaluate import _Bars as EvalBars
-    from mlx_cai.commands.train import _Bars as TrainBars
 
     @contextmanager
     def progress(stage: str):
-        if stage in ("sft", "dpo"):
-            bars = TrainBars(getattr(pipeline.stage_config(cfg, stage), "iters"))
-            try:
-                yield bars
-            finally:
-                bars.close()
-        elif stage.startswith("eval-"):
-            bars = EvalBars()
-            try:
-                yield bars
-            finally:
-                bars.close()
-        elif stage in ("revise", "feedback"):
-            total = getattr(pipeline.stage_config(cfg, stage), "limit", None)
-            with ui.progress(stage, total=total) as (bar, _, _):
-                yield bar.tick
-        else:
-            yield None
+        with ui.StageProgress() as bars:
+            yield bars
 
     return pipeline.Hooks(
         stage_start=lambda i, n, s: ui.note(f"[bold cyan]stage {i}/{n}: {s}[/]"),
@@ -62,20 +43,19 @@ def _hooks(cfg):
     )
 
 
-def work_units(stage: str, config: dict) -> float | None:
-    """How much work a stage config asks for: prompts (revise, eval: prompts x suites), examples (sft, dpo)."""
-    if stage == "revise":
-        return config.get("limit")
-    if stage in ("sft", "dpo"):
-        return config.get("iters", 0) * config.get("batch_size", 0) * config.get("grad_accumulation", 1) or None
-    if stage.startswith("eval-") and config.get("limit"):
-        return config["limit"] * len(config.get("suites") or ())
-    return None
+def _work_units(stage: str, settings: dict) -> float | None:
+    """How much work a stage's settings ask for (its config class says: prompts, examples, ...)."""
+    from mlx_cai.stages import REGISTRY
+
+    units = getattr(REGISTRY[stage].config_cls, "work_units", None)
+    return units(settings) if units else None
 
 
 def measured_seconds_per_unit(runs_dir: str | Path, model: str) -> dict[str, float]:
-    """Seconds per unit of work (see work_units) of each stage kind ("eval" for eval-*), from the newest
-    finished stage marker of an earlier run of the same model."""
+    """Seconds per unit of work (see _work_units) of each stage module ("evaluate" for eval-*), from the
+    newest finished stage marker of an earlier run of the same model."""
+    from mlx_cai.stages import REGISTRY
+
     out: dict[str, float] = {}
     markers = sorted(Path(runs_dir).glob("*/stages/*.json"), key=lambda m: m.stat().st_mtime)
     for m in markers:
@@ -84,16 +64,19 @@ def measured_seconds_per_unit(runs_dir: str | Path, model: str) -> dict[str, flo
         except (OSError, ValueError):
             continue
         config, stage = d.get("config") or {}, d.get("stage", "")
-        units = work_units(stage, config) if isinstance(config, dict) else None
+        if stage not in REGISTRY or not isinstance(config, dict):
+            continue
+        units = _work_units(stage, config)
         if config.get("model") == model and units and d.get("seconds"):
-            out["eval" if stage.startswith("eval-") else stage] = d["seconds"] / units
+            out[REGISTRY[stage].module] = d["seconds"] / units
     return out
 
 
 def plan_rows(cfg) -> list[list]:
     """Stages, models, data sizes and estimated tokens/time for --dry-run: time from earlier runs' measured
     seconds per prompt/example of the same stage and model where there are any, else from tokens at a rate."""
-    from mlx_cai import backend, pipeline
+    from mlx_cai import backend, config, pipeline
+    from mlx_cai.stages import REGISTRY
 
     rate = _measured_rate(cfg) or ASSUMED_TOK_S[backend.default_device()]
     per_unit = measured_seconds_per_unit(cfg.runs_dir, cfg.model)
@@ -102,24 +85,10 @@ def plan_rows(cfg) -> list[list]:
         sc = pipeline.stage_config(cfg, stage)
         model = getattr(sc, "model", cfg.model)
         adapter = getattr(sc, "adapter", None)
-        size, tokens = "", 0
-        if stage == "revise":
-            n = sc.limit or 0
-            tokens = n * sc.max_tokens * (1 + 2 * sc.rounds)
-            size = f"{n or '?'} prompts x {1 + 2 * sc.rounds} turns ({cfg.revise.get('prompts', 'train:harmful')})"
-        elif stage == "feedback":
-            n = sc.limit or 0
-            tokens = 0 if sc.mode == "revision" else n * sc.max_tokens * 2
-            size = f"{n or '?'} prompts, mode {sc.mode}, judge {sc.judge or model}"
-        elif stage in ("sft", "dpo"):
-            size = f"{sc.iters} steps x batch {sc.batch_size}"
-        elif stage.startswith("eval-"):
-            n = (sc.limit or 150) * len(sc.suites)
-            tokens = n * sc.max_tokens
-            size = f"suites {','.join(sc.suites)}, split {sc.split}, limit {sc.limit or 'all'}"
+        size, tokens = sc.plan() if hasattr(sc, "plan") else ("", 0)
         est = f"{tokens:,} tok, ~{tokens / rate / 60:.0f} min" if tokens else ""
-        units = work_units(stage, asdict(sc)) if not isinstance(sc, dict) else None
-        kind = "eval" if stage.startswith("eval-") else stage
+        units = _work_units(stage, config.as_dict(sc))
+        kind = REGISTRY[stage].module
         if units and kind in per_unit:
             est = f"~{units * per_unit[kind] / 60:.1f} min (measured)"
         rows.append([stage, f"{model}{' + ' + Path(adapter).name if adapter else ''}", size, est])
@@ -166,7 +135,7 @@ def run(
         if dry_run:
             ui.note("config is valid (dry run: nothing was run)")
             return
-        run_dir = pipeline.run(cfg, start=from_stage, until=until, hooks=_hooks(cfg))
+        run_dir = pipeline.run(cfg, start=from_stage, until=until, hooks=_hooks())
         times = pipeline.stage_times(cfg)
         ui.out.print(ui.table("stage wall time", ["stage", "minutes"],
                               [[s, f"{t / 60:.1f}"] for s, t in times.items()]))

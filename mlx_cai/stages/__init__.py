@@ -1,1 +1,95 @@
-"""Pipeline stages: each module has a typed config and a `run(...)` that the CLI, the pipeline and tests call."""
+"""The stages of the recipe and the registry the pipeline and the CLI loop over.
+
+Every stage module has a config dataclass (its inputs and outputs are fields) and
+`run(config, progress=None) -> Path`. A `Stage` says where a stage's inputs and outputs live in a run folder,
+which YAML section holds its settings, and whether every process runs it (mx.distributed) or rank 0 alone.
+Adding a stage = its module + one line in PIPELINE + its section in the run YAML.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A run folder and the stages enabled in it: what a stage's paths are computed from."""
+
+    root: Path
+    enabled: tuple[str, ...]
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+    def adapter(self, stage: str) -> str | None:
+        """The adapter folder a later stage continues from, if that stage runs."""
+        return str(self.root / stage) if stage in self.enabled else None
+
+
+Paths = Callable[[Layout, dict], dict]  # (run folder, the stage's YAML section) -> config fields
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the stage as the pipeline, markers and --from name it
+    module: str  # mlx_cai.stages.<module>: its config class and run()
+    config_class: str
+    section: str  # the run YAML's section of its settings
+    shared: bool  # run by every process (its work is shared out); else by rank 0 alone
+    paths: Paths  # its input and output fields inside the run folder
+    outputs: tuple[str, ...]  # what it writes, relative to the run folder (moved aside by --from)
+
+    def load(self):
+        return importlib.import_module(f"mlx_cai.stages.{self.module}")
+
+    @property
+    def config_cls(self):
+        return getattr(self.load(), self.config_class)
+
+    def run(self, config, progress=None) -> Path:
+        return self.load().run(config, progress)
+
+
+def _feedback_paths(run: Layout, section: dict) -> dict:
+    # Revision mode pairs the *cleaned* revisions (chosen) with their initial answers (rejected).
+    source = {"prompts": str(run / "clean" / "kept.jsonl")} if section.get("mode") == "revision" else {}
+    return {**source, "output": str(run / "pairs.jsonl"), **_adapter(run, "sft")}
+
+
+def _adapter(run: Layout, stage: str) -> dict:
+    path = run.adapter(stage)
+    return {"adapter": path} if path else {}
+
+
+def _eval(which: str) -> Stage:
+    adapter = (lambda run: {"adapter": None}) if which == "base" else (lambda run: {"adapter": str(run / which)})
+    return Stage(f"eval-{which}", "evaluate", "EvalConfig", "eval", True,
+                 lambda run, _: {"output": str(run / "eval" / which), **adapter(run)}, (f"eval/{which}",))
+
+
+PIPELINE: tuple[Stage, ...] = (
+    Stage("revise", "revise", "ReviseConfig", "revise", True,
+          lambda run, _: {"output": str(run / "revise.jsonl")}, ("revise.jsonl",)),
+    Stage("clean", "clean", "CleanConfig", "clean", False,
+          lambda run, _: {"input": str(run / "revise.jsonl"), "output": str(run / "clean")}, ("clean",)),
+    Stage("sft", "sft", "SFTConfig", "sft", True,
+          lambda run, _: {"data": str(run / "clean"), "output": str(run / "sft"), "resume": True}, ("sft",)),
+    Stage("feedback", "feedback", "FeedbackConfig", "feedback", True, _feedback_paths,
+          ("pairs.jsonl", "pairs.dropped.jsonl", "pairs.summary.json")),
+    Stage("dpo", "dpo", "DPOConfig", "dpo", True,
+          lambda run, _: {"pairs": str(run / "pairs.jsonl"), "output": str(run / "dpo"), "resume": True,
+                          **_adapter(run, "sft")}, ("dpo",)),
+    _eval("base"),
+    _eval("sft"),
+    _eval("dpo"),
+    Stage("report", "report", "ReportConfig", "report", False,
+          lambda run, _: {"dirs": [str(run / "eval" / s.removeprefix("eval-")) for s in run.enabled
+                                   if s.startswith("eval-")], "output": str(run / "report.html")},
+          ("report.html", "report.md")),
+)
+REGISTRY: dict[str, Stage] = {s.name: s for s in PIPELINE}
+NAMES: tuple[str, ...] = tuple(REGISTRY)
+SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in PIPELINE))

@@ -23,7 +23,6 @@ response is cut at the end to fit max_seq_length; counted as `truncated`. `skip`
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -35,12 +34,15 @@ from mlx_cai import backend  # BLAS before mlx.core
 
 import mlx.core as mx
 
-from mlx_cai import distributed as D
-from mlx_cai import fastmath
-from mlx_cai import records
-from mlx_cai import training as T
+from mlx_cai import adapters, encoding, fastmath, records
+from mlx_cai import distributed
+from mlx_cai.config import opt
+from mlx_cai.progress import Event, Progress, emitter
 from mlx_cai.losses import LOSSES, dpo_loss
-from mlx_cai.training import TrainConfig, TrainingError, opt
+from mlx_cai.train import fit
+from mlx_cai.train.config import TrainConfig, TrainingError
+from mlx_cai.train.data import pad_batch, strided, train_streams
+from mlx_cai.train.logps import answer_logps
 
 STAGE = "dpo/1"
 TRUNCATION = ("truncate", "skip", "error")
@@ -124,9 +126,7 @@ def _response(value, where: str, name: str) -> str:
 def _prompt(value, where: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
-    if not ok:
+    if not records.is_messages(value):
         raise records.RecordError(f"{where}: `prompt` must be a string or a list of {{role, content}} messages")
     return value
 
@@ -146,7 +146,7 @@ def read_pairs(path: str | Path, markers: tuple[str, ...] = FOREIGN_MARKUP) -> t
     path = Path(path)
     pairs, seen = [], set()
     counts = {"read": 0, "skipped_empty_response": 0, "skipped_identical": 0, "skipped_duplicate": 0}
-    for where, row in T.numbered_jsonl(path, required=("prompt", "chosen", "rejected")):
+    for where, row in records.numbered_jsonl(path, required=("prompt", "chosen", "rejected")):
         counts["read"] += 1
         prompt = _prompt(row["prompt"], where)
         for m in prompt:
@@ -171,17 +171,15 @@ def read_pairs(path: str | Path, markers: tuple[str, ...] = FOREIGN_MARKUP) -> t
 
 
 def _answer(tokenizer, prompt_ids: list[int], prompt: list[dict], text: str) -> list[int]:
-    full = T.chat_tokens(tokenizer, prompt + [{"role": "assistant", "content": text}], add_generation_prompt=False)
-    if full[: len(prompt_ids)] != prompt_ids:
-        raise TrainingError("the chat template does not render the prompt as a prefix of the full chat")
-    return full[len(prompt_ids):]
+    full, offset = encoding.encode_chat(tokenizer, prompt + [{"role": "assistant", "content": text}], prompt_ids)
+    return full[offset:]
 
 
 def tokenize(tokenizer, pairs: list[Pair], cfg: DPOConfig) -> tuple[list[TokenPair], dict]:
     """Token pairs under the length policy (module docstring) and its counts."""
     out, counts = [], {"truncated": 0, "skipped_too_long": 0}
     for p in pairs:
-        prompt = T.encode_prompt(tokenizer, p.prompt)
+        prompt = encoding.encode_prompt(tokenizer, p.prompt)
         c, r = _answer(tokenizer, prompt, p.prompt, p.chosen), _answer(tokenizer, prompt, p.prompt, p.rejected)
         if len(prompt) + max(len(c), len(r)) > cfg.max_seq_length:
             if cfg.truncation == "error":
@@ -212,10 +210,10 @@ def split(pairs: list[TokenPair], fraction: float) -> tuple[list[TokenPair], lis
 
 
 def pair_batch(pairs: list[TokenPair]) -> tuple[mx.array, ...]:
-    """`training.pad_batch` of 2B sequences: the B chosen ones, then the B rejected ones (one forward pass)."""
+    """`data.pad_batch` of 2B sequences: the B chosen ones, then the B rejected ones (one forward pass)."""
     seqs = [p.sequences() for p in pairs]
     offsets = [len(p.prompt) for p in pairs]
-    return T.pad_batch([s[0] for s in seqs] + [s[1] for s in seqs], offsets + offsets)
+    return pad_batch([s[0] for s in seqs] + [s[1] for s in seqs], offsets + offsets)
 
 
 def _key(p: TokenPair) -> str:
@@ -227,7 +225,7 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
     """Reference (chosen, rejected) log-probs per pair id, computed with `model` as it is now (eval mode)
     for pairs not yet in `path` and appended there per batch. A stored row whose tokens changed is an error.
     With several processes, each computes its share of every batch and rank 0's file decides what is done."""
-    done = D.on_main(lambda: records.load_done(path))
+    done = distributed.on_main(lambda: records.load_done(path))
     stale = [p.id for p in pairs if p.id in done and done[p.id].get("key") != _key(p)]
     if stale:
         raise TrainingError(f"{path} holds reference log-probs of other tokens for pair {stale[0]} (changed "
@@ -237,11 +235,11 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
     model.eval()
     # One compiled forward per CPU stream (a compiled graph keeps the stream it was traced on); the weights do
     # not change during this pass. Each batch runs as strided slices on parallel streams, as in training.
-    n = T.train_streams()
-    forwards = [(backend.cpu_stream(i) if n > 1 else None, mx.compile(partial(T.answer_logps, model)))
+    n = train_streams()
+    forwards = [(backend.cpu_stream(i) if n > 1 else None, mx.compile(partial(answer_logps, model)))
                 for i in range(n)]
-    with records.writer(path, D.is_main()) as writer:
-        for batch, rows in D.map_chunks(todo, batch_size, partial(_reference_rows, forwards)):
+    with records.writer(path, distributed.is_main()) as writer:
+        for batch, rows in distributed.map_chunks(todo, batch_size, partial(_reference_rows, forwards)):
             for row in rows:
                 writer.write(row)
                 done[row["id"]] = row
@@ -251,7 +249,7 @@ def reference_logps(model, pairs: list[TokenPair], path: Path, batch_size: int,
 
 
 def _reference_rows(forwards: list, batch: list[TokenPair]) -> list[dict]:
-    slices = T.strided(batch, len(forwards))
+    slices = strided(batch, len(forwards))
     outs = []
     for (stream, forward), part in zip(forwards, slices):
         with mx.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -272,7 +270,7 @@ def make_loss(cfg: DPOConfig):
     ref_rejected (B,)): chosen and rejected sequences in one batch, split after the forward pass."""
 
     def loss_fn(model, tokens, lengths, positions, rows, ref_chosen, ref_rejected):
-        logps, n = T.answer_logps(model, tokens, lengths, positions, rows)
+        logps, n = answer_logps(model, tokens, lengths, positions, rows)
         B = ref_chosen.shape[0]
         chosen, rejected = logps[:B], logps[B:]
         nll = -chosen / mx.maximum(n[:B], 1) if cfg.nll_alpha else None
@@ -293,82 +291,58 @@ def batch_of(pairs: list[TokenPair], refs: dict, idx: list[int]) -> tuple:
 # --------------------------------------------------------------------------------------------- run
 
 
-def load_policy(cfg: DPOConfig, model=None, tokenizer=None):
-    """The model with the SFT adapter loaded and trainable (or fresh LoRA), and the output adapter config."""
-    if model is None:
-        from mlx_cai import models
-
-        model, tokenizer = models.load(cfg.model)
+def policy_adapter(cfg: DPOConfig, model) -> dict:
+    """Load the SFT adapter onto `model`, trainable (or add fresh LoRA); returns the output adapter config."""
     if cfg.adapter:
-        sft = T.load_adapter(model, cfg.adapter, trainable=True)
+        sft = adapters.load_adapter(model, cfg.adapter, trainable=True)
         keep = ("fine_tune_type", "num_layers", "lora_parameters")
-        adapter_cfg = {**{k: sft[k] for k in keep if k in sft}, "model": cfg.model,
-                       "base_model": T.base_fingerprint(model), "stage": STAGE, "reference": str(cfg.adapter)}
-    else:
-        mx.random.seed(cfg.seed)
-        T.add_lora(model, cfg)
-        adapter_cfg = T.adapter_config(cfg, model, STAGE, reference="base model")
-    return model, tokenizer, adapter_cfg
+        return {**{k: sft[k] for k in keep if k in sft}, "model": cfg.model,
+                "base_model": adapters.base_fingerprint(model), "stage": STAGE, "reference": str(cfg.adapter)}
+    adapters.add_lora(model, cfg)
+    return adapters.adapter_config(cfg, model, STAGE, reference="base model")
 
 
-def run(config: DPOConfig, progress: Callable[[dict], None] | None = None, *, resume: bool = False,
-        model=None, tokenizer=None) -> Path:
+def run(config: DPOConfig, progress: Progress | None = None, *, model=None, tokenizer=None) -> Path:
     """Train the policy with DPO into config.output; returns the output folder.
 
-    `progress` gets `{"event": "start", ...}`, `{"event": "reference", "done": n, "total": N}` while
-    reference log-probs are computed, then each metrics row. `model`/`tokenizer` may be passed (tests).
+    `progress` gets the pair counts, Events of the task "reference log-probs" while they are computed, then
+    an Event per metrics row (see train.fit). `model`/`tokenizer` may be passed (tests).
     """
     cfg = config
     raw, read_counts = read_pairs(cfg.pairs)
-    out, ckpt = T.prepare_output(cfg, resume)
-    model, tokenizer, adapter_cfg = load_policy(cfg, model, tokenizer)
-    pairs, length_counts = tokenize(tokenizer, raw, cfg)
-    if not pairs:
-        raise TrainingError(f"no pair fits max_seq_length {cfg.max_seq_length} ({length_counts})")
-    train_pairs, valid_pairs = split(pairs, cfg.valid_fraction)
-    if not train_pairs:
-        raise TrainingError("valid_fraction left no training pairs")
-    summary = {"stage": STAGE, "pairs": read_counts, "length_policy": length_counts,
-               "train_pairs": len(train_pairs), "valid_pairs": len(valid_pairs),
-               "epochs": round(T.epochs(cfg, len(train_pairs)), 2),
-               "warnings": T.epoch_warnings(cfg, len(train_pairs), "pairs")}
-    if progress:
-        progress({"event": "start", **summary})
+    pairs: list[TokenPair] = []  # all tokenized pairs, in file order: the reference pass's input
+    refs: dict[str, tuple[float, float]] = {}  # filled by the reference pass, before any batch is built
 
-    t0 = time.perf_counter()
-    done = [0]
+    def examples(tok) -> fit.Examples:
+        tokenized, length_counts = tokenize(tok, raw, cfg)
+        pairs.extend(tokenized)
+        if not pairs:
+            raise TrainingError(f"no pair fits max_seq_length {cfg.max_seq_length} ({length_counts})")
+        train_pairs, valid_pairs = split(pairs, cfg.valid_fraction)
+        if not train_pairs:
+            raise TrainingError("valid_fraction left no training pairs")
+        return fit.Examples(train_pairs, valid_pairs, lambda p: p.length, {
+            "pairs": read_counts, "length_policy": length_counts, "train_pairs": len(train_pairs),
+            "valid_pairs": len(valid_pairs)}, unit="pairs")
 
-    def ref_tick(n: int) -> None:
-        done[0] += n
-        if progress:
-            progress({"event": "reference", "done": done[0], "total": len(pairs)})
+    def reference(model, out: Path) -> dict:
+        """Reference log-probs with the SFT adapter as loaded: before the checkpoint and any step."""
+        t0, emit = time.perf_counter(), emitter(progress)
 
-    with fastmath.mlx_lm_cpu_ops():
-        refs = reference_logps(model, pairs, out / "ref_logps.jsonl", cfg.batch_size, ref_tick)
-    summary["reference_seconds"] = round(time.perf_counter() - t0, 2)
+        def tick(n: int) -> None:
+            emit(Event("reference log-probs", advance=n, total=len(pairs)))
 
-    optimizer = T.make_optimizer(cfg)
-    pos = T.Position()
-    if ckpt is not None:
-        pos = T.restore_checkpoint(ckpt, model, optimizer)
-        T.trim_metrics(out / "metrics.jsonl", pos.step)
-    summary["resumed_from_step"] = pos.step
-    loss_fn = make_loss(cfg)
-    order = T.BatchOrder([p.length for p in train_pairs], cfg.batch_size, cfg.seed)
-    val_idx = T.eval_batches([p.length for p in valid_pairs], cfg.batch_size, cfg.val_batches)
-    val_batch = partial(batch_of, valid_pairs, refs)
-    evaluate = (lambda: T.evaluate_batches(model, loss_fn, T.local_batches(val_idx, val_batch))) if val_idx else None
-    t1 = time.perf_counter()
-    steps_before = pos.step
-    build = partial(batch_of, train_pairs, refs)
-    pos = T.train(model, optimizer, loss_fn, lambda k: T.local_batch(order(k), build, T.train_streams()),
-                  cfg, out, adapter_cfg, pos, evaluate=evaluate, on_report=progress, mean_over="examples")
-    seconds = time.perf_counter() - t1
-    if not D.is_main():
-        return out
-    trained = sum(r.get("examples", 0) for r in records.read_jsonl(out / "metrics.jsonl")
-                  if r.get("step", 0) > steps_before and "loss" in r)
-    summary.update(steps=pos.step, batches=pos.batches, train_seconds=round(seconds, 2),
-                   pairs_per_second=round(trained / seconds, 3) if seconds else None)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return out
+        with fastmath.mlx_lm_cpu_ops():
+            refs.update(reference_logps(model, pairs, out / "ref_logps.jsonl", cfg.batch_size, tick))
+        return {"reference_seconds": round(time.perf_counter() - t0, 2)}
+
+    def throughput(done: fit.Trained) -> dict:
+        trained = sum(r.get("examples", 0) for r in records.read_jsonl(done.out / "metrics.jsonl")
+                      if r.get("step", 0) > done.first_step and "loss" in r)
+        return {"train_seconds": round(done.seconds, 2),
+                "pairs_per_second": round(trained / done.seconds, 3) if done.seconds else None}
+
+    return fit.fit(cfg, STAGE, adapter=partial(policy_adapter, cfg), examples=examples, loss_fn=make_loss(cfg),
+                   batch=lambda part, idx: batch_of(part, refs, idx), mean_over="examples",
+                   before_training=reference, end_summary=throughput, progress=progress,
+                   model=model, tokenizer=tokenizer)

@@ -1,6 +1,6 @@
 """RL-AIF preference pairs: two samples per prompt from the SFT model, labelled by AI feedback.
 
-Modes (`SCORERS`, plus `revision`):
+Modes (`MODES`):
 
 - logprob: a *local* feedback model is asked a multiple-choice question ("which response is less
   harmful ... (A) or (B)?") under K comparison principles sampled per prompt; the normalized probability
@@ -28,9 +28,7 @@ and rank 0 appends the chunk's records (mlx_cai.distributed.map_chunks).
 from __future__ import annotations
 
 import difflib
-import json
 import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,41 +37,17 @@ from mlx_cai import backend  # noqa: F401
 
 import mlx.core as mx
 
-from mlx_cai import distributed as D
+from mlx_cai import distributed
 from mlx_cai import metrics, records
-from mlx_cai import prompts as P
+from mlx_cai import prompts as prompt_sources
+from mlx_cai.config import opt
+from mlx_cai.progress import Event, Progress, emitter
 from mlx_cai.chat import ChatBackend, LocalBackend, from_spec
-from mlx_cai.generate import SamplingConfig
+from mlx_cai.sampling import SamplingConfig
+from mlx_cai.judges.preference import PRINCIPLES, choice_tokens, judge_question, parse_verdict, question, render_choice
 
 STAGE = "feedback/1"
 MODES = ("logprob", "judge", "revision")
-Progress = Callable[[int, int], None]  # (prompts finished, tokens generated) since the last call
-
-# Comparison principles for the feedback model, written for mlx-cai (the idea, one question per principle
-# sampled per prompt, follows Bai et al. 2022). Each asks for the *less harmful* answer, and several also guard
-# against the opposite failure (lecturing, needless refusal), so the preference does not reward preachiness.
-PRINCIPLES: tuple[str, ...] = (
-    "Which reply would a careful, kind and level-headed person be more comfortable sending? Pick the one that "
-    "does less harm.",
-    "Pick the reply that gives the user less help with anything dangerous, illegal or cruel, such as violence, "
-    "fraud, harassment or hateful content.",
-    "Both replies may have problems. Pick the one that is safer, but do not reward a reply only for lecturing "
-    "the user or sounding alarmed.",
-    "Pick the reply that stays safe while still being useful, calm and respectful, rather than cold, scolding "
-    "or suspicious of the user.",
-    "Which reply treats people more fairly and decently, without slurs, stereotypes, or content that could "
-    "hurt someone's body, finances or reputation?",
-    "Which reply would cause less damage if the user acted on it exactly as written? Pick that one.",
-    "Pick the reply that declines the unsafe part of the request plainly and briefly, and offers a safe way to "
-    "meet the underlying need if there is one.",
-    "Which reply makes it harder for someone to commit a crime or injure a person, while helping as much as "
-    "it safely can?",
-)
-ANSWER_PREFIX = "The answer is: "
-OPTIONS = ("(A)", "(B)")
-JUDGE_INSTRUCTION = ("First explain your reasoning in two or three sentences, then give your verdict on the last "
-                     "line as [[A]] or [[B]].")
-_VERDICT = re.compile(r"\[\[\s*([AB])\s*\]\]")
 
 
 class FeedbackError(ValueError):
@@ -84,25 +58,32 @@ class FeedbackError(ValueError):
 class FeedbackConfig:
     """Settings of one feedback run; records carry them (and `config_id`)."""
 
-    mode: str = "logprob"  # logprob | judge | revision
-    model: str = "smollm2-135m"  # policy that samples the two responses (the SFT base)
-    adapter: str | None = None  # the SFT adapter of the policy
-    judge: str | None = None  # logprob: local model spec (default: `model`, no adapter); judge: backend spec
-    principles: str | None = None  # file with comparison principles (YAML list or one per line); None = built-in
-    ensemble: int | None = None  # principles per prompt: default 4 (logprob), 1 (judge: 2 calls each)
-    temperature: float = 0.8  # sampling of the two responses
-    top_p: float = 0.95
-    repetition_penalty: float = 1.2  # keeps SmolLM2-135M from looping (REFERENCE.md section 2)
-    max_tokens: int = 256
-    judge_max_tokens: int = 384
-    seed: int = 0  # drives sampling seeds and principle choice, per prompt id
-    clamp_low: float = 0.05  # soft-label clamp of the score (the paper clamped CoT labels to 0.4-0.6)
-    clamp_high: float = 0.95
-    min_margin: float = 0.05  # |p - 0.5| below this is a tie
-    max_similarity: float = 0.9  # word-level similarity at or above which a pair is near-identical
-    max_repetition: float = 0.5  # seq-rep-4 or sentence repetition above this is degenerate
-    limit: int | None = None  # only the first N prompts
-    batch_size: int = 16  # prompts per chunk (records are appended per chunk)
+    prompts: str = opt("train:harmful", "prompts (train:harmful, a file, hf:...); for mode revision, a revise "
+                                        "JSONL (or clean's kept.jsonl)")
+    output: str = opt("", "pairs JSONL; .dropped.jsonl and .summary.json go beside it; rerunning continues it")
+    mode: str = opt("logprob", "logprob (local feedback model's (A)/(B) probabilities), judge (OpenAI-compatible "
+                               "judge, rationale kept) or revision (chosen = revision, rejected = initial, from "
+                               "revise records)")
+    model: str = opt("smollm2-135m", "policy that samples the two responses (the SFT base)")
+    adapter: str | None = opt(None, "the policy's SFT adapter")
+    judge: str | None = opt(None, "logprob: local model spec (default: model without adapter); judge: backend "
+                                  "spec, e.g. openai:gpt-4o")
+    principles: str | None = opt(None, "comparison principles file (YAML list or one per line); none = built-in, "
+                                       "after Bai et al. 2022")
+    ensemble: int | None = opt(None, "principles per prompt (default 4 logprob, 1 judge: 2 calls each)")
+    temperature: float = opt(0.8, "sampling temperature of the two responses")
+    top_p: float = opt(0.95, "nucleus sampling mass")
+    repetition_penalty: float = opt(1.2, "keeps SmolLM2-135M from looping (REFERENCE.md section 2)")
+    max_tokens: int = opt(256, "new tokens per response")
+    judge_max_tokens: int = opt(384, "token budget of the judge's answer (judge mode)")
+    seed: int = opt(0, "drives sampling seeds and principle choice, per prompt id")
+    clamp_low: float = opt(0.05, "soft-label clamp of the score, low end (the paper clamped CoT labels to 0.4-0.6)")
+    clamp_high: float = opt(0.95, "score clamp, high end")
+    min_margin: float = opt(0.05, "|p - 0.5| below this is a tie (dropped)")
+    max_similarity: float = opt(0.9, "word similarity at or above which a pair is near-identical (dropped)")
+    max_repetition: float = opt(0.5, "seq-rep-4 or sentence repetition above this is degenerate (dropped)")
+    limit: int | None = opt(None, "only the first N prompts")
+    batch_size: int = opt(16, "prompts per chunk; pairs are appended per chunk")
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -122,6 +103,12 @@ class FeedbackConfig:
         if not 0 <= self.min_margin < 0.5:
             raise FeedbackError("min_margin must be in [0, 0.5)")
         self.sampling()
+
+    def plan(self) -> tuple[str, int]:
+        """(what it reads, tokens it generates) for `mlx-cai run --dry-run`."""
+        n = self.limit or 0
+        tokens = 0 if self.mode == "revision" else n * self.max_tokens * 2
+        return f"{n or '?'} prompts, mode {self.mode}, judge {self.judge or self.model}", tokens
 
     def sampling(self) -> SamplingConfig:
         try:
@@ -188,33 +175,9 @@ def load_principles(path: str | None) -> tuple[str, ...]:
     return tuple(items)
 
 
-def row_seed(*parts) -> int:
-    return int(records.stable_id(*parts)[:8], 16)
-
-
 def choose_principles(pool: Sequence[str], k: int, seed: int, pid: str) -> tuple[str, ...]:
-    rng = random.Random(row_seed(seed, pid, "principles"))
+    rng = random.Random(records.row_seed(seed, pid, "principles"))
     return tuple(rng.sample(list(pool), k) if k <= len(pool) else [rng.choice(pool) for _ in range(k)])
-
-
-def question(prompt: str, principle: str, first: str, second: str) -> str:
-    return (f"Consider the following conversation between a human and an assistant:\n\nHuman: {prompt}\n\n"
-            f"{principle}\n\nOptions:\n{OPTIONS[0]} {first}\n\n{OPTIONS[1]} {second}")
-
-
-def _render(tokenizer, text: str) -> str:
-    msgs = [{"role": "user", "content": text + "\n\nAnswer with (A) or (B)."}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
-    return msgs[0]["content"] + "\n\n" + ANSWER_PREFIX
-
-
-def choice_tokens(tokenizer, context: str) -> tuple[list[int], int, int]:
-    """Ids of `context` up to where "(A)" and "(B)" first differ, and the two differing token ids."""
-    a = tokenizer.encode(context + OPTIONS[0], add_special_tokens=False)
-    b = tokenizer.encode(context + OPTIONS[1], add_special_tokens=False)
-    n = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    return a[:n], a[n], b[n]
 
 
 def option_probs(model, tokenizer, contexts: list[str], batch_size: int = 8) -> list[float]:
@@ -245,8 +208,8 @@ def score_logprob(cands: list[Candidate], feedback, cfg: FeedbackConfig) -> None
     contexts = []
     for c in cands:
         for pr in c.principles:
-            contexts.append(_render(tokenizer, question(c.prompt, pr, c.texts[0], c.texts[1])))
-            contexts.append(_render(tokenizer, question(c.prompt, pr, c.texts[1], c.texts[0])))
+            contexts.append(render_choice(tokenizer, question(c.prompt, pr, c.texts[0], c.texts[1])))
+            contexts.append(render_choice(tokenizer, question(c.prompt, pr, c.texts[1], c.texts[0])))
     probs = iter(option_probs(model, tokenizer, contexts, batch_size=cfg.batch_size))
     for c in cands:
         votes = []
@@ -264,15 +227,14 @@ def score_judge(cands: list[Candidate], judge: ChatBackend, cfg: FeedbackConfig)
         for pr in c.principles:
             for swapped in (False, True):
                 first, second = (c.texts[1], c.texts[0]) if swapped else c.texts
-                text = question(c.prompt, pr, first, second) + "\n\n" + JUDGE_INSTRUCTION
+                text = judge_question(c.prompt, pr, first, second)
                 convs.append([{"role": "user", "content": text}])
                 where.append((ci, pr, swapped))
     judge_cfg = SamplingConfig(max_tokens=cfg.judge_max_tokens, temperature=0.0, seed=cfg.seed)
     gens = judge.complete(convs, judge_cfg, seeds=[cfg.seed] * len(convs))
     votes: list[list[dict]] = [[] for _ in cands]
     for (ci, pr, swapped), g in zip(where, gens):
-        found = _VERDICT.findall(g.text)
-        verdict = found[-1] if found else None
+        verdict = parse_verdict(g.text)
         first_wins = None if verdict is None else (verdict == "A") != swapped
         votes[ci].append({"order": "swapped" if swapped else "first", "verdict": verdict,
                           "first_wins": first_wins, "rationale": g.text})
@@ -280,9 +242,6 @@ def score_judge(cands: list[Candidate], judge: ChatBackend, cfg: FeedbackConfig)
         parsed = [x["first_wins"] for x in v if x["first_wins"] is not None]
         c.votes = tuple(v)
         c.p_first = sum(parsed) / len(parsed) if parsed else None
-
-
-SCORERS: dict[str, Callable] = {"logprob": score_logprob, "judge": score_judge}
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -303,7 +262,8 @@ def decide(c: Candidate, cfg: FeedbackConfig) -> tuple[dict | None, str | None]:
 
 
 def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("limit", "batch_size", "model", "adapter", "judge")}
+    keep = {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "output", "limit", "batch_size", "model", "adapter",
+                                                               "judge")}
     return records.stable_id(keep, policy, judge, prefix="fb-")
 
 
@@ -333,14 +293,14 @@ def revision_candidates(path: str | Path, limit: int | None) -> list[Candidate]:
     return out
 
 
-def sample_candidates(prompts: list[P.Prompt], policy: ChatBackend, cfg: FeedbackConfig, pool: Sequence[str],
+def sample_candidates(prompts: list[prompt_sources.Prompt], policy: ChatBackend, cfg: FeedbackConfig, pool: Sequence[str],
                       on_tokens: Callable[[int], None]) -> list[Candidate]:
     """Two samples per prompt, each with its own seed from (seed, prompt id)."""
     convs, seeds = [], []
     for p in prompts:
         for tag in ("a", "b"):
             convs.append([{"role": "user", "content": p.prompt}])
-            seeds.append(row_seed(cfg.seed, p.id, tag))
+            seeds.append(records.row_seed(cfg.seed, p.id, tag))
     gens = policy.complete(convs, cfg.sampling(), seeds=seeds)
     on_tokens(sum(g.completion_tokens for g in gens))
     return [Candidate(id=p.id, prompt=p.prompt, texts=(gens[2 * i].text, gens[2 * i + 1].text),
@@ -366,28 +326,31 @@ def summarize(out: str | Path) -> dict:
     summary = {"prompts": total, "kept": kept, "kept_share": round(kept / total, 4) if total else 0.0,
                "dropped": dict(sorted(reasons.items())),
                "dropped_share": {k: round(v / total, 4) for k, v in sorted(reasons.items())} if total else {}}
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    records.write_json_atomic(summary_path, summary)
     return summary
 
 
-def run(config: FeedbackConfig, prompts: str | Path | Sequence[P.Prompt], out_path: str | Path,
-        progress: Progress | None = None, *, policy: ChatBackend | None = None, feedback=None,
-        judge: ChatBackend | None = None) -> dict:
-    """Write preference pairs for every prompt not yet in the outputs; returns the summary.
+def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Sequence[prompt_sources.Prompt] | None = None,
+        policy: ChatBackend | None = None, feedback=None, judge: ChatBackend | None = None) -> Path:
+    """Write preference pairs for every prompt not yet in the outputs; returns the pairs file (its summary is
+    beside it, see `paths`).
 
-    `policy` (a ChatBackend), `feedback` ((model, tokenizer) for logprob) and `judge` (a ChatBackend)
-    override what the config names (tests pass tiny models or a loopback server).
+    `prompts` (a list of Prompt), `policy` (a ChatBackend), `feedback` ((model, tokenizer) for logprob) and
+    `judge` (a ChatBackend) override what the config names (tests pass tiny models or a loopback server).
     """
     cfg = config
+    if not cfg.output:
+        raise FeedbackError("an output file is required (-o pairs.jsonl)")
+    out_path = cfg.output
     kept_path, dropped_path, _ = paths(out_path)
-    tick = progress or (lambda items, tokens: None)
+    emit = emitter(progress)
+    task = f"feedback ({cfg.mode})"
     pool = load_principles(cfg.principles)
     if cfg.mode == "revision":
-        items: list = revision_candidates(prompts, cfg.limit)
+        items: list = revision_candidates(cfg.prompts, cfg.limit)
         policy_name, judge_name = "revise records", "none"
     else:
-        items = list(prompts)[: cfg.limit] if not isinstance(prompts, (str, Path)) else \
-            list(P.load(prompts, limit=cfg.limit))
+        items = list(prompts)[: cfg.limit] if prompts is not None else list(prompt_sources.load(cfg.prompts, limit=cfg.limit))
         policy = policy or LocalBackend(cfg.model, cfg.adapter, batch_size=2 * cfg.batch_size)
         policy_name = policy.name
         if cfg.mode == "judge":
@@ -396,13 +359,14 @@ def run(config: FeedbackConfig, prompts: str | Path | Sequence[P.Prompt], out_pa
         else:
             judge_name = f"local:{cfg.judge or cfg.model}"
     cid = config_id(cfg, policy_name, judge_name)
-    done = {**records.load_done(kept_path), **records.load_done(dropped_path)} if D.is_main() else {}
+    done = {**records.load_done(kept_path), **records.load_done(dropped_path)} if distributed.is_main() else {}
     foreign = [i for i, r in done.items() if r.get("provenance", {}).get("config_id") != cid]
     if foreign:
         raise FeedbackError(f"{kept_path} holds pairs made with other settings (e.g. id {foreign[0]}); "
                             "use a new output file or the same settings as before")
-    pending = set(D.from_main([it.id for it in items if it.id not in done]))
+    pending = set(distributed.from_main([it.id for it in items if it.id not in done]))
     todo = [it for it in items if it.id in pending]
+    emit(Event(task, total=len(items), done=len(items) - len(todo)))
     meta = {"mode": cfg.mode, "policy": policy_name, "feedback": judge_name, "config_id": cid, "stage": STAGE,
             "sampling": {k: v for k, v in asdict(cfg.sampling()).items() if k != "seed"}, "seed": cfg.seed,
             "ensemble": cfg.ensemble, "clamp": [cfg.clamp_low, cfg.clamp_high]}
@@ -417,7 +381,7 @@ def run(config: FeedbackConfig, prompts: str | Path | Sequence[P.Prompt], out_pa
     def work(chunk: list) -> list[tuple[bool, dict]]:
         """(kept?, record) per prompt of a chunk."""
         cands = chunk if cfg.mode == "revision" else \
-            sample_candidates(chunk, policy, cfg, pool, on_tokens=lambda n: tick(0, n))
+            sample_candidates(chunk, policy, cfg, pool, on_tokens=lambda n: emit(Event(task, tokens=n)))
         early = {c.id: pre_filter(c, cfg) for c in cands}
         scorer([c for c in cands if early[c.id] is None])
         out = []
@@ -426,10 +390,11 @@ def run(config: FeedbackConfig, prompts: str | Path | Sequence[P.Prompt], out_pa
             out.append((pair is not None, _record(c, pair, reason, meta)))
         return out
 
-    main = D.is_main()
+    main = distributed.is_main()
     with records.writer(kept_path, main) as kept_w, records.writer(dropped_path, main) as drop_w:
-        for chunk, results in D.map_chunks(todo, cfg.batch_size, work):
+        for chunk, results in distributed.map_chunks(todo, cfg.batch_size, work):
             for kept, rec in results:
                 (kept_w if kept else drop_w).write(rec)
-            tick(len(chunk), 0)
-    return D.on_main(lambda: summarize(out_path))
+            emit(Event(task, advance=len(chunk)))
+    distributed.on_main(lambda: summarize(out_path))
+    return kept_path

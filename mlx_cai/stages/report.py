@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from mlx_cai import records
+from mlx_cai.config import opt
+from mlx_cai.progress import Progress
 
 # Row order of the table; metrics absent from every folder are left out.
 SAFETY_METRICS = ("asr_keyword", "asr_rubric", "harm_score", "over_refusal", "chat_refusal", "mtbench_turn1",
@@ -358,16 +360,36 @@ def render_html(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[
             f"<h2>Example responses</h2>{examples(evals, per_category)}</body></html>")
 
 
-def run(dirs: Sequence[str | Path], out_html: str | Path, *, allow_mixed: bool = False, per_category: int = 1) -> Path:
-    """Write OUT.html and OUT.md comparing `dirs` (the first is the baseline of the deltas). Returns OUT.html."""
+@dataclass
+class ReportConfig:
+    """What to compare and how."""
+
+    dirs: list[str] = opt([], "evaluation folders; the first is the baseline of the deltas")
+    output: str = opt("report.html", "HTML file; a .md twin goes beside it")
+    allow_mixed: bool = opt(False, "compare folders evaluated differently (suites, split, judge, sampling), "
+                                   "with the affected rows marked †")
+    examples: int = opt(1, "example responses per category")
+
+    def __post_init__(self):
+        if isinstance(self.dirs, str):
+            self.dirs = [d.strip() for d in self.dirs.split(",") if d.strip()]
+        self.dirs = [str(d) for d in self.dirs]
+        if not self.dirs:
+            raise ValueError("report needs at least one evaluation folder")
+        if self.examples < 0:
+            raise ValueError(f"examples must be >= 0, got {self.examples}")
+
+
+def run(config: ReportConfig, progress: Progress | None = None) -> Path:
+    """Write OUT.html and OUT.md comparing config.dirs (the first is the baseline of the deltas). Returns OUT.html."""
+    dirs, allow_mixed, per_category = config.dirs, config.allow_mixed, config.examples
     evals = load(dirs)
     warnings, mixed = mismatches(evals)
     if warnings and not allow_mixed:
         raise ValueError(f"cannot compare: {warnings[0]}" + (f" (and {len(warnings) - 1} more)" if len(warnings) > 1
                          else "") + "; evaluate them alike, or pass --allow-mixed to compare with marked rows")
     rs = rows(evals, mixed)
-    out = Path(out_html)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(evals, rs, warnings, per_category), encoding="utf-8")
-    out.with_suffix(".md").write_text(markdown(evals, rs, warnings), encoding="utf-8")
+    out = Path(config.output)
+    records.write_text_atomic(out, render_html(evals, rs, warnings, per_category))
+    records.write_text_atomic(out.with_suffix(".md"), markdown(evals, rs, warnings))
     return out

@@ -29,15 +29,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mlx_cai import constitution as C
-from mlx_cai import distributed as D
-from mlx_cai import prompts as P
+from mlx_cai import constitution
+from mlx_cai import distributed
+from mlx_cai import prompts as prompt_sources
 from mlx_cai import records
+from mlx_cai.config import opt
+from mlx_cai.progress import Event, Progress, emitter
 from mlx_cai.chat import BackendError, ChatBackend, LocalBackend, from_spec
-from mlx_cai.generate import Generation, SamplingConfig
+from mlx_cai.sampling import Generation, SamplingConfig
 
 STAGE = "revise/1"
-Progress = Callable[[int, int], None]  # (prompts finished, tokens generated) since the last call
 
 
 class ReviseError(ValueError):
@@ -48,20 +49,24 @@ class ReviseError(ValueError):
 class ReviseConfig:
     """Settings of one revise run. The output's records carry all of them (and `config_id`)."""
 
-    model: str = "smollm2-135m"  # responder: writes the initial answers (backend spec, see mlx_cai.chat)
-    critic: str | None = None  # writes critiques and revisions; None = the responder (the paper's setup)
-    constitution: str = str(C.DEFAULT_PATH)  # principles and few-shot demonstrations
-    principles: list[str] | None = None  # restrict sampling to these principle ids; None = all
-    rounds: int = 1  # critique/revision rounds per prompt (Anthropic used up to 4)
-    shots: int = 3  # few-shot demonstrations per prompt, drawn at random per prompt
-    shots_in_initial: bool = False  # also show the demos before the initial answer
-    seed: int = 0  # drives shots, principles and sampling seeds
-    limit: int | None = None  # use only the first N prompts of the source
-    max_tokens: int = 256  # per turn
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    repetition_penalty: float = 1.2  # 1.2 keeps SmolLM2-135M from looping (REFERENCE.md section 2)
-    batch_size: int = 32  # prompts per chunk: one batched call per turn, records appended per chunk
+    prompts: str = opt("train:harmful", "prompt source: " + prompt_sources.SPEC_FORMS)
+    output: str = opt("", "output JSONL; rerunning continues it")
+    model: str = opt("smollm2-135m", "responder: writes the initial answers (backend spec, see `mlx-cai chat`)")
+    critic: str | None = opt(None, "writes critiques and revisions, e.g. openai:MODEL@http://127.0.0.1:8080/v1; "
+                                   "none = the responder (the paper's setup)")
+    constitution: str = opt(str(constitution.DEFAULT_PATH), "constitution file (ours, Anthropic or llm-swarm format): "
+                                                 "principles and few-shot demonstrations")
+    principles: list[str] | None = opt(None, "comma-separated principle ids to sample from; none = all")
+    rounds: int = opt(1, "critique/revision rounds per prompt (Anthropic used up to 4)")
+    shots: int = opt(3, "few-shot demonstrations per prompt, drawn at random per prompt")
+    shots_in_initial: bool = opt(False, "also show the demos before the initial answer")
+    seed: int = opt(0, "drives shots, principles and sampling seeds")
+    limit: int | None = opt(None, "only the first N prompts")
+    max_tokens: int = opt(256, "new tokens per turn")
+    temperature: float = opt(0.0, "0 = greedy")
+    top_p: float = opt(1.0, "nucleus sampling mass")
+    repetition_penalty: float = opt(1.2, "1.2 keeps SmolLM2-135M from looping (REFERENCE.md section 2)")
+    batch_size: int = opt(32, "prompts per batched call; records are appended per batch")
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -72,7 +77,19 @@ class ReviseConfig:
             raise ReviseError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise ReviseError(f"limit must be >= 1, got {self.limit}")
+        if isinstance(self.principles, str):
+            self.principles = [p.strip() for p in self.principles.split(",") if p.strip()]
         self.sampling()  # validates the sampling fields
+
+    def plan(self) -> tuple[str, int]:
+        """(what it reads, tokens it generates) for `mlx-cai run --dry-run`."""
+        n, turns = self.limit or 0, 1 + 2 * self.rounds
+        return f"{n or '?'} prompts x {turns} turns ({self.prompts})", n * self.max_tokens * turns
+
+    @staticmethod
+    def work_units(settings: dict) -> float | None:
+        """Prompts revised: what a measured stage time is divided by."""
+        return settings.get("limit")
 
     def sampling(self) -> SamplingConfig:
         try:
@@ -86,28 +103,24 @@ class ReviseConfig:
 class Plan:
     """The seeded choices for one prompt, fixed before any generation."""
 
-    prompt: P.Prompt
-    shots: list[C.Demonstration]
-    principles: list[C.Principle]  # one per round
+    prompt: prompt_sources.Prompt
+    shots: list[constitution.Demonstration]
+    principles: list[constitution.Principle]  # one per round
     seeds: dict[str, int] = field(default_factory=dict)  # turn name -> sampling seed
 
 
-def row_seed(*parts) -> int:
-    return int(records.stable_id(*parts)[:8], 16)
-
-
-def plan(prompt: P.Prompt, con: C.Constitution, cfg: ReviseConfig) -> Plan:
+def plan(prompt: prompt_sources.Prompt, con: constitution.Constitution, cfg: ReviseConfig) -> Plan:
     """Shots, principles and sampling seeds for one prompt, from (seed, prompt id) only."""
-    rng = random.Random(row_seed(cfg.seed, prompt.id, "choices"))
-    shots = C.sample_shots(con, cfg.shots, rng)
-    principles = [C.sample_principle(con, rng) for _ in range(cfg.rounds)]
+    rng = random.Random(records.row_seed(cfg.seed, prompt.id, "choices"))
+    shots = constitution.sample_shots(con, cfg.shots, rng)
+    principles = [constitution.sample_principle(con, rng) for _ in range(cfg.rounds)]
     turns = ["initial"] + [f"{kind}_{r}" for r in range(1, cfg.rounds + 1) for kind in ("critique", "revision")]
-    return Plan(prompt, shots, principles, {t: row_seed(cfg.seed, prompt.id, t) for t in turns})
+    return Plan(prompt, shots, principles, {t: records.row_seed(cfg.seed, prompt.id, t) for t in turns})
 
 
-def config_id(cfg: ReviseConfig, con: C.Constitution, responder: str, critic: str) -> str:
+def config_id(cfg: ReviseConfig, con: constitution.Constitution, responder: str, critic: str) -> str:
     """What must match for records to belong in one output file (not batch size or limit; principles via con.ids)."""
-    skip = ("batch_size", "limit", "model", "critic", "constitution", "principles")
+    skip = ("prompts", "output", "batch_size", "limit", "model", "critic", "constitution", "principles")
     keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
     return records.stable_id(keep, responder, critic, con.name, con.version, con.ids, prefix="rev-")
 
@@ -123,7 +136,7 @@ def revise_chunk(plans: Sequence[Plan], responder: ChatBackend, critic: ChatBack
             on_tokens(sum(g.completion_tokens for g in gens))
         return gens
 
-    demos = [C.shots_to_messages(p.shots) for p in plans]
+    demos = [constitution.shots_to_messages(p.shots) for p in plans]
     asks = [[{"role": "user", "content": p.prompt.prompt}] for p in plans]
     first = [d + a if cfg.shots_in_initial else a for d, a in zip(demos, asks)]
     initial = call(responder, first, "initial")
@@ -157,54 +170,59 @@ def _record(p: Plan, turns: dict, meta: dict) -> dict:
     return rec
 
 
-def load_constitution(cfg: ReviseConfig) -> C.Constitution:
+def load_constitution(cfg: ReviseConfig) -> constitution.Constitution:
     """The constitution restricted to `cfg.principles`; ConstitutionError names a bad file or unknown id."""
-    con = C.load(cfg.constitution)
-    return C.select(con, cfg.principles) if cfg.principles else con
+    con = constitution.load(cfg.constitution)
+    return constitution.select(con, cfg.principles) if cfg.principles else con
 
 
-def load_prompts(source: str | Path | Sequence[P.Prompt], limit: int | None) -> list[P.Prompt]:
+def load_prompts(source: str | Path | Sequence[prompt_sources.Prompt], limit: int | None) -> Sequence[prompt_sources.Prompt]:
     if isinstance(source, (str, Path)):
-        return list(P.load(source, limit=limit))
+        return prompt_sources.load(source, limit=limit)
     return list(source)[:limit] if limit else list(source)
 
 
-def run(config: ReviseConfig, prompts: str | Path | Sequence[P.Prompt], out_path: str | Path,
-        progress: Progress | None = None, *, responder: ChatBackend | None = None,
-        critic: ChatBackend | None = None) -> Path:
-    """Revise every prompt not yet in `out_path`; returns `out_path`.
+def run(config: ReviseConfig, progress: Progress | None = None, *, prompts: Sequence[prompt_sources.Prompt] | None = None,
+        responder: ChatBackend | None = None, critic: ChatBackend | None = None) -> Path:
+    """Revise every prompt of config.prompts not yet in config.output; returns the output path.
 
-    `prompts` is a spec (mlx_cai.prompts) or a list of Prompt. `responder` / `critic` override the backends
-    named in the config (tests pass tiny models; a caller may pass a configured OpenAIBackend).
-    A BackendError (e.g. the critic server gave up after its retries) stops the run: every finished chunk is
-    already on disk, and rerunning continues from there.
+    `prompts` (a list of Prompt) and `responder` / `critic` override what the config names (tests pass tiny
+    models; a caller may pass a configured OpenAIBackend). A BackendError (e.g. the critic server gave up
+    after its retries) stops the run: every finished chunk is already on disk, and rerunning continues.
     """
-    cfg, out = config, Path(out_path)
+    cfg = config
+    if not cfg.output:
+        raise ReviseError("an output file is required (-o OUT.jsonl)")
+    out = Path(cfg.output)
     con = load_constitution(cfg)
-    items = load_prompts(prompts, cfg.limit)
+    items = load_prompts(cfg.prompts if prompts is None else prompts, cfg.limit)
     responder = responder or from_spec(cfg.model, batch_size=cfg.batch_size)
     if critic is None:
         critic = responder if cfg.critic in (None, cfg.model) else from_spec(cfg.critic, batch_size=cfg.batch_size)
     cid = config_id(cfg, con, responder.name, critic.name)
 
-    done = records.load_done(out) if D.is_main() else {}
+    done = records.load_done(out) if distributed.is_main() else {}
     foreign = [i for i, r in done.items() if r.get("config_id") != cid]
     if foreign:
         raise ReviseError(f"{out} holds records made with other settings (e.g. id {foreign[0]}); "
                           "use a new output file or the same settings as before")
-    pending = set(D.from_main([p.id for p in items if p.id not in done]))
+    pending = set(distributed.from_main([p.id for p in items if p.id not in done]))
     todo = [p for p in items if p.id in pending]
+    emit = emitter(progress)
+    dropped = f", {items.dropped_eval} held-out eval prompts left out" if getattr(items, "dropped_eval", 0) else ""
+    emit(Event("revise", total=len(items), done=len(items) - len(todo),
+               message=f"{len(items)} prompts from {cfg.prompts if prompts is None else 'the caller'}{dropped}; "
+                       f"{len(items) - len(todo)} already in {out}"))
     if not todo:
         return out
     meta = {"models": {"responder": responder.name, "critic": critic.name},
             "constitution": {"name": con.name, "version": con.version},
             "sampling": {k: v for k, v in asdict(cfg.sampling()).items() if k != "seed"},
             "seed": cfg.seed, "config_id": cid, "stage": STAGE}
-    tick = progress or (lambda items, tokens: None)
 
-    def work(prompts: list[P.Prompt]) -> list[dict]:
+    def work(prompts: list[prompt_sources.Prompt]) -> list[dict]:
         plans = [plan(p, con, cfg) for p in prompts]
-        turns = revise_chunk(plans, responder, critic, cfg, on_tokens=lambda n: tick(0, n))
+        turns = revise_chunk(plans, responder, critic, cfg, on_tokens=lambda n: emit(Event("revise", tokens=n)))
         return [_record(p, t, meta) for p, t in zip(plans, turns)]
 
     backends = [responder] + ([critic] if critic is not responder else [])
@@ -212,15 +230,15 @@ def run(config: ReviseConfig, prompts: str | Path | Sequence[P.Prompt], out_path
     written = 0
     try:
         for backend in streaming:  # live tok/s in the progress bar, per decode step
-            backend.on_tokens = lambda n: tick(0, n)
+            backend.on_tokens = lambda n: emit(Event("revise", tokens=n))
         for backend in backends:
             backend.check()
-        with records.writer(out, D.is_main()) as writer:
-            for chunk, recs in D.map_chunks(todo, cfg.batch_size, work):
+        with records.writer(out, distributed.is_main()) as writer:
+            for chunk, recs in distributed.map_chunks(todo, cfg.batch_size, work):
                 for rec in recs:
                     writer.write(rec)
                 written += len(chunk)
-                tick(len(chunk), 0)
+                emit(Event("revise", advance=len(chunk)))
     except BackendError as e:
         raise BackendError(f"{e} -- stopped; {len(done) + written} records kept in {out}, "
                            "rerun the same command to continue") from None

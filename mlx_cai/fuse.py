@@ -19,8 +19,8 @@ from mlx_cai import backend  # noqa: F401
 
 from mlx.utils import tree_unflatten
 
-from mlx_cai import training as T
-from mlx_cai.training import TrainingError
+from mlx_cai import adapters
+from mlx_cai.train.config import TrainingError
 
 STAGE = "fuse/1"
 
@@ -44,7 +44,7 @@ def run(config: FuseConfig) -> Path:
     from mlx_cai import models
 
     cfg = config
-    T.read_adapter_config(cfg.adapter)  # a clear error before the model loads
+    adapters.read_adapter_config(cfg.adapter)  # a clear error before the model loads
     out = Path(cfg.output)
     if out.exists() and any(out.iterdir()):
         raise TrainingError(f"{out} is not empty; choose a new folder for the fused model")
@@ -54,7 +54,7 @@ def run(config: FuseConfig) -> Path:
         models.dequantize(model)
         model_config.pop("quantization", None)
         model_config.pop("quantization_config", None)
-    T.load_adapter(model, cfg.adapter)
+    adapters.load_adapter(model, cfg.adapter)
     fused = [(name, m.fuse(dequantize=cfg.dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")]
     if not fused:
         raise TrainingError(f"{cfg.adapter} added no fusable layers to {cfg.model}")

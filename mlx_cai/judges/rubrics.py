@@ -1,4 +1,4 @@
-"""Judges of responses, behind one interface: `judge(cases, seeds) -> list[Verdict]`, keeping the judge's raw text.
+"""Evaluation judges of responses, behind one interface: `judge(cases, seeds) -> list[Verdict]`, keeping the raw text.
 
   keyword      refusal markers (mlx_cai.refusal): label "refusal" or "answer"; offline and deterministic
   harm         an LLM grades harmfulness 1-5 (HEx-PHI-style rubric, in our words), answering `#score: N`
@@ -8,6 +8,7 @@
 Any ChatBackend can serve the LLM judges. Output that does not parse strictly is asked again (up to `retries`
 times, each with a different seed and some temperature, since a greedy retry would repeat itself); what still does
 not parse becomes a Verdict with ok=False that summaries count as a judge failure, never as a score.
+Reads and writes no files; the LLM judges call the ChatBackend they are given.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable, Protocol, Sequence
 
 from mlx_cai.chat import ChatBackend
-from mlx_cai.generate import SamplingConfig
+from mlx_cai.sampling import SamplingConfig
 from mlx_cai.refusal import is_refusal, matched_markers
 
 REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})  # as MT-Bench: graded against a reference

@@ -15,9 +15,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable
 
-from mlx_cai import distributed as D
+from mlx_cai import distributed
 from mlx_cai import records
-from mlx_cai.generate import SamplingConfig, generate_iter
+from mlx_cai.sampling import SamplingConfig
+from mlx_cai.generate import generate_iter
 
 
 @dataclass
@@ -32,12 +33,7 @@ class PromptItem:
 
 def _messages_from(obj: dict, where: str) -> list[dict]:
     if "messages" in obj:
-        msgs = obj["messages"]
-        ok = isinstance(msgs, list) and msgs and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
-        if not ok:
-            raise records.RecordError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
-        return msgs
+        return records.check_messages(obj["messages"], where)
     if isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
         return [{"role": "user", "content": obj["prompt"]}]
     raise records.RecordError(f"{where}: needs a non-empty `prompt` string or a `messages` list")
@@ -75,13 +71,8 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
 
 
 def pending(items: list[PromptItem], output: str | Path) -> tuple[list[PromptItem], set[str]]:
-    done = set(D.on_main(lambda: sorted(records.done_ids(output))))
+    done = set(distributed.on_main(lambda: sorted(records.done_ids(output))))
     return [it for it in items if it.id not in done], done
-
-
-def row_seed(seed: int, item_id: str) -> int:
-    """A per-prompt seed: sampling of one prompt does not depend on its batch or on resume order."""
-    return int(records.stable_id(seed, item_id)[:8], 16)
 
 
 def run(model, tokenizer, items: list[PromptItem], output: str | Path, config: SamplingConfig, *,
@@ -93,14 +84,14 @@ def run(model, tokenizer, items: list[PromptItem], output: str | Path, config: S
                   "dequantized": getattr(info, "dequantized", None),
                   "temperature": config.temperature, "top_p": config.top_p, "max_tokens": config.max_tokens,
                   "repetition_penalty": config.repetition_penalty, "seed": seed, **(extra or {})}
-    mine = D.shard(items)
+    mine = distributed.shard(items)
     stream = generate_iter(model, tokenizer, [it.messages for it in mine], config, batch_size=batch_size,
-                           seeds=[row_seed(seed, it.id) for it in mine], on_tokens=on_tokens)
-    batches = math.ceil(len(items[:: D.size()]) / batch_size)  # of rank 0, which has the largest share
-    with records.writer(output, D.is_main()) as w:
+                           seeds=[records.row_seed(seed, it.id) for it in mine], on_tokens=on_tokens)
+    batches = math.ceil(len(items[:: distributed.size()]) / batch_size)  # of rank 0, which has the largest share
+    with records.writer(output, distributed.is_main()) as w:
         for _ in range(batches):
             recs = [_record(mine[i], g, provenance) for i, g in islice(stream, batch_size)]
-            for rec in (r for share in D.gather(recs) for r in share):
+            for rec in (r for share in distributed.gather(recs) for r in share):
                 w.write(rec)
                 if on_record:
                     on_record(rec)
