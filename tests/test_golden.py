@@ -1,8 +1,9 @@
-"""Golden test: the embedded model against an independent reference (Hugging Face transformers + torch).
+"""Golden tests: the embedded models against an independent reference (Hugging Face transformers + torch).
 
-`tests/golden/smollm2_greedy.json` was written by `bench/make_golden.py` (see its `how` field): transformers
-loaded the same GGUF, dequantized to float32 like our converter does, and greedy-decoded 48 tokens for each
-fixed conversation, alone, without padding. Here, with no torch, we check that
+`tests/golden/<model>_greedy.json` (smollm2-135m: llama, Q4_1/Q8_0; qwen2.5-coder-1.5b: qwen2 with q/k/v
+biases, Q4_K/Q6_K) were written by `bench/make_golden.py` (see their `how` field): transformers loaded the same
+GGUF, dequantized to float32 like our converter does on the CPU, and greedy-decoded 48 tokens for each fixed
+conversation, alone, without padding. Here, with no torch, we check that
 
 - our tokenizer.json (built from the GGUF metadata) encodes a varied text sample to the same ids,
 - our chat template gives the same prompt ids,
@@ -10,37 +11,44 @@ fixed conversation, alone, without padding. Here, with no torch, we check that
   golden prompts in ONE batch (prompt lengths differ, so this checks left padding and dropping finished
   rows mid-batch) and with batch_size=1.
 
-The comparison is exact over the whole completion, no shorter prefix: the reference's smallest top-1 minus
-top-2 logit margin over all steps is ~0.03, while our logits differ from transformers' by at most ~1.2e-4
-(measured once, teacher-forced over these prompts and completions), so no near tie excuses a divergence. On failure the message gives the first diverging step and the reference margin there.
+The comparison is exact over the whole completion, no shorter prefix: for SmolLM2 the reference's smallest
+top-1 minus top-2 logit margin over all steps is ~0.03, while our logits differ from transformers' by at most
+~1.2e-4 (measured once, teacher-forced over these prompts and completions), so no near tie excuses a divergence. On failure the message gives the first diverging step and the reference margin there.
 """
 
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
 
-GOLDEN = Path(__file__).parent / "golden" / "smollm2_greedy.json"
+GOLDEN = Path(__file__).parent / "golden"
+SPECS = ("smollm2-135m", "qwen2.5-coder-1.5b")
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def golden() -> dict:
-    return json.loads(GOLDEN.read_text())
+@pytest.fixture(scope="module", params=SPECS)
+def spec(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def golden(spec) -> dict:
+    return json.loads((GOLDEN / f"{spec}_greedy.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def loaded(spec):  # the embedded model under test
     from mlx_cai import models
 
     try:
-        models.embedded_gguf()
+        models.resolve(spec)
     except models.ModelError as e:
         pytest.skip(str(e))
-    return models.load(models.EMBEDDED)
+    return models.load(spec)
 
 
 def _describe(ref: dict, got: list[int], tokenizer) -> str:
@@ -54,18 +62,25 @@ def _describe(ref: dict, got: list[int], tokenizer) -> str:
     )
 
 
-def test_tokenizer_matches_transformers(golden, smollm2):
-    _, tokenizer = smollm2
+def test_tokenizer_matches_transformers(golden, loaded, spec):
+    _, tokenizer = loaded
     for sample in golden["tokenizer_samples"]:
-        ids = tokenizer.encode(sample["text"], add_special_tokens=False)
-        assert ids == sample["ids"], f"tokenization differs for {sample['text']!r}"
-        assert tokenizer.decode(ids) == sample["text"]
+        text = sample["text"]
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if spec.startswith("qwen") and unicodedata.normalize("NFC", text) != text:
+            # Hugging Face's Qwen2 tokenizer (ours, and what transformers loads for any qwen2 folder) normalizes
+            # to NFC; the GGUF reference does not. So decomposed text must encode as its composed form.
+            assert ids == tokenizer.encode(unicodedata.normalize("NFC", text), add_special_tokens=False)
+            assert ids != sample["ids"]
+            continue
+        assert ids == sample["ids"], f"tokenization differs for {text!r}"
+        assert tokenizer.decode(ids) == text
 
 
-def test_chat_template_prompt_ids(golden, smollm2):
+def test_chat_template_prompt_ids(golden, loaded):
     from mlx_cai.generate import encode
 
-    _, tokenizer = smollm2
+    _, tokenizer = loaded
     for ref in golden["conversations"]:
         assert encode(tokenizer, ref["messages"]) == ref["prompt_ids"], f"prompt ids differ for {ref['messages']}"
 
@@ -76,11 +91,11 @@ def test_golden_prompts_have_different_lengths(golden):
 
 
 @pytest.mark.parametrize("batch_size", ["all", 1])
-def test_greedy_matches_transformers(golden, smollm2, batch_size):
+def test_greedy_matches_transformers(golden, loaded, batch_size):
     from mlx_cai.sampling import SamplingConfig
     from mlx_cai.generate import generate
 
-    model, tokenizer = smollm2
+    model, tokenizer = loaded
     refs = golden["conversations"]
     bs = len(refs) if batch_size == "all" else batch_size
     steps: list[int] = []

@@ -10,7 +10,8 @@ import typer
 from mlx_cai.cli import app
 from mlx_cai.commands import user_errors
 
-MODEL_HELP = "smollm2-135m (embedded), a .gguf path, an MLX folder, or a Hub repo id"
+MODEL_HELP = ("smollm2-135m (embedded), qwen2.5-coder-1.5b (embedded overseer), a .gguf path, an MLX folder, "
+              "or a Hub repo id")
 
 
 @app.command()
@@ -19,7 +20,7 @@ def info() -> None:
     the cache folder and the cached models."""
     import platform
 
-    from mlx_cai import backend, kernels, models, ui
+    from mlx_cai import backend, embedded, kernels, models, ui
 
     import mlx.core as mx
 
@@ -32,6 +33,8 @@ def info() -> None:
         ["matmul f32 1024^3", f"{backend.matmul_gflops():.1f} GFLOP/s"],
         ["memory", backend.memory_summary()],
         ["cache dir", str(backend.cache_dir())],
+        ["embedded models", "; ".join(f"{m.name} ({'ready' if m.name in models.cached_models() else 'installed' if embedded.installed(m.name) else 'not installed'})"
+                                      for m in embedded.MODELS.values())],
         ["cached models", ", ".join(models.cached_models()) or "(none yet)"],
         ["dequantize on load", "yes (CPU: no fast quantized kernel)" if models.should_dequantize() else "no"],
     ]
