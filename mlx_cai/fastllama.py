@@ -1,4 +1,4 @@
-"""A compiled decode path for dense llama-family models (SmolLM2, Llama 3, Mistral-style GQA).
+"""A compiled decode path for dense llama-family models (SmolLM2, Llama 3, Mistral-style GQA, Qwen2/Qwen2.5).
 
 Why: on the CPU a decode step of mlx-lm's model is dominated by per-op overhead and by small matmuls,
 not by FLOPs. Here a step is one `mx.compile`d function over a *static-shape* KV cache (so it compiles
@@ -12,8 +12,10 @@ s (s < prefix) or s - pad[b] (s >= prefix + pad[b]); slot `p` is written at deco
 Prefill runs the shared prefix once (one row) and copies its K/V into every row, then the rest of the
 prompts in groups of similar length, so little arithmetic goes to padding (SmolLM2 chats share their
 ~30-token system prompt; SL-CAI critique/revision prompts share hundreds of tokens of few-shot demos).
-Weights are read from an mlx-lm llama `Model`; anything else (quantized weights, rope scaling, other
-architectures) returns None from `build` and the caller uses the generic path.
+Weights are read from an mlx-lm `Model` of model_type llama or mistral (no biases), or qwen2 (the llama
+layout plus biases on the q/k/v projections, added right after the fused projection; o-projection and MLP
+without bias); anything else (quantized weights, rope scaling, DoRA, other biases or architectures) returns
+None from `build` and the caller uses the generic path.
 """
 
 from __future__ import annotations
@@ -46,23 +48,32 @@ class Layer:
     w_down: mx.array  # (hidden, ffn)
     norm_in: mx.array
     norm_post: mx.array
+    b_qkv: mx.array | None = None  # (H*D + 2*KVH*D,) fused q/k/v bias (qwen2); None: no bias, no op (llama)
     # (qkv, o, gu, down) packed for kernels.linear_rows, used by decode steps on the CPU: BLAS repacks a weight
     # on every call, which at 32 rows costs about as much as the product (a fifth of a generation benchmark's
     # samples); batch 1 ran 26-29 vs 17-19 tok/s, batch 64 227-231 vs 204-224 (alternating).
     packed: tuple | None = None
 
 
-def _dense(linear) -> mx.array | None:
-    """The effective dense weight of a Linear or a LoRA-wrapped Linear (None if quantized/other)."""
-    if type(linear) is nn.Linear and "bias" not in linear:
-        return linear.weight
+def _dense_bias(linear) -> tuple[mx.array, mx.array | None] | None:
+    """(effective dense weight, bias or None) of a Linear or a LoRA-wrapped Linear (None if quantized/other).
+    LoRA over a biased base: weight W + scale * B^T A^T, the bias unchanged (mlx-lm's LoRALinear adds the
+    adapter's product to the base layer's output, bias included)."""
+    if type(linear) is nn.Linear:
+        return linear.weight, (linear.bias if "bias" in linear else None)
     base = getattr(linear, "linear", None)
-    if base is not None and hasattr(linear, "lora_a") and type(base) is nn.Linear and "bias" not in base:
+    if base is not None and hasattr(linear, "lora_a") and type(base) is nn.Linear:
         if getattr(linear, "m", None) is not None:  # DoRA rescales by a learned magnitude: generic path
             return None
         delta = (linear.scale * linear.lora_b.T) @ linear.lora_a.T  # (out, in)
-        return base.weight + delta.astype(base.weight.dtype)
+        return base.weight + delta.astype(base.weight.dtype), (base.bias if "bias" in base else None)
     return None
+
+
+def _dense(linear) -> mx.array | None:
+    """The effective dense weight of an unbiased Linear or LoRA-wrapped Linear (None if biased/quantized/other)."""
+    wb = _dense_bias(linear)
+    return wb[0] if wb is not None and wb[1] is None else None
 
 
 class FastLlama:
@@ -82,20 +93,27 @@ class FastLlama:
     @classmethod
     def build(cls, model) -> "FastLlama | None":
         args = getattr(model, "args", None)
-        if getattr(args, "model_type", None) not in ("llama", "mistral") or getattr(args, "rope_scaling", None):
+        kind = getattr(args, "model_type", None)
+        if kind not in ("llama", "mistral", "qwen2") or getattr(args, "rope_scaling", None):
             return None
-        if getattr(args, "attention_bias", False) or getattr(args, "mlp_bias", False):
+        if getattr(args, "attention_bias", False) or getattr(args, "mlp_bias", False):  # llama's flags
             return None
         inner = model.model
         layers = []
         for lyr in inner.layers:
             a, m = lyr.self_attn, lyr.mlp
-            ws = [_dense(x) for x in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)]
-            if any(w is None for w in ws):
+            qkv = [_dense_bias(x) for x in (a.q_proj, a.k_proj, a.v_proj)]
+            ws = [_dense(x) for x in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj)]
+            if any(x is None for x in qkv + ws):
                 return None
-            q, k, v, o, g, u, d = ws
-            layers.append(Layer(mx.concatenate([q, k, v]), o, mx.concatenate([g, u]), d,
-                                lyr.input_layernorm.weight, lyr.post_attention_layernorm.weight))
+            o, g, u, d = ws
+            if kind != "qwen2" and any(b is not None for _, b in qkv):  # llama/mistral: no q/k/v bias
+                return None
+            bias = None
+            if any(b is not None for _, b in qkv):  # a missing one counts as zeros
+                bias = mx.concatenate([b if b is not None else mx.zeros((w.shape[0],), w.dtype) for w, b in qkv])
+            layers.append(Layer(mx.concatenate([w for w, _ in qkv]), o, mx.concatenate([g, u]), d,
+                                lyr.input_layernorm.weight, lyr.post_attention_layernorm.weight, bias))
         if type(inner.embed_tokens) is not nn.Embedding:
             return None
         embed = inner.embed_tokens.weight
@@ -108,7 +126,7 @@ class FastLlama:
                 lyr.packed = tuple(kernels.pack_weight(w) for w in (lyr.w_qkv, lyr.w_o, lyr.w_gu, lyr.w_down))
             fast.head_packed = kernels.pack_weight(head)
             mx.eval([lyr.packed for lyr in layers], fast.head_packed)
-        mx.eval([lyr.w_qkv for lyr in layers] + [lyr.w_gu for lyr in layers])
+        mx.eval([lyr.w_qkv for lyr in layers] + [lyr.w_gu for lyr in layers] + [lyr.b_qkv for lyr in layers])
         return fast
 
     @classmethod
@@ -150,6 +168,8 @@ class FastLlama:
 
         h = mx.fast.rms_norm(x, lyr.norm_in, self.eps)
         qkv = mm(h, 0, lyr.w_qkv)
+        if lyr.b_qkv is not None:  # qwen2's q/k/v biases (llama: no op)
+            qkv = qkv + lyr.b_qkv
         if real is not None:  # projections on the real tokens only; attention on the padded block
             qkv = qkv[inv].reshape(B, T, -1)
         if decode:  # the C++ decode kernels: rope + cache write in place, then attention over K/V in place

@@ -130,7 +130,7 @@ def generate_iter(model, tokenizer, conversations: Sequence[Conversation], confi
                   use_fast: bool = True) -> Iterator[tuple[int, Generation]]:
     """Yield (index into `conversations`, Generation) batch by batch, longest prompts first.
 
-    Dense llama-family models take the compiled path (mlx_cai.fastllama); others, or `use_fast=False`,
+    Dense llama-family and qwen2 models take the compiled path (mlx_cai.fastllama); others, or `use_fast=False`,
     the generic mlx-lm path. Both give the same greedy tokens (tested).
     """
     cfg = config or SamplingConfig()
