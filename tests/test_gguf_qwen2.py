@@ -17,7 +17,7 @@ import pytest
 from mlx_cai import gguf as converter
 from mlx_cai import models
 from test_kquants import random_blocks
-from tinymodels import _tokenizer_kv
+from tinymodels import _tokenizer_kv, add_shape_kv
 
 import mlx.core as mx
 
@@ -31,14 +31,7 @@ def write_qwen2(path, qtypes: dict[str, str], arch: str = "qwen2", seed: int = 0
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     vocab = _tokenizer_kv(w)
-    w.add_context_length(256)
-    w.add_embedding_length(HIDDEN)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV)
-    w.add_rope_freq_base(1e6)
-    w.add_layer_norm_rms_eps(1e-6)
+    add_shape_kv(w, HIDDEN, LAYERS, FFN, HEADS, KV, rope_base=1e6, rms_eps=1e-6)
     kv_dim = HIDDEN // HEADS * KV
     shapes = {"token_embd.weight": (vocab, HIDDEN), "output_norm.weight": (HIDDEN,), "output.weight": (vocab, HIDDEN)}
     for i in range(LAYERS):

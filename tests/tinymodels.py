@@ -44,20 +44,25 @@ def _tokenizer_kv(w: "gguf.GGUFWriter") -> int:
     return len(tokens)
 
 
+def add_shape_kv(w, hidden, layers, ffn, heads, kv_heads, rope_base, rms_eps, context=256) -> None:
+    """The architecture keys every tiny GGUF writes (the writer's arch prefixes them)."""
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(rope_base)
+    w.add_layer_norm_rms_eps(rms_eps)
+
+
 def write_tiny_gguf(path, qtypes: dict[str, "gguf.GGMLQuantizationType"], arch: str = "llama", seed: int = 0):
     """A random llama GGUF; `qtypes` maps a tensor-name substring to its type (default F32).
     Returns {gguf tensor name: float32 reference after the format's own quantize+dequantize}."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     vocab = _tokenizer_kv(w)
-    w.add_context_length(256)
-    w.add_embedding_length(HIDDEN)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
+    add_shape_kv(w, HIDDEN, LAYERS, FFN, HEADS, KV_HEADS, rope_base=10000.0, rms_eps=1e-5)
     w.add_rope_dimension_count(HIDDEN // HEADS)
     kv_dim = HIDDEN // HEADS * KV_HEADS
     shapes = {"token_embd.weight": (vocab, HIDDEN), "output_norm.weight": (HIDDEN,)}
