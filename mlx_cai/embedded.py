@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_cai import records
 from mlx_cai.settings import settings
 
 
@@ -144,8 +145,6 @@ def _assemble(model: Embedded, parts: list[Path], target: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     st = target.stat()
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": model.sha256}
-    tmp_stamp = _verified_stamp(target).with_suffix(".tmp")
-    tmp_stamp.write_text(json.dumps(stamp))
-    os.replace(tmp_stamp, _verified_stamp(target))
+    records.write_json_atomic(_verified_stamp(target), {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                        "sha256": model.sha256})
     return target
