@@ -122,6 +122,29 @@ def test_qwen2_prefill_and_decode_steps_match_the_model_logits(qwen, paths):
             assert _close(got[i], want), (i, s)
 
 
+@built
+def test_large_model_packs_without_fused_copies_and_matches_the_model(qwen, monkeypatch):
+    """Where fused q/k/v and gate/up copies would not fit beside the packed ones (a 1.5B model in float32),
+    prefill multiplies by the model's own blocks (no copy) and decode steps by the packed panels: same logits."""
+    from mlx_cai import fastllama
+
+    model, tok = qwen
+    monkeypatch.setattr(fastllama, "_fuse_copies_fit", lambda layers, head: False)
+    fast = FastLlama.build(model)
+    a0, m0 = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    lyr = fast.layers[0]
+    assert lyr.packed is not None and isinstance(lyr.w_qkv, tuple) and isinstance(lyr.w_gu, tuple)
+    assert lyr.w_qkv[0] is a0.q_proj.weight and lyr.w_gu[1] is m0.up_proj.weight  # the model's arrays, not copies
+    prompts = sorted([encode(tok, c) for c in convs(TEXTS)], key=len, reverse=True)
+    runner = FastRunner(fast, prompts, 2)
+    logits = [runner.prefill()]
+    y = mx.array([(31 * i + 7) % 250 for i in range(len(prompts))])
+    logits.append(runner.step(y))
+    for i, p in enumerate(prompts):
+        assert _close(logits[0][i], model(mx.array([p]))[0, -1]), i
+        assert _close(logits[1][i], model(mx.array([p + [int(y[i])]]))[0, -1]), i
+
+
 def test_qwen2_fast_path_folds_lora_over_biased_projections(qwen, paths):
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
