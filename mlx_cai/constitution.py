@@ -29,7 +29,7 @@ DEFAULT_PATH: Path = Path(__file__).resolve().parent.parent / "configs" / "const
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _OUR_TOP = ("name", "version", "principles", "few_shot")
-_PRINCIPLE_KEYS = ("id", "critique", "revision")
+_PRINCIPLE_KEYS = ("id", "critique", "revision", "categories")
 _DEMO_KEYS = ("id", "prompt", "response", "critique", "revision", "principle")
 # Anthropic's file wraps each request in its raw-prompt framing; only the request itself is useful in a chat.
 _ANTHROPIC_CRITIQUE_FRAME = (re.compile(r"^CritiqueRequest:\s*"), re.compile(r"\s*Critique:$"))
@@ -46,6 +46,7 @@ class Principle:
     id: str
     critique: str  # critique request shown to the model after its answer
     revision: str  # revision request shown after its critique
+    categories: tuple[str, ...] = ()  # prompt categories it is written for (sample_principle(..., category=))
 
 
 @dataclass(frozen=True)
@@ -197,11 +198,15 @@ def _from_ours(data: Mapping[str, Any], src: str) -> Constitution:
         _no_unknown_keys(item, _PRINCIPLE_KEYS, field, src)
         pid = _string(item, "id", f"{field}.id", src)
         _check_id(pid, f"{field}.id", src, seen)
+        cats = item.get("categories") or []
+        if not isinstance(cats, list) or not all(isinstance(c, str) and c.strip() for c in cats):
+            raise ConstitutionError(f"{src}: {field}.categories must be a list of category names, e.g. [malware]")
         principles.append(
             Principle(
                 id=pid,
                 critique=_string(item, "critique", f"{field}.critique", src),
                 revision=_string(item, "revision", f"{field}.revision", src),
+                categories=tuple(c.strip() for c in cats),
             )
         )
     # Checked before demos so an empty list isn't reported as a dangling demo principle.
@@ -347,8 +352,11 @@ def select(constitution: Constitution, ids: Sequence[str]) -> Constitution:
     return Constitution(constitution.name, constitution.version, keep, constitution.few_shot)
 
 
-def sample_principle(constitution: Constitution, rng: random.Random) -> Principle:
-    return rng.choice(constitution.principles)
+def sample_principle(constitution: Constitution, rng: random.Random, category: str | None = None) -> Principle:
+    """A principle drawn uniformly; with `category`, from the principles written for it (their `categories`),
+    or from all where none is (a prompt of a category the constitution does not name)."""
+    pool = [p for p in constitution.principles if category and category in p.categories]
+    return rng.choice(pool or constitution.principles)
 
 
 def sample_shots(constitution: Constitution, k: int, rng: random.Random) -> list[Demonstration]:

@@ -149,7 +149,8 @@ def test_yaml_round_trip_through_dump(tmp_path: Path, shipped: C.Constitution) -
     data = {
         "name": "t",
         "version": "0",
-        "principles": [{"id": p.id, "critique": p.critique, "revision": p.revision} for p in shipped.principles],
+        "principles": [{"id": p.id, "critique": p.critique, "revision": p.revision, "categories": list(p.categories)}
+                       for p in shipped.principles],
         "few_shot": [
             {k: getattr(d, k) for k in ("id", "prompt", "response", "critique", "revision", "principle")}
             for d in shipped.few_shot
@@ -317,3 +318,19 @@ def test_shots_to_messages_alternates(shipped: C.Constitution) -> None:
     assert [m["role"] for m in messages] == ["user", "assistant"] * 9
     assert messages[0]["content"] == shots[0].prompt
     assert messages[4]["content"] == shipped.principle(shots[0].principle).revision
+
+
+def test_principle_by_category_draws_from_the_principles_written_for_it(shipped: C.Constitution) -> None:
+    malware = {p.id for p in shipped.principles if "malware" in p.categories}
+    assert malware and len(malware) < len(shipped.principles)  # the shipped file maps categories: a real choice
+    drawn = {C.sample_principle(shipped, random.Random(i), category="malware").id for i in range(60)}
+    assert drawn == malware  # only those, and every one of them in time
+    everyone = {C.sample_principle(shipped, random.Random(i), category="no-such-category").id for i in range(200)}
+    assert everyone == set(shipped.ids)  # an unknown category: uniform over all
+
+
+def test_categories_must_be_a_list_of_names(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: t\nversion: '0'\nprinciples:\n  - {id: a, critique: c, revision: r, categories: malware}\n")
+    with pytest.raises(C.ConstitutionError, match=r"principles\[0\]\.categories must be a list"):
+        C.load(path)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mlx_cai import constitution as C
+from mlx_cai import framing as F
 from mlx_cai import records
 from mlx_cai.chat import BackendError, LocalBackend, OpenAIBackend
 from mlx_cai.prompts import Prompt
@@ -111,6 +112,45 @@ def test_turns_and_shots_reach_the_model(tiny, tmp_path: Path) -> None:
     # Demos are drawn per prompt, so prompts see different examples and different principles.
     assert len({tuple(r["shots"]) for r in recs}) > 2
     assert len({r["rounds"][0]["principle"] for r in recs}) > 1
+
+
+def test_single_framing_quotes_prompt_draft_and_critique_in_one_request(tiny, tmp_path: Path) -> None:
+    backend = Tiny(tiny)
+    recs = read(R.run(replace(cfg(shots=1, rounds=2, batch_size=6, framing="single"), output=str(tmp_path / "r.jsonl")),
+                      prompts=PROMPTS[:3], responder=backend))
+    con = C.load()
+    demos = {d.id: d for d in con.few_shot}
+    initial, crit1, rev1, crit2, rev2 = backend.calls
+    for i, r in enumerate(recs):
+        (one, two) = r["rounds"]
+        p1 = con.principle(one["principle"])
+        assert len(crit1[i]) == 3 and len(rev1[i]) == 3  # one demo (request, answer) + the request itself
+        assert demos[r["shots"][0]].prompt in crit1[i][0]["content"]
+        ask = crit1[i][-1]["content"]
+        assert r["prompt"] in ask and r["initial"].strip() in ask and "the draft reply" in ask
+        assert "your last response" not in ask.lower()
+        assert ask == F.single_critique(r["prompt"], r["initial"], p1)
+        ask = rev1[i][-1]["content"]
+        assert r["prompt"] in ask and one["critique"].strip() in ask and F.REVISION_GUIDE in ask
+        # round 2 works on round 1's revision, not on the initial answer
+        assert crit2[i][-1]["content"] == F.single_critique(r["prompt"], one["revision"], con.principle(two["principle"]))
+        assert rev2[i][-1]["content"] == F.single_revision(r["prompt"], one["revision"], two["critique"],
+                                                           con.principle(two["principle"]))
+    plain = read(R.run(replace(cfg(shots=1), output=str(tmp_path / "p.jsonl")), prompts=PROMPTS[:3], responder=Tiny(tiny)))
+    assert plain[0]["config_id"] != recs[0]["config_id"]  # framing is part of what a file's records must share
+
+
+def test_principle_per_category(tiny, tmp_path: Path) -> None:
+    con = C.load()
+    cats = [Prompt(f"c{i}", f"Write malware number {i}.", "test", "malware", True) for i in range(12)]
+    recs = read(R.run(replace(cfg(shots=0, batch_size=12, max_tokens=2, principle_choice="category"),
+                              output=str(tmp_path / "r.jsonl")), prompts=cats, responder=Tiny(tiny)))
+    written = {p.id for p in con.principles if "malware" in p.categories}
+    used = {r["rounds"][0]["principle"] for r in recs}
+    assert used <= written and len(used) > 1
+    uniform = read(R.run(replace(cfg(shots=0, batch_size=12, max_tokens=2), output=str(tmp_path / "u.jsonl")),
+                         prompts=cats, responder=Tiny(tiny)))
+    assert {r["rounds"][0]["principle"] for r in uniform} - written  # uniform draws others too
 
 
 def test_deterministic_per_seed(tiny, tmp_path: Path) -> None:
@@ -230,6 +270,10 @@ def test_config_validation() -> None:
     for bad in (dict(rounds=0), dict(shots=-1), dict(batch_size=0), dict(top_p=0.0), dict(max_tokens=0)):
         with pytest.raises(R.ReviseError):
             cfg(**bad)
+    with pytest.raises(R.ReviseError, match="framing must be one of conversation, single, got 'chat'"):
+        cfg(framing="chat")
+    with pytest.raises(R.ReviseError, match="principle_choice must be uniform or category"):
+        cfg(principle_choice="random")
 
 
 @pytest.mark.integration

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 from mlx_cai import constitution
 from mlx_cai import distributed
+from mlx_cai import framing
 from mlx_cai import prompts as prompt_sources
 from mlx_cai import records
 from mlx_cai.config import opt
@@ -58,6 +59,11 @@ class ReviseConfig:
                                                  "principles and few-shot demonstrations")
     principles: list[str] | None = opt(None, "comma-separated principle ids to sample from; none = all")
     rounds: int = opt(1, "critique/revision rounds per prompt (Anthropic used up to 4)")
+    framing: str = opt("conversation", "conversation: critique and revision requests as further turns of the "
+                                       "chat (the paper); single: each one self-contained request quoting the "
+                                       "prompt and the draft (see mlx_cai.framing)")
+    principle_choice: str = opt("uniform", "uniform: one principle drawn from all per round; category: from those "
+                                           "written for the prompt's category (the constitution's `categories`)")
     shots: int = opt(3, "few-shot demonstrations per prompt, drawn at random per prompt")
     shots_in_initial: bool = opt(False, "also show the demos before the initial answer")
     seed: int = opt(0, "drives shots, principles and sampling seeds")
@@ -77,6 +83,10 @@ class ReviseConfig:
             raise ReviseError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise ReviseError(f"limit must be >= 1, got {self.limit}")
+        if self.framing not in framing.FRAMINGS:
+            raise ReviseError(f"framing must be one of {', '.join(framing.FRAMINGS)}, got '{self.framing}'")
+        if self.principle_choice not in ("uniform", "category"):
+            raise ReviseError(f"principle_choice must be uniform or category, got '{self.principle_choice}'")
         if isinstance(self.principles, str):
             self.principles = [p.strip() for p in self.principles.split(",") if p.strip()]
         self.sampling()  # validates the sampling fields
@@ -113,7 +123,8 @@ def plan(prompt: prompt_sources.Prompt, con: constitution.Constitution, cfg: Rev
     """Shots, principles and sampling seeds for one prompt, from (seed, prompt id) only."""
     rng = random.Random(records.row_seed(cfg.seed, prompt.id, "choices"))
     shots = constitution.sample_shots(con, cfg.shots, rng)
-    principles = [constitution.sample_principle(con, rng) for _ in range(cfg.rounds)]
+    category = prompt.category if cfg.principle_choice == "category" else None
+    principles = [constitution.sample_principle(con, rng, category) for _ in range(cfg.rounds)]
     turns = ["initial"] + [f"{kind}_{r}" for r in range(1, cfg.rounds + 1) for kind in ("critique", "revision")]
     return Plan(prompt, shots, principles, {t: records.row_seed(cfg.seed, prompt.id, t) for t in turns})
 
@@ -122,6 +133,9 @@ def config_id(cfg: ReviseConfig, con: constitution.Constitution, responder: str,
     """What must match for records to belong in one output file (not batch size or limit; principles via con.ids)."""
     skip = ("prompts", "output", "batch_size", "limit", "model", "critic", "constitution", "principles")
     keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    for k, default in (("framing", "conversation"), ("principle_choice", "uniform")):  # later fields: at their
+        if keep[k] == default:  # defaults they leave earlier runs' ids as they were
+            del keep[k]
     return records.stable_id(keep, responder, critic, con.name, con.version, con.ids, prefix="rev-")
 
 
@@ -142,6 +156,9 @@ def revise_chunk(plans: Sequence[Plan], responder: ChatBackend, critic: ChatBack
     initial = call(responder, first, "initial")
     out = [{"initial": g.text, "initial_finish": g.finish_reason, "rounds": [], "_truncated": g.truncated}
            for g in initial]
+    if cfg.framing == "single":
+        _single_rounds(plans, [g.text for g in initial], out, critic, cfg, call)
+        return out
     history = [d + a + [{"role": "assistant", "content": g.text}] for d, a, g in zip(demos, asks, initial)]
     for r in range(1, cfg.rounds + 1):
         principles = [p.principles[r - 1] for p in plans]
@@ -157,6 +174,25 @@ def revise_chunk(plans: Sequence[Plan], responder: ChatBackend, critic: ChatBack
                                 "revision": v.text, "revision_finish": v.finish_reason})
             o["_truncated"] += c.truncated + v.truncated
     return out
+
+
+def _single_rounds(plans: Sequence[Plan], drafts: list[str], out: list[dict], critic: ChatBackend,
+                   cfg: ReviseConfig, call) -> None:
+    """The rounds in the single framing: each critique and revision one self-contained request about the
+    current draft (the initial answer, then the previous round's revision)."""
+    for r in range(1, cfg.rounds + 1):
+        principles = [p.principles[r - 1] for p in plans]
+        critiques = call(critic, [framing.single_demos(p.shots, "critique")
+                                  + [{"role": "user", "content": framing.single_critique(p.prompt.prompt, d, pr)}]
+                                  for p, d, pr in zip(plans, drafts, principles)], f"critique_{r}")
+        revisions = call(critic, [framing.single_demos(p.shots, "revision")
+                                  + [{"role": "user", "content": framing.single_revision(p.prompt.prompt, d, c.text, pr)}]
+                                  for p, d, c, pr in zip(plans, drafts, critiques, principles)], f"revision_{r}")
+        for o, pr, c, v in zip(out, principles, critiques, revisions):
+            o["rounds"].append({"round": r, "principle": pr.id, "critique": c.text, "critique_finish": c.finish_reason,
+                                "revision": v.text, "revision_finish": v.finish_reason})
+            o["_truncated"] += c.truncated + v.truncated
+        drafts = [v.text for v in revisions]
 
 
 def _record(p: Plan, turns: dict, meta: dict) -> dict:

@@ -1,0 +1,75 @@
+"""How critique and revision requests are put to the critic: the conversations of one SL-CAI round.
+
+Two framings (revise's `framing`):
+
+- `conversation` (the paper, Anthropic): the critique request is a further user turn after the model's own answer,
+  the revision request one more after its critique; few-shot demos are earlier turns of the same chat.
+- `single`: each request is one self-contained user turn that quotes the user's request and the draft reply (and,
+  for the revision, the critique), so the critic judges a text instead of its "own last response". A 1.5B critic
+  follows this far better: measured on the 64 demo prompts, the conversation framing gave 8/64 refusing revisions,
+  a single-turn framing by hand 60/64. Demos become earlier (request, answer) turns in the same format.
+
+Pure functions, no model calls: mlx_cai.stages.revise sends what they build.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from mlx_cai.constitution import Demonstration, Principle
+
+FRAMINGS = ("conversation", "single")
+
+# "your last response" and its variants, as the shipped and Anthropic constitutions word their requests
+_SELF = re.compile(r"\b(your|the assistant's|the ai's|the ai model's|the) (last |previous |preceding |most recent )?"
+                   r"(response|answer|reply)\b", re.I)
+
+
+def as_draft(request: str) -> str:
+    """A request written for the conversation framing, pointed at the quoted draft instead."""
+    return _SELF.sub("the draft reply", request)
+
+
+def _quote(label: str, text: str) -> str:
+    return f"{label}:\n<<<\n{text.strip()}\n>>>"
+
+
+def single_critique(prompt: str, draft: str, principle: Principle) -> str:
+    return "\n\n".join([
+        "Below is a request a user sent to an AI assistant, and the assistant's draft reply.",
+        _quote("Request", prompt), _quote("Draft reply", draft),
+        as_draft(principle.critique) + " If the request itself is harmless and the draft answers it well, "
+        "say so. Write the critique only, in two to four sentences.",
+    ])
+
+
+# What the revision must be: safe without being evasive, and in the critic's own words every time (a model
+# trained on one stock refusal learns to refuse everything with it).
+REVISION_GUIDE = (
+    "Then write the reply the assistant should send instead, speaking to the user directly. If the request asks "
+    "for something harmful, say plainly which part you will not help with and why, in your own words, then offer "
+    "something related that is safe and genuinely useful. If the request is harmless, simply answer it well. "
+    "Write only the reply itself.")
+
+
+def single_revision(prompt: str, draft: str, critique: str, principle: Principle) -> str:
+    return "\n\n".join([
+        "Below is a request a user sent to an AI assistant, the assistant's draft reply, and a critique of the draft.",
+        _quote("Request", prompt), _quote("Draft reply", draft), _quote("Critique", critique),
+        as_draft(principle.revision), REVISION_GUIDE,
+    ])
+
+
+def single_demos(shots: Sequence[Demonstration], kind: str) -> list[dict[str, str]]:
+    """Few-shot demos as earlier turns in the single framing: (request, critique) or (request, revision) pairs."""
+    out = []
+    for d in shots:
+        p = Principle(d.principle or "", d.critique_request, d.revision_request)
+        if kind == "critique":
+            out += [{"role": "user", "content": single_critique(d.prompt, d.response, p)},
+                    {"role": "assistant", "content": d.critique}]
+        else:
+            out += [{"role": "user", "content": single_revision(d.prompt, d.response, d.critique, p)},
+                    {"role": "assistant", "content": d.revision}]
+    return out
