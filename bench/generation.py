@@ -38,6 +38,7 @@ import re
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__" and "--hf-worker" in sys.argv:  # transformers in a process of its own (see HfEngine)
@@ -71,8 +72,26 @@ def load_prompts(path: Path, n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": r["prompt"]}] for r in rows[:n]]
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (VmHWM; ru_maxrss where /proc is missing), in GB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
 class MlxEngine:
     name = "mlx-cai"
+
+    @property
+    def peak_gb(self) -> float:
+        return peak_rss_gb()
 
     def __init__(self, spec: str):
         from mlx_cai import models
@@ -155,7 +174,8 @@ def hf_worker(threads: int, gguf: str) -> None:
             continue
         t0 = time.perf_counter()
         n, outs = engine.run(req["convs"], req["batch_size"], req["max_tokens"])
-        print(json.dumps({"tokens": n, "outs": outs, "seconds": time.perf_counter() - t0}), flush=True)
+        print(json.dumps({"tokens": n, "outs": outs, "seconds": time.perf_counter() - t0, "peak_gb": peak_rss_gb()}),
+              flush=True)
 
 
 class HfEngine:
@@ -177,6 +197,7 @@ class HfEngine:
                                      text=True, env=env)
         self._read()  # ready
         self.last_seconds = 0.0
+        self.peak_gb = 0.0
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -194,29 +215,54 @@ class HfEngine:
 
     def run(self, convs, batch_size: int, max_tokens: int) -> tuple[int, list[list[int]]]:
         r = self._ask({"convs": convs, "batch_size": batch_size, "max_tokens": max_tokens})
-        self.last_seconds = r["seconds"]
+        self.last_seconds, self.peak_gb = r["seconds"], r["peak_gb"]
         return r["tokens"], r["outs"]
 
 
-def measure(engines, convs, batch_size: int, max_tokens: int) -> dict[str, tuple[float, int, list[list[int]]]]:
-    """Per engine: (tok/s, tokens, completion tokens per prompt). Prompts are sorted by length (as mlx-cai
-    does internally) and cut into batches; the engines take turns batch by batch (alternating who goes
-    first), so load from other processes falls on both alike. Seconds are summed over the batches."""
+@dataclass
+class Result:
+    """One engine's row: end-to-end tok/s and tokens, each prompt's completion tokens, prefill rate (prompt
+    tokens/s of a 1-token run), decode rate (the tokens after the first per second of the rest), peak RSS."""
+
+    tok_s: float
+    tokens: int
+    outs: list
+    prefill_tok_s: float
+    decode_tok_s: float
+    peak_gb: float
+
+
+def _timed(e, convs, batch_size: int, max_tokens: int):
+    t0 = time.perf_counter()
+    n, out = e.run(convs, batch_size, max_tokens)
+    return getattr(e, "last_seconds", None) or time.perf_counter() - t0, n, out  # worker: its own time
+
+
+def measure(engines, convs, batch_size: int, max_tokens: int) -> dict[str, Result]:
+    """Per engine, a Result. Prompts are sorted by length (as mlx-cai does internally) and cut into batches;
+    the engines take turns batch by batch (alternating who goes first), so load from other processes falls on
+    both alike. Each batch runs twice per engine: once for 1 new token (the prefill, timed on its own), then
+    in full; seconds are summed over the batches."""
     lengths = [len(engines[0].encode(c)) for c in convs]
     order = sorted(range(len(convs)), key=lambda i: -lengths[i])
     secs = {e.name: 0.0 for e in engines}
+    pre = {e.name: 0.0 for e in engines}
     count = {e.name: 0 for e in engines}
     toks: dict[str, list] = {e.name: [None] * len(convs) for e in engines}
     for k, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start : start + batch_size]
+        batch = [convs[i] for i in idx]
         for e in engines if k % 2 == 0 else engines[::-1]:
-            t0 = time.perf_counter()
-            n, out = e.run([convs[i] for i in idx], batch_size, max_tokens)
-            secs[e.name] += getattr(e, "last_seconds", None) or time.perf_counter() - t0  # worker: its own time
+            pre[e.name] += _timed(e, batch, batch_size, 1)[0]
+            t, n, out = _timed(e, batch, batch_size, max_tokens)
+            secs[e.name] += t
             count[e.name] += n
             for i, t in zip(idx, out):
                 toks[e.name][i] = t
-    return {e.name: (count[e.name] / secs[e.name], count[e.name], toks[e.name]) for e in engines}
+    prompt_tokens = sum(lengths)
+    return {e.name: Result(count[e.name] / secs[e.name], count[e.name], toks[e.name], prompt_tokens / pre[e.name],
+                           (count[e.name] - len(convs)) / max(secs[e.name] - pre[e.name], 1e-9), e.peak_gb)
+            for e in engines}
 
 
 def measure_best(engines, convs, batch_size, max_tokens, repeats):
@@ -224,7 +270,7 @@ def measure_best(engines, convs, batch_size, max_tokens, repeats):
     best: dict = {}
     for _ in range(repeats):
         for name, r in measure(engines, convs, batch_size, max_tokens).items():
-            if name not in best or r[0] > best[name][0]:
+            if name not in best or r.tok_s > best[name].tok_s:
                 best[name] = r
     return best
 
@@ -292,7 +338,8 @@ def main() -> None:
         when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
         res = measure_best(engines, convs, b, args.max_tokens, args.repeats)
         for name, r in res.items():
-            print(f"batch {b:>3} {name:>12}: {r[1]:>5} tokens, {r[0]:7.1f} tok/s (load {load:.1f})", flush=True)
+            print(f"batch {b:>3} {name:>12}: {r.tokens:>5} tokens, {r.tok_s:7.1f} tok/s (prefill {r.prefill_tok_s:.0f}, "
+                  f"decode {r.decode_tok_s:.1f} tok/s, peak {r.peak_gb:.1f} GB; load {load:.1f})", flush=True)
         rows.append((b, n, res, load, when))
 
     import importlib.metadata as md
@@ -312,7 +359,9 @@ def main() -> None:
         f"torch {ver('torch')} ({torch_threads} threads, --threads {args.threads}), transformers {ver('transformers')}.",
         f"Model: {DESCRIPTIONS[args.model]} dequantized to float32 by each engine. Greedy, "
         f"up to {args.max_tokens} new tokens, single-turn chats of the first prompts in data/benign.jsonl "
-        f"(batch 1: {args.batch1_prompts}, others: {args.prompts}); time end to end incl. prefill; "
+        f"(batch 1: {args.batch1_prompts}, others: {args.prompts}); time end to end incl. prefill; prefill rate: "
+        f"prompt tokens per second of a 1-token run of the same batch; decode rate: the tokens after each "
+        f"prompt's first per second of the rest; peak RSS: each engine's process high-water mark so far; "
         f"engines alternate batch by batch (transformers in a worker process without mlx-cai's OpenBLAS); "
         f"best of {args.repeats}. Command: `.venv-bench/bin/python bench/generation.py "
         f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`".rstrip() + ".",
@@ -321,19 +370,23 @@ def main() -> None:
     two = len(engines) == 2
     if two:
         head = ("| batch | prompts | mlx-cai tok/s | transformers tok/s | ratio (mlx-cai / transformers) | same tokens "
-                "| threads mlx/torch | load avg | measured |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+                "| prefill tok/s mlx/tf | decode tok/s mlx/tf | peak RSS GB mlx/tf "
+                "| threads mlx/torch | load avg | measured |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     else:
-        head = f"| batch | prompts | {engines[0].name} tok/s | load avg | measured |\n|---:|---:|---:|---:|---|"
+        head = (f"| batch | prompts | {engines[0].name} tok/s | prefill tok/s | decode tok/s | peak RSS GB | load avg "
+                f"| measured |\n|---:|---:|---:|---:|---:|---:|---:|---|")
     table = {}
     for b, n, res, load, when in rows:
         if two:
             m, h = res["mlx-cai"], res["transformers"]
-            same = sum(a == c for a, c in zip(m[2], h[2]))
-            table[b] = (f"| {b} | {n} | {m[0]:.1f} | {h[0]:.1f} | {m[0] / h[0]:.2f} | {same}/{n} | {blas_threads}/{torch_threads} "
-                        f"| {load:.1f} "
-                        f"| {when} |")
+            same = sum(a == c for a, c in zip(m.outs, h.outs))
+            table[b] = (f"| {b} | {n} | {m.tok_s:.1f} | {h.tok_s:.1f} | {m.tok_s / h.tok_s:.2f} | {same}/{n} "
+                        f"| {m.prefill_tok_s:.0f}/{h.prefill_tok_s:.0f} | {m.decode_tok_s:.1f}/{h.decode_tok_s:.1f} "
+                        f"| {m.peak_gb:.1f}/{h.peak_gb:.1f} | {blas_threads}/{torch_threads} | {load:.1f} | {when} |")
         else:
-            table[b] = f"| {b} | {n} | {res[engines[0].name][0]:.1f} | {load:.1f} | {when} |"
+            r = res[engines[0].name]
+            table[b] = (f"| {b} | {n} | {r.tok_s:.1f} | {r.prefill_tok_s:.0f} | {r.decode_tok_s:.1f} | {r.peak_gb:.1f} "
+                        f"| {load:.1f} | {when} |")
     header = "\n".join(lines)
     print()
     print(header + "\n\n" + "\n".join([head] + [table[b] for b in sorted(table)]))
