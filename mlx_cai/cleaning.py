@@ -73,6 +73,7 @@ _META = [re.compile(p, re.I) for p in (
     r"^\W*(critique|revision)\b",
     r"\b(critique|revision) request\b",
     r"\b(my|the|your|this) (last|previous|original|initial|above) (message|response|answer|text|statement|reply)\b",
+    r"<<<|>>>",  # the single framing's quote markers (mlx_cai.framing) copied into a revision
 )]
 # A critique where the rewrite belongs: small models carry on describing the answer ("The response encourages...",
 # "The original message contains...") instead of giving a new one.

@@ -53,6 +53,7 @@ def test_empty() -> None:
     "My last response was harmful because it explained hotwiring.",
     "Critique request noted. Hotwiring cars is theft.",
     "Hotwiring is theft, as the original message should have said.",
+    "<<< I'm sorry, but I can't help with hotwiring a car.",
 ])
 def test_meta_text_rejected(text: str) -> None:
     assert fails("meta", text) is not None
