@@ -140,6 +140,24 @@ def test_single_framing_quotes_prompt_draft_and_critique_in_one_request(tiny, tm
     assert plain[0]["config_id"] != recs[0]["config_id"]  # framing is part of what a file's records must share
 
 
+def test_critic_sampling_of_its_own(tiny, tmp_path: Path) -> None:
+    seen = []
+
+    class Watch(Tiny):
+        def complete(self, conversations, config, seeds=None):
+            seen.append(config)
+            return super().complete(conversations, config, seeds)
+
+    recs = read(R.run(replace(cfg(critic_max_tokens=3, critic_temperature=0.0, critic_repetition_penalty=1.0),
+                              output=str(tmp_path / "r.jsonl")), prompts=PROMPTS[:2], responder=Watch(tiny)))
+    initial, critique, revision = seen
+    assert (initial.max_tokens, initial.temperature, initial.repetition_penalty) == (6, 0.9, 1.2)
+    assert all((c.max_tokens, c.temperature, c.repetition_penalty) == (3, 0.0, 1.0) for c in (critique, revision))
+    assert recs[0]["critic_sampling"]["max_tokens"] == 3 and recs[0]["sampling"]["max_tokens"] == 6
+    plain = read(R.run(replace(cfg(), output=str(tmp_path / "p.jsonl")), prompts=PROMPTS[:2], responder=Tiny(tiny)))
+    assert "critic_sampling" not in plain[0] and plain[0]["config_id"] != recs[0]["config_id"]
+
+
 def test_principle_per_category(tiny, tmp_path: Path) -> None:
     con = C.load()
     cats = [Prompt(f"c{i}", f"Write malware number {i}.", "test", "malware", True) for i in range(12)]

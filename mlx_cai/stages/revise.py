@@ -73,6 +73,10 @@ class ReviseConfig:
     top_p: float = opt(1.0, "nucleus sampling mass")
     repetition_penalty: float = opt(1.2, "1.2 keeps SmolLM2-135M from looping (REFERENCE.md section 2)")
     batch_size: int = opt(32, "prompts per batched call; records are appended per batch")
+    critic_max_tokens: int | None = opt(None, "new tokens per critique/revision turn; none = max_tokens")
+    critic_temperature: float | None = opt(None, "the critic's temperature; none = temperature")
+    critic_repetition_penalty: float | None = opt(None, "the critic's repetition penalty; none = repetition_penalty "
+                                                        "(1.2 is for SmolLM2; a 1.5B critic writes better near 1.0)")
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -89,7 +93,7 @@ class ReviseConfig:
             raise ReviseError(f"principle_choice must be uniform or category, got '{self.principle_choice}'")
         if isinstance(self.principles, str):
             self.principles = [p.strip() for p in self.principles.split(",") if p.strip()]
-        self.sampling()  # validates the sampling fields
+        self.sampling(), self.sampling("critic")  # validates the sampling fields
 
     def plan(self) -> tuple[str, int]:
         """(what it reads, tokens it generates) for `mlx-cai run --dry-run`."""
@@ -101,10 +105,16 @@ class ReviseConfig:
         """Prompts revised: what a measured stage time is divided by."""
         return settings.get("limit")
 
-    def sampling(self) -> SamplingConfig:
+    def sampling(self, role: str = "responder") -> SamplingConfig:
+        """The initial answers' sampling, or (role "critic") the critiques' and revisions'."""
+        def pick(own, base):
+            return base if role != "critic" or own is None else own
+
         try:
-            return SamplingConfig(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                  repetition_penalty=self.repetition_penalty, seed=self.seed)
+            return SamplingConfig(max_tokens=pick(self.critic_max_tokens, self.max_tokens),
+                                  temperature=pick(self.critic_temperature, self.temperature), top_p=self.top_p,
+                                  repetition_penalty=pick(self.critic_repetition_penalty, self.repetition_penalty),
+                                  seed=self.seed)
         except ValueError as e:
             raise ReviseError(str(e)) from None
 
@@ -133,7 +143,8 @@ def config_id(cfg: ReviseConfig, con: constitution.Constitution, responder: str,
     """What must match for records to belong in one output file (not batch size or limit; principles via con.ids)."""
     skip = ("prompts", "output", "batch_size", "limit", "model", "critic", "constitution", "principles")
     keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    for k, default in (("framing", "conversation"), ("principle_choice", "uniform")):  # later fields: at their
+    for k, default in (("framing", "conversation"), ("principle_choice", "uniform"), ("critic_max_tokens", None),
+                       ("critic_temperature", None), ("critic_repetition_penalty", None)):  # later fields: at their
         if keep[k] == default:  # defaults they leave earlier runs' ids as they were
             del keep[k]
     return records.stable_id(keep, responder, critic, con.name, con.version, con.ids, prefix="rev-")
@@ -142,10 +153,11 @@ def config_id(cfg: ReviseConfig, con: constitution.Constitution, responder: str,
 def revise_chunk(plans: Sequence[Plan], responder: ChatBackend, critic: ChatBackend, cfg: ReviseConfig,
                  on_tokens: Callable[[int], None] = lambda n: None) -> list[dict]:
     """Run all turns for a chunk of prompts: one batched call per turn. Returns the turn fields per prompt."""
-    sampling = cfg.sampling()
+    sampling = {"initial": cfg.sampling(), "critic": cfg.sampling("critic")}
 
     def call(backend: ChatBackend, convs: list[list[dict]], turn: str) -> list[Generation]:
-        gens = backend.complete(convs, sampling, seeds=[p.seeds[turn] for p in plans])
+        gens = backend.complete(convs, sampling["initial" if turn == "initial" else "critic"],
+                                seeds=[p.seeds[turn] for p in plans])
         if getattr(backend, "on_tokens", None) is None:  # local backends report every decode step themselves
             on_tokens(sum(g.completion_tokens for g in gens))
         return gens
@@ -254,6 +266,8 @@ def run(config: ReviseConfig, progress: Progress | None = None, *, prompts: Sequ
     meta = {"models": {"responder": responder.name, "critic": critic.name},
             "constitution": {"name": con.name, "version": con.version},
             "sampling": {k: v for k, v in asdict(cfg.sampling()).items() if k != "seed"},
+            **({"critic_sampling": {k: v for k, v in asdict(cfg.sampling("critic")).items() if k != "seed"}}
+               if cfg.sampling("critic") != cfg.sampling() else {}),
             "seed": cfg.seed, "config_id": cid, "stage": STAGE}
 
     def work(prompts: list[prompt_sources.Prompt]) -> list[dict]:
