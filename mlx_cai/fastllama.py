@@ -347,26 +347,35 @@ PACKED_ROWS_MAX = 64
 PACK_MEMORY_SHARE = 0.25  # packed decode weights are made only if they take at most this share of the RAM
 
 
+def _blocks(w: Weight) -> tuple[mx.array, ...]:
+    return w if isinstance(w, tuple) else (w,)
+
+
 def _fused(w: Weight) -> mx.array:
     return mx.concatenate(w) if isinstance(w, tuple) else w
 
 
 def _rows(w: Weight) -> int:
-    return sum(x.shape[0] for x in w) if isinstance(w, tuple) else w.shape[0]
+    return sum(x.shape[0] for x in _blocks(w))
 
 
 def _nbytes(w: Weight) -> int:
-    return sum(x.nbytes for x in w) if isinstance(w, tuple) else w.nbytes
+    return sum(x.nbytes for x in _blocks(w))
+
+
+def _weights(layers: list[Layer], head: mx.array) -> list[mx.array]:
+    """Every matrix the packed copies would hold, as blocks."""
+    return [head] + [x for lyr in layers for w in (lyr.w_qkv, lyr.w_o, lyr.w_gu, lyr.w_down) for x in _blocks(w)]
 
 
 def _packing_fits(layers: list[Layer], head: mx.array) -> bool:
     """Whether to keep packed copies of the weights for decode steps: float32, and small next to the machine's
     memory (the copies are a second model: +0.5 GiB for SmolLM2-135M, too much for an 8B model in float32).
     They pay off most at one row: Qwen2.5-Coder-1.5B batch 1 decoded 5.6 tok/s packed vs 2.2 with BLAS."""
-    ws = [head] + [w for lyr in layers for w in (lyr.w_qkv, lyr.w_o, lyr.w_gu, lyr.w_down)]
-    if any(x.dtype != mx.float32 for w in ws for x in (w if isinstance(w, tuple) else (w,))):
+    ws = _weights(layers, head)
+    if any(w.dtype != mx.float32 for w in ws):
         return False
-    return sum(_nbytes(w) for w in ws) <= PACK_MEMORY_SHARE * backend.ram_bytes()
+    return sum(w.nbytes for w in ws) <= PACK_MEMORY_SHARE * backend.ram_bytes()
 
 
 def _fuse_copies_fit(layers: list[Layer], head: mx.array) -> bool:
@@ -375,7 +384,7 @@ def _fuse_copies_fit(layers: list[Layer], head: mx.array) -> bool:
     and nothing is copied: for Qwen2.5-Coder-1.5B the fused copies are 3.4 GB on top of 6.2 GB packed
     (16.7 GB resident instead of 13.3 GB), for SmolLM2-135M 0.3 GB next to 0.5 GB (kept: one matmul each)."""
     fused = sum(_nbytes(lyr.w_qkv) + _nbytes(lyr.w_gu) for lyr in layers)
-    packed = head.nbytes + sum(_nbytes(w) for lyr in layers for w in (lyr.w_qkv, lyr.w_o, lyr.w_gu, lyr.w_down))
+    packed = sum(w.nbytes for w in _weights(layers, head))
     return fused + packed <= PACK_MEMORY_SHARE * backend.ram_bytes()
 
 

@@ -182,10 +182,17 @@ def revise_chunk(plans: Sequence[Plan], responder: ChatBackend, critic: ChatBack
         revisions = call(critic, history, f"revision_{r}")
         for h, o, pr, c, v in zip(history, out, principles, critiques, revisions):
             h.append({"role": "assistant", "content": v.text})
-            o["rounds"].append({"round": r, "principle": pr.id, "critique": c.text, "critique_finish": c.finish_reason,
-                                "revision": v.text, "revision_finish": v.finish_reason})
-            o["_truncated"] += c.truncated + v.truncated
+            _add_round(o, r, pr, c, v)
     return out
+
+
+def _add_round(turns: dict, r: int, principle: constitution.Principle, critique: Generation,
+               revision: Generation) -> None:
+    """Append round r's critique and revision to a prompt's turn fields."""
+    turns["rounds"].append({"round": r, "principle": principle.id, "critique": critique.text,
+                            "critique_finish": critique.finish_reason, "revision": revision.text,
+                            "revision_finish": revision.finish_reason})
+    turns["_truncated"] += critique.truncated + revision.truncated
 
 
 def _single_rounds(plans: Sequence[Plan], drafts: list[str], out: list[dict], critic: ChatBackend,
@@ -201,9 +208,7 @@ def _single_rounds(plans: Sequence[Plan], drafts: list[str], out: list[dict], cr
                                   + [{"role": "user", "content": framing.single_revision(p.prompt.prompt, d, c.text, pr)}]
                                   for p, d, c, pr in zip(plans, drafts, critiques, principles)], f"revision_{r}")
         for o, pr, c, v in zip(out, principles, critiques, revisions):
-            o["rounds"].append({"round": r, "principle": pr.id, "critique": c.text, "critique_finish": c.finish_reason,
-                                "revision": v.text, "revision_finish": v.finish_reason})
-            o["_truncated"] += c.truncated + v.truncated
+            _add_round(o, r, pr, c, v)
         drafts = [v.text for v in revisions]
 
 
@@ -263,11 +268,10 @@ def run(config: ReviseConfig, progress: Progress | None = None, *, prompts: Sequ
                        f"{len(items) - len(todo)} already in {out}"))
     if not todo:
         return out
+    own, critics = ({k: v for k, v in asdict(c).items() if k != "seed"} for c in (cfg.sampling(), cfg.sampling("critic")))
     meta = {"models": {"responder": responder.name, "critic": critic.name},
             "constitution": {"name": con.name, "version": con.version},
-            "sampling": {k: v for k, v in asdict(cfg.sampling()).items() if k != "seed"},
-            **({"critic_sampling": {k: v for k, v in asdict(cfg.sampling("critic")).items() if k != "seed"}}
-               if cfg.sampling("critic") != cfg.sampling() else {}),
+            "sampling": own, **({"critic_sampling": critics} if critics != own else {}),
             "seed": cfg.seed, "config_id": cid, "stage": STAGE}
 
     def work(prompts: list[prompt_sources.Prompt]) -> list[dict]:
