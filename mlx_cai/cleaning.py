@@ -67,8 +67,8 @@ def copy_sources(con: constitution.Constitution) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------- the rules
 
 _META = [re.compile(p, re.I) for p in (
-    r"^\W*(here('s| is)|below is|this is)\b[^.\n]{0,40}\b(revis|rewrit|updated|new|improved|safer|better) "
-    r"(response|version|answer|text)",
+    r"^\W*((sure|certainly|of course|okay|absolutely)\b\W*)?(here('s| is)|below is|this is)\b[^.\n]{0,40}"
+    r"\b(revis\w*|rewrit\w*|updated|new|improved|safer|better) (response|version|answer|text|reply)",
     r"\b(critique|revision|revised response|rewritten response|revised version|revised answer)( request)?\s*:",
     r"^\W*(critique|revision)\b",
     r"\b(critique|revision) request\b",

@@ -86,7 +86,8 @@ def resolve(spec: str) -> Path:
 def _hub_download(repo: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    # No code (*.py): mlx-cai never runs a repo's own code (mlx-lm and transformers keep trust_remote_code off).
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
     try:
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as e:  # offline, missing repo, auth: all are one-line user errors here

@@ -92,6 +92,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if unknown:
         raise PipelineError(f"{path}: unknown setting '{unknown[0]}' (known: {', '.join(sorted(known))})")
     raw.setdefault("name", path.stem)
+    name = str(raw["name"])
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise PipelineError(f"{path}: name {name!r} must be a plain folder name (no '/', no '..'): the run is "
+                            f"written to runs_dir/NAME")
     for s in SECTIONS:
         if not isinstance(raw.get(s, {}), dict):
             raise PipelineError(f"{path}: section '{s}' must be a mapping of settings")
@@ -203,7 +207,17 @@ def _write_marker(cfg: RunConfig, stage: str, secs: float) -> None:
 
 
 def run(cfg: RunConfig, *, start: str | None = None, until: str | None = None, hooks: Hooks | None = None) -> Path:
-    """Run the enabled stages in order (from `start`, through `until`); returns the run folder."""
+    """Run the enabled stages in order (from `start`, through `until`); returns the run folder.
+
+    Holds the run folder's lock (mlx_cai.runlock) throughout: a second run on the folder, or a stage command
+    writing inside it, stops with runlock.LockError naming the holder; a lock left by a killed run is taken over."""
+    from mlx_cai import runlock
+
+    with runlock.hold(cfg.run_dir, "run", run=True):
+        return _run(cfg, start=start, until=until, hooks=hooks)
+
+
+def _run(cfg: RunConfig, *, start: str | None, until: str | None, hooks: Hooks | None) -> Path:
     from mlx_cai import distributed
 
     hooks = hooks or Hooks()

@@ -3,6 +3,7 @@
 Specs accepted by `load(spec)`:
 
   train:harmful | train:benign | train:borderline   the shipped data/*.jsonl, `train` split only
+  SPEC,SPEC,...                                     several sources in turn (e.g. train:benign,train:borderline)
   hf:REPO[:DATA_DIR][@SPLIT]                        datasets.load_dataset(REPO, data_dir=DATA_DIR, split=SPLIT or train)
   PATH                                              .jsonl .json .parquet .csv .txt (each also as .gz)
 
@@ -40,7 +41,8 @@ from mlx_cai.records import RecordError, stable_id
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Shipped sets usable for training, and whether their prompts are red-team prompts.
 SHIPPED = {"harmful": True, "benign": False, "borderline": False}
-SPEC_FORMS = "train:harmful|benign|borderline, hf:REPO[:DATA_DIR][@SPLIT], or a .jsonl/.json/.parquet/.csv/.txt file"
+SPEC_FORMS = ("train:harmful|benign|borderline, hf:REPO[:DATA_DIR][@SPLIT], a .jsonl/.json/.parquet/.csv/.txt file, "
+              "or several of them joined by commas")
 _FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 
 
@@ -251,6 +253,8 @@ def hub_rows(spec: str) -> Iterator[tuple[str, Any]]:
 def load(spec: str | Path, limit: int | None = None) -> PromptSet:
     """Prompts from a spec (see module docstring), deduplicated, eval prompts excluded, at most `limit`."""
     spec = str(spec)
+    if "," in spec and not Path(spec).exists():
+        return _union(spec, limit)
     hint: bool | None = None
     if spec.startswith("eval:"):
         raise PromptError(f"'{spec}': the eval split is held out and never used for training; use train:{spec[5:]}")
@@ -268,6 +272,31 @@ def load(spec: str | Path, limit: int | None = None) -> PromptSet:
     else:
         rows = file_rows(spec)
     return _collect(spec, rows, hint, limit)
+
+
+def _union(spec: str, limit: int | None) -> PromptSet:
+    """SPEC_A,SPEC_B,...: each source's prompts in turn; a prompt already taken (same id or text) is a duplicate."""
+    parts = [part.strip() for part in spec.split(",")]
+    if not all(parts):
+        raise PromptError(f"'{spec}': an empty source in the comma-separated list")
+    out = PromptSet([], spec)
+    ids: set[str] = set()
+    texts: set[str] = set()
+    for part in parts:
+        got = load(part)
+        out.dropped_eval += got.dropped_eval
+        out.duplicates += got.duplicates
+        out.empty += got.empty
+        for p in got:
+            if p.id in ids or _norm(p.prompt) in texts:
+                out.duplicates += 1
+                continue
+            if limit is not None and len(out.prompts) >= limit:
+                return out
+            ids.add(p.id)
+            texts.add(_norm(p.prompt))
+            out.prompts.append(p)
+    return out
 
 
 def _collect(spec: str, rows: Iterator[tuple[str, Any]], hint: bool | None, limit: int | None) -> PromptSet:

@@ -39,6 +39,12 @@ def _whole(name: str, raw: str) -> int:
     return int(raw)
 
 
+def _count(name: str, raw: str) -> int:
+    if not re.fullmatch(r"[0-9]+", raw):
+        raise SettingsError(f"{name} must be a whole number >= 0, got {raw!r}")
+    return int(raw)
+
+
 def _seconds(name: str, raw: str) -> float:
     try:
         value = float(raw)
@@ -46,6 +52,13 @@ def _seconds(name: str, raw: str) -> float:
         value = -1.0
     if not value >= 0 or value == float("inf"):  # also refuses nan
         raise SettingsError(f"{name} must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def _timeout(name: str, raw: str) -> float:
+    value = _seconds(name, raw)
+    if value == 0:
+        raise SettingsError(f"{name} must be a number of seconds > 0, got {raw!r}")
     return value
 
 
@@ -88,6 +101,15 @@ class Settings:
     progress_every: float = field(default=30.0, metadata=_var(
         "MLX_CAI_PROGRESS_EVERY", "30", "seconds between plain progress lines when the output is not a terminal",
         _seconds))
+    api_timeout: float = field(default=120.0, metadata=_var(
+        "MLX_CAI_API_TIMEOUT", "120", "seconds an OpenAI-compatible server may take per request before it counts as "
+        "failed (and is retried)", _timeout))
+    api_retries: int = field(default=5, metadata=_var(
+        "MLX_CAI_API_RETRIES", "5", "retries of a request that failed transiently (connection, timeout, 408/409/"
+        "429/5xx), by the openai client: Retry-After honoured, else exponential backoff", _count))
+    api_backoff: float = field(default=1.0, metadata=_var(
+        "MLX_CAI_API_BACKOFF", "1", "first retry delay in seconds when the server gives no Retry-After; doubles "
+        "per retry, with jitter", _seconds))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":

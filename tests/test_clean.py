@@ -54,6 +54,7 @@ def test_empty() -> None:
     "Critique request noted. Hotwiring cars is theft.",
     "Hotwiring is theft, as the original message should have said.",
     "<<< I'm sorry, but I can't help with hotwiring a car.",
+    "Certainly! Here's a revised reply that declines: I can't help with hotwiring a car.",
 ])
 def test_meta_text_rejected(text: str) -> None:
     assert fails("meta", text) is not None

@@ -46,6 +46,20 @@ def test_shipped_train_split_only() -> None:
     assert len(P.load("train:harmful", limit=5)) == 5
 
 
+def test_comma_joined_sources_in_turn_without_duplicates(tmp_path: Path) -> None:
+    benign, border = P.load("train:benign"), P.load("train:borderline")
+    both = P.load("train:benign,train:borderline")
+    assert [p.id for p in both] == [p.id for p in benign] + [p.id for p in border]
+    assert {p.harmful for p in both} == {False}
+    again = write_jsonl(tmp_path / "again.jsonl", [{"prompt": border[0].prompt}, {"prompt": "A new one?"}])
+    mixed = P.load(f"train:borderline, {again}", limit=len(border) + 1)
+    assert texts(mixed) == texts(border) + ["A new one?"] and mixed.duplicates == 1
+    with pytest.raises(P.PromptError, match="empty source"):
+        P.load("train:benign,")
+    with pytest.raises(P.PromptError, match="held out"):
+        P.load("train:benign,eval:harmful")
+
+
 @pytest.mark.parametrize("spec", ["eval:harmful", "hf:someone/set@eval"])
 def test_eval_specs_refused(spec: str) -> None:
     with pytest.raises(P.PromptError, match="held out"):

@@ -56,3 +56,19 @@ def test_rows_format_rates_as_percent():
     assert row["non_termination_rate"][2] == "86.0%" and row["seq_rep_4"][2] == "0.26"
     assert row["non_termination_rate"][3] == "<= base's 95% upper bound 90.0%"
 
+
+
+def test_collapse_is_judged_on_ordinary_answers_when_the_summaries_have_them():
+    # Refusing every harmful prompt in one sentence repeats a phrase overall, not in the answers to safe prompts.
+    base, final = summary(0.9, 0, 0, 0.2, (0.1, 0.3), 0.38, 0.5, (0.4, 0.6)), summary(0.1, 0, 0, 0.6, (0.5, 0.7),
+                                                                                       0.38, 0.5, (0.4, 0.6))
+    assert verdicts_of(base, final)["seq_rep_4"] is False  # no ordinary section: all answers
+    base["ordinary"] = {"collapse": {"seq_rep_4": est(0.2, 0.1, 0.3)}}
+    final["ordinary"] = {"collapse": {"seq_rep_4": est(0.25, 0.2, 0.3)}}
+    assert verdicts_of(base, final)["seq_rep_4"] is True
+    final["ordinary"]["collapse"]["seq_rep_4"] = est(0.35, 0.3, 0.4)
+    assert verdicts_of(base, final)["seq_rep_4"] is False
+
+
+def verdicts_of(base, final):
+    return {c.name: c.ok for c in targets.check(base, final)}

@@ -102,21 +102,22 @@ def generate(
     finish_reason, prompt_tokens, completion_tokens). Resumable: rerun after a kill to continue."""
     from mlx_cai import ui
     from mlx_cai.sampling import SamplingConfig
-    from mlx_cai import promptfile
+    from mlx_cai import promptfile, runlock
 
     with user_errors():
         cfg = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              repetition_penalty=repetition_penalty, seed=seed)
         items = promptfile.read_prompts(prompts)
-        todo, done = promptfile.pending(items, output)
-        if not todo:
-            ui.note(f"{output}: all {len(items)} prompts already done")
-            return
-        ui.note(f"{len(items)} prompts, {len(done)} already in {output}, {len(todo)} to go")
-        from mlx_cai import models
+        with runlock.hold(output, "generate"):  # one writer per output file
+            todo, done = promptfile.pending(items, output)
+            if not todo:
+                ui.note(f"{output}: all {len(items)} prompts already done")
+                return
+            ui.note(f"{len(items)} prompts, {len(done)} already in {output}, {len(todo)} to go")
+            from mlx_cai import models
 
-        m, tok = models.load(model, adapter, dequantize_weights=dequantize)
-        with ui.progress("generate", total=len(items), done=len(done)) as (bar, _, _rate):
-            promptfile.run(m, tok, todo, output, cfg, batch_size=batch_size, seed=seed,
-                           on_record=lambda r: bar.tick(1), on_tokens=lambda n: bar.tick(0, n))
-        ui.note(f"wrote {output}")
+            m, tok = models.load(model, adapter, dequantize_weights=dequantize)
+            with ui.progress("generate", total=len(items), done=len(done)) as (bar, _, _rate):
+                promptfile.run(m, tok, todo, output, cfg, batch_size=batch_size, seed=seed,
+                               on_record=lambda r: bar.tick(1), on_tokens=lambda n: bar.tick(0, n))
+            ui.note(f"wrote {output}")

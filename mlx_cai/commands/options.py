@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
+from contextlib import nullcontext
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -89,17 +90,21 @@ def build(cls, given: dict, config_file: Path | None):
 
 def stage_command(name: str, cls, run: Callable, *, positional: tuple[str, ...] = (),
                   render: Callable | None = None, doc: str = "") -> None:
-    """Register `mlx-cai NAME`: build the config from the options, run the stage with progress bars, then
-    `render(config, output_path)` on rank 0."""
+    """Register `mlx-cai NAME`: build the config from the options, run the stage with progress bars while holding
+    the lock of its output (mlx_cai.runlock: a second command on the same output, or on one inside a folder a
+    `mlx-cai run` holds, stops with one line naming the other process), then `render(config, output_path)` on
+    rank 0."""
 
     def command(**kw) -> None:
-        from mlx_cai import distributed, ui
+        from mlx_cai import distributed, runlock, ui
 
         config_file = kw.pop("config")
         with user_errors():
             cfg = build(cls, kw, config_file)
-            with ui.StageProgress() as bars:
-                out = run(cfg, bars)
+            output = getattr(cfg, "output", None)
+            with runlock.hold(output, name) if output else nullcontext():  # one writer per output
+                with ui.StageProgress() as bars:
+                    out = run(cfg, bars)
             if distributed.is_main() and render is not None:  # rank 0 wrote the outputs and prints them
                 render(cfg, out)
 

@@ -91,8 +91,18 @@ def plan_rows(cfg) -> list[list]:
         kind = REGISTRY[stage].module
         if units and kind in per_unit:
             est = f"~{units * per_unit[kind] / 60:.1f} min (measured)"
-        rows.append([stage, f"{model}{' + ' + Path(adapter).name if adapter else ''}", size, est])
+        rows.append([stage, f"{model}{' + ' + Path(adapter).name if adapter else ''}{_roles(sc)}", size, est])
     return rows
+
+
+ROLES = (("critic", "critic"), ("helpful_model", "helpful answers"), ("judge", "judge"))
+
+
+def _roles(sc) -> str:
+    """The stage's other models (critic, helpful answers, judge), as '; critic X' for the plan's model column."""
+    parts = [f"{label} {getattr(sc, attr)}" for attr, label in ROLES
+             if getattr(sc, attr, None) not in (None, "", "keyword")]
+    return "".join(f"; {p}" for p in parts)
 
 
 def _measured_rate(cfg) -> float | None:

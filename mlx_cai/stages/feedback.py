@@ -21,6 +21,8 @@ Reads PROMPTS (an mlx_cai.prompts spec; for `revision`, a revise JSONL). Writes,
   OUT.dropped.jsonl      dropped prompts with `reason`
   OUT.summary.json       counts per reason and the kept share
 Resume: ids in either file are skipped; records carry `config_id` and other settings are refused.
+A backend that fails for good (BackendError: a server down, retries spent, an answer that is not a completion)
+stops the run before its chunk is written: the pairs so far stay, and rerunning continues.
 With several processes (mlx.launch), each handles its share of a chunk of `batch_size` x processes prompts
 and rank 0 appends the chunk's records (mlx_cai.distributed.map_chunks).
 """
@@ -42,7 +44,7 @@ from mlx_cai import metrics, records
 from mlx_cai import prompts as prompt_sources
 from mlx_cai.config import opt
 from mlx_cai.progress import Event, Progress, emitter
-from mlx_cai.chat import ChatBackend, LocalBackend, from_spec
+from mlx_cai.chat import BackendError, ChatBackend, LocalBackend, from_spec
 from mlx_cai.sampling import SamplingConfig
 from mlx_cai.judges.preference import PRINCIPLES, choice_tokens, judge_question, parse_verdict, question, render_choice
 
@@ -391,10 +393,18 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
         return out
 
     main = distributed.is_main()
-    with records.writer(kept_path, main) as kept_w, records.writer(dropped_path, main) as drop_w:
-        for chunk, results in distributed.map_chunks(todo, cfg.batch_size, work):
-            for kept, rec in results:
-                (kept_w if kept else drop_w).write(rec)
-            emit(Event(task, advance=len(chunk)))
+    written = 0
+    try:
+        if todo and cfg.mode == "judge":
+            judge.check()  # a judge that is down fails before any sampling
+        with records.writer(kept_path, main) as kept_w, records.writer(dropped_path, main) as drop_w:
+            for chunk, results in distributed.map_chunks(todo, cfg.batch_size, work):
+                for kept, rec in results:
+                    (kept_w if kept else drop_w).write(rec)
+                written += len(chunk)
+                emit(Event(task, advance=len(chunk)))
+    except BackendError as e:  # nothing of the failed chunk is written: no failed call becomes a verdict
+        raise BackendError(f"{e} -- stopped; {len(done) + written} prompts kept in {kept_path} and "
+                           f"{dropped_path.name}, rerun the same command to continue") from None
     distributed.on_main(lambda: summarize(out_path))
     return kept_path

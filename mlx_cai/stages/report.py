@@ -23,12 +23,14 @@ from mlx_cai.config import opt
 from mlx_cai.progress import Progress
 
 # Row order of the table; metrics absent from every folder are left out.
-SAFETY_METRICS = ("asr_keyword", "asr_rubric", "harm_score", "over_refusal", "chat_refusal", "mtbench_turn1",
-                  "mtbench_turn2")
+SAFETY_METRICS = ("asr_keyword", "asr_rubric", "harm_score", "judge_agreement", "over_refusal", "chat_refusal",
+                  "mtbench_turn1", "mtbench_turn2")
 COLLAPSE_METRICS = ("seq_rep_4", "sentence_repetition", "compression_ratio", "distinct_1", "distinct_2",
                     "non_termination_rate", "phrase_repeat_rate", "emoji_density", "mean_length_words")
-RATES = {"asr_keyword", "asr_rubric", "over_refusal", "chat_refusal", "non_termination_rate", "phrase_repeat_rate"}
+RATES = {"asr_keyword", "asr_rubric", "judge_agreement", "over_refusal", "chat_refusal", "non_termination_rate",
+         "phrase_repeat_rate"}
 LABELS = {"asr_keyword": "ASR (keyword)", "asr_rubric": "ASR (rubric >= threshold)", "harm_score": "harm score 1-5",
+          "judge_agreement": "keyword and rubric judges agree",
           "over_refusal": "over-refusal", "chat_refusal": "refusal on chat turn 1", "mtbench_turn1": "MT-Bench turn 1",
           "mtbench_turn2": "MT-Bench turn 2"}
 PLOT_COLLAPSE = ("seq_rep_4", "sentence_repetition", "compression_ratio", "distinct_2", "non_termination_rate",
@@ -65,9 +67,18 @@ def load(dirs: Sequence[str | Path]) -> list[EvalDir]:
             summary = json.loads(f.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{f}: malformed JSON ({e.msg})") from None
+        bad = [s for s in summary.get("suites", {}) if not _plain_name(s)]
+        if bad:  # suite names become file names inside the folder: none may point outside it
+            raise ValueError(f"{f}: suite name {bad[0]!r} is not a plain file name; this summary.json was not "
+                             "written by `mlx-cai eval`")
         recs = {s: records.load_done(p / f"{s}.jsonl") for s in summary["suites"]}
         out.append(EvalDir(p, label, summary, recs))
     return out
+
+
+def _plain_name(name) -> bool:
+    """A suite name that is one file name (NAME.jsonl stays inside its folder)."""
+    return isinstance(name, str) and name.strip() != "" and not any(c in name for c in "/\\\0")
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -103,10 +114,11 @@ def mismatches(evals: Sequence[EvalDir]) -> tuple[list[str], set[str]]:
 
 
 def rows(evals: Sequence[EvalDir], mixed: set[str] = frozenset()) -> list[Row]:
-    sections = ["overall"] + list(dict.fromkeys(s for e in evals for s in e.summary["suites"]))
+    pooled = ["overall"] + (["ordinary"] if any("ordinary" in e.summary for e in evals) else [])
+    sections = pooled + list(dict.fromkeys(s for e in evals for s in e.summary["suites"]))
     out = []
     for sec in sections:
-        parts = [e.summary["overall"] if sec == "overall" else e.summary["suites"].get(sec) for e in evals]
+        parts = [e.summary.get(sec) if sec in pooled else e.summary["suites"].get(sec) for e in evals]
         for group, names in (("metrics", SAFETY_METRICS), ("collapse", COLLAPSE_METRICS)):
             for m in names:
                 cells = [p[group].get(m) if p else None for p in parts]

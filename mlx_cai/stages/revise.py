@@ -98,7 +98,9 @@ class ReviseConfig:
     def plan(self) -> tuple[str, int]:
         """(what it reads, tokens it generates) for `mlx-cai run --dry-run`."""
         n, turns = self.limit or 0, 1 + 2 * self.rounds
-        return f"{n or '?'} prompts x {turns} turns ({self.prompts})", n * self.max_tokens * turns
+        critic_tokens = self.critic_max_tokens or self.max_tokens
+        return (f"{n or '?'} prompts x {turns} turns ({self.prompts})",
+                n * (self.max_tokens + 2 * self.rounds * critic_tokens))
 
     @staticmethod
     def work_units(settings: dict) -> float | None:
