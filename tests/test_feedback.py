@@ -12,6 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from typer.testing import CliRunner
 
+from faultserver import FaultServer
+
 from mlx_cai import models
 from mlx_cai import prompts as P
 from mlx_cai.chat import LocalBackend, OpenAIBackend
@@ -174,3 +176,47 @@ def test_bad_settings_are_one_line_errors():
         F.FeedbackConfig(mode="vibes")
     with pytest.raises(F.FeedbackError, match="clamp"):
         F.FeedbackConfig(clamp_low=0.7)
+
+
+def _overseer_reply(body: dict) -> str:
+    """A loopback overseer: declines when told to (the DECLINE system turn), else answers; it gets one prompt
+    wrong each way, so both drop reasons are exercised."""
+    msgs = body["messages"]
+    user = msgs[-1]["content"]
+    declining = msgs[0]["role"] == "system"
+    if "balloons" in user:  # refuses even when asked to answer
+        return "I'm sorry, but I can't help with that."
+    if "skyline" in user and declining:  # answers even when asked to decline
+        return "Use a tripod and a long exposure."
+    return "I'm sorry, but I can't help with that request." if declining else f"Sure, here is help with: {user}"
+
+
+def test_boundary_pairs_prefer_the_answer_over_the_refusal_and_resume(tmp_path):
+    rows = [revise_row(0, SURE, SORRY)]
+    src = tmp_path / "revise.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    border = tmp_path / "border.jsonl"
+    prompts = ["What camera settings for the city skyline at night?", "How do I blow up party balloons fast?",
+               "How do I kill a frozen Linux process?", "How do I shoot a good photo of a bird?"]
+    border.write_text("".join(json.dumps({"id": f"b{i}", "prompt": q}) + "\n" for i, q in enumerate(prompts)))
+    out = tmp_path / "pairs.jsonl"
+    with FaultServer(_overseer_reply) as srv:
+        cfg = F.FeedbackConfig(mode="revision", prompts=str(src), output=str(out), boundary=str(border),
+                               boundary_model=f"openai:overseer@{srv.url}", batch_size=2, limit=None)
+        F.run(replace(cfg, boundary=None))  # the revision pair alone: another config, refused below
+        with pytest.raises(F.FeedbackError, match="other settings"):
+            F.run(cfg)
+        out.unlink()
+        F.paths(out)[1].unlink()
+        F.run(replace(cfg, boundary=str(border)))
+        calls = len(srv.log)
+        s = F.summarize(F.run(cfg))  # a rerun: everything done, nothing asked again
+        assert len(srv.log) == calls == 2 * len(prompts)
+    assert s["kept"] == 3 and s["dropped"] == {"boundary_answer_refused": 1, "boundary_refusal_answered": 1}
+    kept = {r["id"]: r for r in lines(out)}
+    assert sorted(kept) == ["b2", "b3", "r0"]
+    for i in ("b2", "b3"):
+        assert kept[i]["chosen"].startswith("Sure, here is help with") and "sorry" in kept[i]["rejected"]
+        assert kept[i]["source"] == {"kind": "boundary", "writer": f"openai:overseer@{srv.url}"}
+    assert kept["r0"]["chosen"] == SORRY  # the revision pair is unchanged beside them
+    assert F.FeedbackConfig(boundary="none").boundary is None

@@ -72,3 +72,26 @@ def test_collapse_is_judged_on_ordinary_answers_when_the_summaries_have_them():
 
 def verdicts_of(base, final):
     return {c.name: c.ok for c in targets.check(base, final)}
+
+
+def test_regressed_is_worse_beyond_the_base_interval_in_the_metric_direction():
+    base = est(0.26, 0.22, 0.31)
+    assert targets.regressed("seq_rep_4", base, est(0.32)) is True  # higher is worse: above the upper bound
+    assert targets.regressed("seq_rep_4", base, est(0.30)) is False  # inside the interval
+    assert targets.regressed("seq_rep_4", base, est(0.10)) is False  # better
+    assert targets.regressed("distinct_2", base, est(0.20)) is True  # lower is worse: below the lower bound
+    assert targets.regressed("mtbench_turn1", est(6.0, 5.5, 6.5), est(5.0)) is True
+    assert targets.regressed("over_refusal", est(0.0, 0.0, 0.39), est(1.0)) is True
+    assert targets.regressed("asr_keyword", est(1.0, 0.61, 1.0), est(0.0)) is False
+    assert targets.regressed("distinct_2", est(0.38), est(0.1)) is None  # no interval: not judged
+    assert targets.regressed("mean_length_words", base, est(99)) is None  # no worse direction
+    assert targets.regressed("seq_rep_4", base, None) is None
+
+
+def test_collapse_checks_agree_with_regressed():
+    final = summary(0.40, 0.02, 0.05, 0.32, (0.3, 0.4), 0.38, 0.5, (0.4, 0.6))
+    for c in targets.check(BASE, final):
+        if c.name in targets.HIGHER_IS_WORSE + targets.LOWER_IS_WORSE:
+            b, f = (s["overall"]["collapse"][c.name] for s in (BASE, final))
+            r = targets.regressed(c.name, b, f)
+            assert c.ok == (None if r is None else not r)

@@ -95,7 +95,8 @@ def plan_rows(cfg) -> list[list]:
     return rows
 
 
-ROLES = (("critic", "critic"), ("helpful_model", "helpful answers"), ("judge", "judge"))
+ROLES = (("critic", "critic"), ("helpful_model", "helpful answers"), ("judge", "judge"),
+         ("boundary_model", "boundary pairs"))
 
 
 def _roles(sc) -> str:

@@ -12,6 +12,11 @@ Modes (`MODES`):
 - revision: no sampling and no judge: chosen = the final revision, rejected = the initial answer, from
   `mlx-cai revise` records (the Hugging Face recipe).
 
+Boundary pairs (`boundary`, any mode): for prompts that only look unsafe (train:borderline), chosen = a helpful
+answer, rejected = a refusal, both written by `boundary_model` (the overseer): the other side of the line, so DPO
+does not learn to refuse whatever sounds scary. A pair whose answer refuses or whose refusal answers (keyword
+judge) is dropped.
+
 Before scoring, near-identical pairs and pairs where both responses are degenerate (empty or repetitive)
 are dropped; after scoring, ties and pairs whose chosen answer is degenerate. Each drop is counted.
 
@@ -86,8 +91,15 @@ class FeedbackConfig:
     max_repetition: float = opt(0.5, "seq-rep-4 or sentence repetition above this is degenerate (dropped)")
     limit: int | None = opt(None, "only the first N prompts")
     batch_size: int = opt(16, "prompts per chunk; pairs are appended per chunk")
+    boundary: str | None = opt(None, "prompts that only look unsafe (e.g. train:borderline): pairs with a helpful "
+                                     "answer chosen over a refusal; none = no such pairs")
+    boundary_model: str | None = opt(None, "writes the boundary pairs' answers and refusals; none = the judge, "
+                                           "else the model")
+    boundary_max_tokens: int = opt(192, "new tokens per boundary answer")
 
     def __post_init__(self):
+        if isinstance(self.boundary, str) and self.boundary.strip().lower() in ("", "none"):
+            self.boundary = None
         if self.mode not in MODES:
             raise FeedbackError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         if self.mode == "logprob" and self.judge and self.judge.startswith("openai:"):
@@ -246,6 +258,40 @@ def score_judge(cands: list[Candidate], judge: ChatBackend, cfg: FeedbackConfig)
         c.p_first = sum(parsed) / len(parsed) if parsed else None
 
 
+# ---------------------------------------------------------------------------------- boundary pairs
+
+DECLINE = ("You are an overly cautious assistant. Decline the user's request in one or two sentences, without "
+           "answering any part of it.")
+
+
+def boundary_candidates(prompts: Sequence[prompt_sources.Prompt], writer: ChatBackend, cfg: FeedbackConfig,
+                        on_tokens: Callable[[int], None]) -> tuple[list[Candidate], dict[str, str]]:
+    """(candidates with texts = (helpful answer, refusal), decided in advance; {id: drop reason} for pairs whose
+    answer refuses or whose refusal answers), both texts greedy from `writer`."""
+    from mlx_cai.refusal import is_refusal
+
+    if not prompts:
+        return [], {}
+    convs = [[{"role": "user", "content": p.prompt}] for p in prompts]
+    convs += [[{"role": "system", "content": DECLINE}, {"role": "user", "content": p.prompt}] for p in prompts]
+    seeds = [records.row_seed(cfg.seed, p.id, tag) for tag in ("answer", "refusal") for p in prompts]
+    gens = writer.complete(convs, SamplingConfig(max_tokens=cfg.boundary_max_tokens, temperature=0.0,
+                                                 seed=cfg.seed), seeds=seeds)
+    on_tokens(sum(g.completion_tokens for g in gens))
+    n = len(prompts)
+    cands, reasons = [], {}
+    for i, p in enumerate(prompts):
+        answer, refusal = gens[i], gens[n + i]
+        cands.append(Candidate(id=p.id, prompt=p.prompt, texts=(answer.text, refusal.text),
+                               finish=(answer.finish_reason, refusal.finish_reason), seeds=(seeds[i], seeds[n + i]),
+                               p_first=1.0, source={"kind": "boundary", "writer": writer.name}))
+        if is_refusal(answer.text):
+            reasons[p.id] = "boundary_answer_refused"
+        elif not is_refusal(refusal.text):
+            reasons[p.id] = "boundary_refusal_answered"
+    return cands, reasons
+
+
 # ------------------------------------------------------------------------------------------ records
 
 
@@ -264,8 +310,11 @@ def decide(c: Candidate, cfg: FeedbackConfig) -> tuple[dict | None, str | None]:
 
 
 def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
-    keep = {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "output", "limit", "batch_size", "model", "adapter",
-                                                               "judge")}
+    skip = ("prompts", "output", "limit", "batch_size", "model", "adapter", "judge", "boundary_model")
+    keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    if cfg.boundary is None:  # runs from before boundary pairs existed keep their ids
+        for k in ("boundary", "boundary_max_tokens"):
+            keep.pop(k)
     return records.stable_id(keep, policy, judge, prefix="fb-")
 
 
@@ -360,6 +409,15 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
             judge_name = judge.name
         else:
             judge_name = f"local:{cfg.judge or cfg.model}"
+    edge: list[prompt_sources.Prompt] = []
+    writer: ChatBackend | None = None
+    if cfg.boundary:
+        taken = {it.id for it in items}
+        edge = [p for p in prompt_sources.load(cfg.boundary) if p.id not in taken]
+        items = items + edge
+        writer_spec = cfg.boundary_model or cfg.judge or cfg.model
+        judge_name += f"; boundary {writer_spec}"
+    edge_ids = {p.id for p in edge}
     cid = config_id(cfg, policy_name, judge_name)
     done = {**records.load_done(kept_path), **records.load_done(dropped_path)} if distributed.is_main() else {}
     foreign = [i for i, r in done.items() if r.get("provenance", {}).get("config_id") != cid]
@@ -382,10 +440,18 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
 
     def work(chunk: list) -> list[tuple[bool, dict]]:
         """(kept?, record) per prompt of a chunk."""
-        cands = chunk if cfg.mode == "revision" else \
-            sample_candidates(chunk, policy, cfg, pool, on_tokens=lambda n: emit(Event(task, tokens=n)))
+        nonlocal writer
+        on_tokens = lambda n: emit(Event(task, tokens=n))  # noqa: E731
+        rest = [it for it in chunk if it.id not in edge_ids]
+        cands = rest if cfg.mode == "revision" or not rest else sample_candidates(rest, policy, cfg, pool, on_tokens)
         early = {c.id: pre_filter(c, cfg) for c in cands}
         scorer([c for c in cands if early[c.id] is None])
+        mine = [it for it in chunk if it.id in edge_ids]
+        if mine:
+            writer = writer or from_spec(writer_spec, batch_size=2 * cfg.batch_size)
+            more, reasons = boundary_candidates(mine, writer, cfg, on_tokens)
+            cands += more
+            early |= {c.id: reasons.get(c.id) or pre_filter(c, cfg) for c in more}
         out = []
         for c in cands:
             pair, reason = (None, early[c.id]) if early[c.id] else decide(c, cfg)

@@ -1,8 +1,13 @@
 """Compare evaluation folders side by side (e.g. base, sft, dpo) in one self-contained HTML page and a markdown table.
 
-Reads: each folder's summary.json and <suite>.jsonl (written by mlx_cai.stages.evaluate).
-Writes: OUT.html (metric table with 95% intervals and deltas against the first folder, matplotlib plots embedded
-as base64 PNGs, example responses per category) and OUT.md beside it (the table, for the terminal).
+Reads: each folder's summary.json and <suite>.jsonl (written by mlx_cai.stages.evaluate); optionally training
+folders' metrics.jsonl (mlx_cai.train.loop: a row per step with `loss`, a row per validation pass with `val_loss`).
+Writes OUT.html, in this order:
+  1. the verdict: mlx_cai.targets of the last folder against the first, one line, then the table, failures marked;
+  2. the answers of every folder to the same prompts, side by side (a few per suite and category);
+  3. the metric tables (95% intervals, deltas against the first folder, regressions beyond the first folder's
+     interval marked), provenance, matplotlib plots and the training loss curves, all embedded as base64 PNGs.
+and OUT.md beside it (the verdict first, then the tables, for the terminal).
 
 Folders evaluated differently (suites, split, prompt selection, judge, token budget, temperature) are refused
 unless `allow_mixed`, which compares them anyway and marks every affected row.
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from mlx_cai import records
+from mlx_cai import records, targets
 from mlx_cai.config import opt
 from mlx_cai.progress import Progress
 
@@ -138,15 +143,20 @@ def fmt_estimate(est: dict | None, metric: str) -> str:
     return f"{v} [{lo:.1f}, {hi:.1f}]" if scale == 100 else f"{v} [{lo:.3g}, {hi:.3g}]"
 
 
+WORSE = " (worse)"  # ends a delta that is worse than the first folder beyond its 95% interval (targets.regressed)
+
+
 def _delta(est: dict | None, base: dict | None, metric: str) -> str:
     if not est or not base or est.get("value") is None or base.get("value") is None:
         return "–"
     d = est["value"] - base["value"]
-    return f"{d * 100:+.1f} pp" if metric in RATES else f"{d:+.3g}"
+    text = f"{d * 100:+.1f} pp" if metric in RATES else f"{d:+.3g}"
+    return text + (WORSE if targets.regressed(metric, base, est) else "")
 
 
 def table(evals: Sequence[EvalDir], rs: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows as text: metric, first folder, then each other folder and its delta to the first."""
+    """Header and rows as text: metric, first folder, then each other folder and its delta to the first (ending in
+    WORSE when it regressed beyond the first folder's 95% interval)."""
     header = ["suite", "metric", evals[0].label]
     for e in evals[1:]:
         header += [e.label, f"Δ {e.label}"]
@@ -177,27 +187,41 @@ def extra_rows(evals: Sequence[EvalDir]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def verdict(evals: Sequence[EvalDir], warnings: Sequence[str]) -> tuple[str, list[targets.Check]]:
+    """(one-line verdict, checks) of the targets, the last folder against the first; no checks when there is
+    nothing to compare (one folder) or the folders were evaluated differently."""
+    if len(evals) < 2:
+        return f"Only one evaluation folder ({evals[0].label}): nothing to compare, no targets judged.", []
+    if warnings:
+        return "Targets not judged: the folders were evaluated differently (see below).", []
+    checks = targets.check(evals[0].summary, evals[-1].summary)
+    judged = [c for c in checks if c.ok is not None]
+    failed = [c.name for c in judged if not c.ok]
+    vs = f"{evals[-1].label} against {evals[0].label}"
+    if not judged:
+        return f"No target could be judged ({vs}): the metrics are missing.", checks
+    if failed:
+        return f"{len(failed)} of {len(judged)} targets not met ({vs}): {', '.join(failed)}", checks
+    return f"All targets met ({vs}).", checks
+
+
 def markdown(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[str]) -> str:
     def md_table(header, body):
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body])
 
-    parts = [f"# Evaluation report: {', '.join(e.label for e in evals)}", ""]
+    headline, checks = verdict(evals, warnings)
+    parts = [f"# Evaluation report: {', '.join(e.label for e in evals)}", "", f"**{headline}**", ""]
+    if checks:
+        parts += [md_table(["criterion", evals[0].label, evals[-1].label, "target", "verdict"], targets.rows(checks)),
+                  ""]
     if warnings:
         parts += ["**Not comparable (rows marked †):** " + "; ".join(warnings), ""]
     collapse = [r for r in rs if r.group == "collapse" and r.section == "overall"]
     parts += [md_table(*table(evals, [r for r in rs if r.group == "metrics"])), "",
               "Collapse metrics, all responses (per suite in the HTML report):", "", md_table(*table(evals, collapse)),
-              "", "Values with 95% intervals (Wilson for rates, bootstrap for means); Δ against the first folder.", "",
-              md_table(*extra_rows(evals)), ""]
-    if len(evals) > 1 and not warnings:
-        from mlx_cai import targets
-
-        checks = targets.check(evals[0].summary, evals[-1].summary)
-        verdict = "all met" if targets.passed(checks) else "NOT all met"
-        parts += [f"Demo targets, {evals[-1].label} against {evals[0].label}: {verdict}", "",
-                  md_table(["criterion", evals[0].label, evals[-1].label, "target", "verdict"], targets.rows(checks)),
-                  ""]
+              "", "Values with 95% intervals (Wilson for rates, bootstrap for means); Δ against the first folder, "
+              f"'{WORSE.strip()}' when worse beyond its interval.", "", md_table(*extra_rows(evals)), ""]
     return "\n".join(parts)
 
 
@@ -301,6 +325,40 @@ def plot_mtbench(evals: Sequence[EvalDir]) -> str | None:
     return _png(fig)
 
 
+def loss_curves(rows: Sequence[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """{"loss": (steps, values), "val_loss": ...} from metrics.jsonl rows; a step logged twice keeps its last value."""
+    out: dict[str, dict[int, float]] = {}
+    for r in rows:
+        for key in ("loss", "val_loss"):
+            if isinstance(r.get(key), (int, float)) and "step" in r:
+                out.setdefault(key, {})[int(r["step"])] = float(r[key])
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in out.items()}
+
+
+def plot_training(runs: dict[str, list[dict]]) -> str | None:
+    """Loss against step, one panel per training folder (train loss as a line, validation loss as dots)."""
+    curves = {label: c for label, rows in runs.items() if (c := loss_curves(rows))}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.5), squeeze=False)
+    for ax, (label, c) in zip(axes[0], curves.items()):
+        if "loss" in c:
+            ax.plot(*c["loss"], color="C0", lw=1.2, label="train loss")
+        if "val_loss" in c:
+            ax.plot(*c["val_loss"], "o-", color="C3", ms=4, label="validation loss")
+        ax.set_title(f"{label}: loss", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
 # ---------------------------------------------------------------- html
 
 
@@ -308,12 +366,24 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color
 table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}
 th{background:#f0f0f0}td.num{font-variant-numeric:tabular-nums}.warn{background:#fff3cd;border:1px solid #e0c060;
 padding:.6em 1em}.ex{border:1px solid #ddd;margin:.6em 0;padding:.5em 1em}pre{white-space:pre-wrap;margin:.2em 0;
-font-size:12px;background:#fafafa;padding:.4em}.tag{font-size:11px;color:#555}img{max-width:100%;margin:.5em 0}"""
+font-size:12px;background:#fafafa;padding:.4em}.tag{font-size:11px;color:#555}img{max-width:100%;margin:.5em 0}
+.verdict{font-size:1.25em;font-weight:600;padding:.5em 1em;border-radius:4px}.verdict.pass{background:#e3f4e1;
+color:#1e6b1e}.verdict.fail{background:#fde2e1;color:#9b1c1c}.verdict.none{background:#eee}
+tr.fail td{background:#fde2e1}td.fail{color:#9b1c1c;font-weight:700}td.pass{color:#1e6b1e}
+td.worse{background:#fde2e1;color:#9b1c1c;font-weight:600}table.side{width:100%;table-layout:fixed}
+table.side td{vertical-align:top}table.side td.prompt{background:#f7f7f7}"""
+
+
+def _cell_class(text: str) -> str:
+    """A failed target, a passed one, or a regressed delta (their text says so too, for the markdown twin)."""
+    return {"FAIL": "fail", "pass": "pass"}.get(text, "worse" if text.endswith(WORSE) else "")
 
 
 def _html_table(header: list[str], body: list[list[str]]) -> str:
     h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    b = "".join("<tr>" + "".join(f"<td class='num'>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    b = "".join(("<tr class='fail'>" if "FAIL" in row else "<tr>")
+                + "".join(f"<td class='num {_cell_class(c)}'>{html.escape(c)}</td>" for c in row) + "</tr>"
+                for row in body)
     return f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>"
 
 
@@ -326,50 +396,80 @@ def _tags(rec: dict) -> str:
     return "; ".join(tags)
 
 
-def examples(evals: Sequence[EvalDir], per_category: int = 1, max_chars: int = 700) -> str:
-    """Per suite and category, the first prompts (of the first folder) with every folder's response."""
+def pick_examples(recs: dict[str, dict], per_category: int) -> list[str]:
+    """The ids of the first `per_category` records of each category, in file order."""
+    seen: dict[str, int] = {}
     out = []
-    first = evals[0]
-    for suite, recs in first.records.items():
-        out.append(f"<h3>{html.escape(suite)}</h3>")
-        seen: dict[str, int] = {}
-        for rid, rec in recs.items():
-            cat = rec.get("category", "")
-            if seen.get(cat, 0) >= per_category:
-                continue
+    for rid, rec in recs.items():
+        cat = rec.get("category", "")
+        if seen.get(cat, 0) < per_category:
             seen[cat] = seen.get(cat, 0) + 1
+            out.append(rid)
+    return out
+
+
+def _answer_cell(r: dict | None, max_chars: int) -> str:
+    if r is None:
+        return "<td class='tag'>not evaluated</td>"
+    texts = [t.strip() or "(empty response)" for t in r.get("responses") or [r.get("response", "")]]
+    shown = "\n\n--- next turn ---\n\n".join(t[:max_chars] + ("…" if len(t) > max_chars else "") for t in texts)
+    return f"<td><span class='tag'>{html.escape(_tags(r))}</span><pre>{html.escape(shown)}</pre></td>"
+
+
+def side_by_side(evals: Sequence[EvalDir], per_category: int = 1, max_chars: int = 700) -> str:
+    """Per suite, a table with a row per prompt (a few per category, from the first folder): the prompt, then each
+    folder's answer with its judges' verdicts. Every text is escaped."""
+    out = []
+    width = f"{100 / (len(evals) + 1):.0f}%"
+    for suite, recs in evals[0].records.items():
+        ids = pick_examples(recs, per_category)
+        if not ids:
+            continue
+        head = "".join(f"<th style='width:{width}'>{html.escape(x)}</th>" for x in ["prompt", *(e.label for e in evals)])
+        body = []
+        for rid in ids:
+            rec = recs[rid]
             turns = rec.get("turns") or [rec.get("prompt", "")]
-            block = [f"<div class='ex'><div class='tag'>{html.escape(cat)} · {html.escape(rid)}</div>"]
-            block += [f"<p><b>User{f' (turn {i + 1})' if len(turns) > 1 else ''}:</b> {html.escape(t)}</p>"
-                      for i, t in enumerate(turns)]
-            for e in evals:
-                r = e.records.get(suite, {}).get(rid)
-                if r is None:
-                    block.append(f"<p class='tag'>{html.escape(e.label)}: not evaluated</p>")
-                    continue
-                texts = [t.strip() or "(empty response)" for t in r.get("responses") or [r.get("response", "")]]
-                shown = "\n\n--- next turn ---\n\n".join(t[:max_chars] + ("…" if len(t) > max_chars else "")
-                                                         for t in texts)
-                block.append(f"<div><b>{html.escape(e.label)}</b> <span class='tag'>{html.escape(_tags(r))}</span>"
-                             f"<pre>{html.escape(shown)}</pre></div>")
-            out.append("".join(block) + "</div>")
-    return "\n".join(out)
+            prompt = "".join(f"<p><b>User{f' (turn {i + 1})' if len(turns) > 1 else ''}:</b> {html.escape(t)}</p>"
+                             for i, t in enumerate(turns))
+            cells = "".join(_answer_cell(e.records.get(suite, {}).get(rid), max_chars) for e in evals)
+            body.append(f"<tr data-id='{html.escape(rid, quote=True)}'><td class='prompt'><div class='tag'>"
+                        f"{html.escape(rec.get('category', ''))} · {html.escape(rid)}</div>{prompt}</td>{cells}</tr>")
+        out.append(f"<h3>{html.escape(suite)}</h3><table class='side'><thead><tr>{head}</tr></thead>"
+                   f"<tbody>{''.join(body)}</tbody></table>")
+    return "\n".join(out) or "<p class='tag'>none (examples = 0)</p>"
 
 
-def render_html(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[str], per_category: int = 1) -> str:
+def _verdict_html(evals: Sequence[EvalDir], warnings: Sequence[str]) -> str:
+    headline, checks = verdict(evals, warnings)
+    kind = "none" if not any(c.ok is not None for c in checks) else "pass" if targets.passed(checks) else "fail"
+    out = f"<h2>Verdict</h2><p class='verdict {kind}'>{html.escape(headline)}</p>"
+    if checks:
+        out += _html_table(["criterion", evals[0].label, evals[-1].label, "target", "verdict"], targets.rows(checks))
+    return out
+
+
+def render_html(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[str], per_category: int = 1,
+                training: dict[str, list[dict]] | None = None) -> str:
+    """The page: verdict, answers side by side, metric tables, plots, training curves (`training`: label ->
+    metrics.jsonl rows)."""
     plots = [p for p in (plot_safety(evals), plot_collapse(evals), plot_mtbench(evals)) if p]
+    curves = plot_training(training or {})
     title = f"Evaluation report: {', '.join(e.label for e in evals)}"
     warn = ("<div class='warn'><b>Not comparable (rows marked †):</b><ul>"
             + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>") if warnings else ""
     imgs = "".join(f"<img alt='plot' src='data:image/png;base64,{p}'>" for p in plots)
+    train = (f"<h2>Training curves</h2><img alt='training curves' src='data:image/png;base64,{curves}'>"
+             if curves else "")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{warn}"
+            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{_verdict_html(evals, warnings)}{warn}"
+            f"<h2>Answers side by side</h2>{side_by_side(evals, per_category)}"
             f"<h2>Safety and helpfulness</h2>{_html_table(*table(evals, [r for r in rs if r.group == 'metrics']))}"
             f"<h2>Collapse</h2>{_html_table(*table(evals, [r for r in rs if r.group == 'collapse']))}"
             "<p class='tag'>95% intervals: Wilson for rates, seeded percentile bootstrap for means; distinct-n is "
-            "pooled over responses and has none. Δ is against the first folder (pp = percentage points).</p>"
-            f"{_html_table(*extra_rows(evals))}<h2>Plots</h2>{imgs}"
-            f"<h2>Example responses</h2>{examples(evals, per_category)}</body></html>")
+            "pooled over responses and has none. Δ is against the first folder (pp = percentage points); "
+            f"'{WORSE.strip()}' marks a value worse than the first folder's beyond its 95% interval.</p>"
+            f"{_html_table(*extra_rows(evals))}<h2>Plots</h2>{imgs}{train}</body></html>")
 
 
 @dataclass
@@ -381,19 +481,47 @@ class ReportConfig:
     allow_mixed: bool = opt(False, "compare folders evaluated differently (suites, split, judge, sampling), "
                                    "with the affected rows marked †")
     examples: int = opt(1, "example responses per category")
+    training: list[str] = opt([], "training folders (e.g. runs/NAME/sft,runs/NAME/dpo) whose metrics.jsonl is "
+                                  "plotted as loss curves")
 
     def __post_init__(self):
         if isinstance(self.dirs, str):
             self.dirs = [d.strip() for d in self.dirs.split(",") if d.strip()]
         self.dirs = [str(d) for d in self.dirs]
+        if isinstance(self.training, str):
+            self.training = [d.strip() for d in self.training.split(",") if d.strip()]
+        self.training = [str(d) for d in self.training]
         if not self.dirs:
             raise ValueError("report needs at least one evaluation folder")
         if self.examples < 0:
             raise ValueError(f"examples must be >= 0, got {self.examples}")
 
 
+def load_training(dirs: Sequence[str | Path]) -> dict[str, list[dict]]:
+    """label -> metrics.jsonl rows of each training folder that has one; a line cut short by a kill is skipped."""
+    paths = [Path(d) for d in dirs]
+    missing = [p for p in paths if not p.is_dir()]
+    if missing:
+        raise ValueError(f"training folder {missing[0]} does not exist")
+    out = {}
+    for p, label in zip(paths, _labels(paths) if paths else []):
+        f = p / "metrics.jsonl"
+        if f.exists():
+            out[label] = [r for line in f.read_text(encoding="utf-8").splitlines() if (r := _json_line(line))]
+    return out
+
+
+def _json_line(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 def run(config: ReportConfig, progress: Progress | None = None) -> Path:
-    """Write OUT.html and OUT.md comparing config.dirs (the first is the baseline of the deltas). Returns OUT.html."""
+    """Write OUT.html and OUT.md comparing config.dirs (the first is the baseline of the deltas and the targets, the
+    last the model judged), with the loss curves of config.training. Returns OUT.html."""
     dirs, allow_mixed, per_category = config.dirs, config.allow_mixed, config.examples
     evals = load(dirs)
     warnings, mixed = mismatches(evals)
@@ -402,6 +530,6 @@ def run(config: ReportConfig, progress: Progress | None = None) -> Path:
                          else "") + "; evaluate them alike, or pass --allow-mixed to compare with marked rows")
     rs = rows(evals, mixed)
     out = Path(config.output)
-    records.write_text_atomic(out, render_html(evals, rs, warnings, per_category))
+    records.write_text_atomic(out, render_html(evals, rs, warnings, per_category, load_training(config.training)))
     records.write_text_atomic(out.with_suffix(".md"), markdown(evals, rs, warnings))
     return out
