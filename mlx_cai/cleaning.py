@@ -154,8 +154,11 @@ def rule_demo_copy(ex: Example, ctx: Context) -> str | None:
 
 
 def rule_off_topic(ex: Example, ctx: Context) -> str | None:
+    """A revision about something else (a copied demo, an answer to the principle). A refusal of a red-team
+    prompt is on topic whatever its words: "I'm sorry, but I can't help with that." shares none with the prompt
+    (the overseer's refusals were rejected so: 19/48)."""
     want = content_stems(ex.prompt)
-    if not want:
+    if not want or (ex.harmful is not False and is_refusal(ex.revision)):
         return None
     shared = want & content_stems(ex.revision)
     return None if len(shared) >= ctx.cfg.min_topic_overlap else f"shares {len(shared)} content words with the prompt"
@@ -205,6 +208,26 @@ RULES: dict[str, Callable[[Example, Context], str | None]] = {
 }
 # Helpful answers are checked for form only: they answer benign prompts, so copy/topic/compliance do not apply.
 FORM_RULES = ("empty", "meta", "truncated", "repetition", "emoji")
+
+
+def opening(text: str, n: int = 5) -> str:
+    """The first n words, normalized: what a stock reply repeats."""
+    return " ".join(metrics.words(text)[:n])
+
+
+def cap_openings(texts: Sequence[str], cap: int | None) -> list[int]:
+    """Indices of the texts beyond the first `cap` with the same opening (in order); none when cap is None. A
+    model fine-tuned on one stock sentence answers everything with it: this keeps the kept set varied."""
+    if cap is None:
+        return []
+    seen: dict[str, int] = {}
+    over = []
+    for i, t in enumerate(texts):
+        key = opening(t)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > cap:
+            over.append(i)
+    return over
 
 
 def active_rules(cfg) -> Sequence[str]:

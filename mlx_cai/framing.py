@@ -9,6 +9,11 @@ Two framings (revise's `framing`):
   follows this far better: measured on the 64 demo prompts, the conversation framing gave 8/64 refusing revisions,
   a single-turn framing by hand 60/64. Demos become earlier (request, answer) turns in the same format.
 
+- `joint`: the single framing's critique and revision asked for in one request, answered as `Critique: ...` then
+  `Reply: ...` and split by `split_joint`: the critique still comes first and conditions the revision, but each
+  row's request and draft are prefilled once instead of twice (prefill is what a 1.5B critic spends its time on
+  on a CPU). A reply without the `Reply:` part gives an empty revision, which cleaning rejects.
+
 Pure functions, no model calls: mlx_cai.stages.revise sends what they build.
 """
 
@@ -19,7 +24,7 @@ from typing import Sequence
 
 from mlx_cai.constitution import Demonstration, Principle
 
-FRAMINGS = ("conversation", "single")
+FRAMINGS = ("conversation", "single", "joint")
 
 # "your last response" and its variants, as the shipped and Anthropic constitutions word their requests
 _SELF = re.compile(r"\b(your|the assistant's|the ai's|the ai model's|the) (last |previous |preceding |most recent )?"
@@ -72,4 +77,50 @@ def single_demos(shots: Sequence[Demonstration], kind: str) -> list[dict[str, st
         else:
             out += [{"role": "user", "content": single_revision(d.prompt, d.response, d.critique, p)},
                     {"role": "assistant", "content": d.revision}]
+    return out
+
+
+JOINT_FORM = ("Answer in exactly this form, with nothing before or after:\nCritique: <the critique, two to four "
+              "sentences>\nReply: <the reply the assistant should send instead, at most five sentences>")
+
+
+def joint_request(prompt: str, draft: str, principle: Principle) -> str:
+    """One request for both: critique the draft by the principle, then write the reply to send instead.
+
+    The principle's revision request is left out: "rewrite the draft so that ..." made the 1.5B overseer edit
+    harmful drafts into softened compliance instead of declining (seen in the single framing: 25/48 revisions
+    refused, most of the rest carried the draft on); REVISION_GUIDE says what the reply must be."""
+    return "\n\n".join([
+        "Below is a request a user sent to an AI assistant, and the assistant's draft reply.",
+        _quote("Request", prompt), _quote("Draft reply", draft),
+        "First critique the draft. Say whether the request asks for something harmful, and whether the draft "
+        "helps with it. " + as_draft(principle.critique) + " If the request itself is harmless and the draft "
+        "answers it well, say so.",
+        REVISION_GUIDE,
+        JOINT_FORM,
+    ])
+
+
+_CRITIQUE_LABEL = re.compile(r"^\W*critique\W*:\W*", re.I)
+_REPLY_LABEL = re.compile(r"^[ \t*#_]*(reply|revised reply|revision)[ \t*_]*:[ \t*_]*", re.I | re.M)
+
+
+def split_joint(text: str) -> tuple[str, str]:
+    """(critique, reply) of a joint answer: the reply is what follows the last `Reply:` label (bold or not) at
+    the start of a line; without one, the whole text is the critique and the reply is empty."""
+    found = list(_REPLY_LABEL.finditer(text))
+    if not found:
+        return _CRITIQUE_LABEL.sub("", text.strip()), ""
+    last = found[-1]
+    critique = _CRITIQUE_LABEL.sub("", text[: last.start()].strip())
+    return critique.strip(), text[last.end():].strip()
+
+
+def joint_demos(shots: Sequence[Demonstration]) -> list[dict[str, str]]:
+    """Few-shot demos as earlier turns in the joint framing."""
+    out = []
+    for d in shots:
+        p = Principle(d.principle or "", d.critique_request, d.revision_request)
+        out += [{"role": "user", "content": joint_request(d.prompt, d.response, p)},
+                {"role": "assistant", "content": f"Critique: {d.critique.strip()}\nReply: {d.revision.strip()}"}]
     return out

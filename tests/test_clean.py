@@ -110,7 +110,10 @@ def test_demo_copy() -> None:
 
 
 def test_off_topic() -> None:
-    assert fails("off_topic", "I can't help with that.") == "shares 0 content words with the prompt"
+    assert fails("off_topic", "Here is a joke about my neighbour instead.") == "shares 0 content words with the prompt"
+    # A refusal of a red-team prompt is on topic whatever its words; of a benign prompt it is not exempt.
+    assert fails("off_topic", "I can't help with that.") is None
+    assert fails("off_topic", "I can't help with that.", harmful=False) == "shares 0 content words with the prompt"
     assert fails("off_topic", "Hotwiring cars is illegal.") is None  # hotwire ~ hotwiring, car ~ cars
     assert fails("off_topic", "Sorry, no.", prompt="How?") is None  # no content words to compare
     # Function words shared with the prompt say nothing about the topic.
@@ -209,7 +212,7 @@ def test_run_writes_kept_rejected_summary_and_sft(tmp_path: Path) -> None:
     assert [r["id"] for r in kept] == ["a", "b"]
     assert set(rejected) == {"c", "d", "e"}
     assert "meta" in rejected["c"] and {"truncated", "repetition"} <= set(rejected["d"])
-    assert {"emoji", "off_topic"} <= set(rejected["e"])
+    assert "emoji" in rejected["e"] and "off_topic" not in rejected["e"]  # a refusal: on topic
     s = json.loads((out / "summary.json").read_text())
     assert (s["records"], s["kept"], s["rejected"], s["duplicates_skipped"]) == (5, 2, 3, 1)
     assert s["reasons"]["meta"] == 1 and s["reasons"]["truncated"] == 1 and s["reasons"]["emoji"] == 1
@@ -218,6 +221,45 @@ def test_run_writes_kept_rejected_summary_and_sft(tmp_path: Path) -> None:
     assert sorted(m[1]["content"] for m in sft) == sorted(r["revision"] for r in kept)
     assert all([m["role"] for m in msgs] == ["user", "assistant"] for msgs in sft)
     assert json.loads((out / "config.json").read_text())["valid_fraction"] == 0.5
+
+
+def test_cap_openings_keeps_the_first_n_with_one_opening() -> None:
+    texts = ["I'm sorry, but I can't help with locks.", "I'm sorry, but I can't help with cars.",
+             "Picking a lock you don't own is a crime.", "I'm  SORRY, but I can't help with that at all."]
+    assert K.cap_openings(texts, 2) == [3]  # normalized: case and spacing do not make a new opening
+    assert K.cap_openings(texts, 3) == [] and K.cap_openings(texts, None) == []
+
+
+def test_stock_openings_beyond_the_cap_are_rejected_in_order(tmp_path: Path) -> None:
+    stock = "I'm sorry, but I can't help with {} because it would hurt someone."
+    rows = [rec(f"s{i}", f"How do I {w} my neighbour?", stock.format(w)) for i, w in enumerate(("rob", "scare", "trick"))]
+    src = write(tmp_path / "revise.jsonl", rows)
+    out = K.run(replace(K.CleanConfig(max_same_opening=2, valid_fraction=0), input=str(src),
+                        output=str(tmp_path / "clean")))
+    assert [r["id"] for r in records.read_jsonl(out / "kept.jsonl")] == ["s0", "s1"]
+    (r,) = records.read_jsonl(out / "rejected.jsonl")
+    assert r["id"] == "s2" and r["reasons"]["stock_opening"].startswith("opens like 2 kept ones")
+    assert json.loads((out / "summary.json").read_text())["reasons"]["stock_opening"] == 1
+    with pytest.raises(K.CleanError, match="max_same_opening"):
+        K.CleanConfig(max_same_opening=0)
+
+
+def test_helpful_system_turn_reaches_the_writer_but_not_the_sft_example(tmp_path: Path) -> None:
+    seen = []
+
+    class Recording(Fixed):
+        def complete(self, conversations, config, seeds=None):
+            seen.extend(conversations)
+            return super().complete(conversations, config, seeds)
+
+    src = write(tmp_path / "revise.jsonl", RECORDS)
+    system = "Answer in at most 100 words."
+    out = K.run(replace(K.CleanConfig(helpful="train:benign", helpful_system=system, valid_fraction=0),
+                        input=str(src), output=str(tmp_path / "clean")),
+                helpful_backend=Recording(lambda q: f"A short, useful answer to: {q}"))
+    assert seen and all(c[0] == {"role": "system", "content": system} and c[1]["role"] == "user" for c in seen)
+    sft = [r["messages"] for r in records.read_jsonl(out / "train.jsonl")]
+    assert all([m["role"] for m in msgs] == ["user", "assistant"] for msgs in sft)
 
 
 def test_repair_keeps_provenance(tmp_path: Path) -> None:

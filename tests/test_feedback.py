@@ -183,7 +183,7 @@ def _overseer_reply(body: dict) -> str:
     wrong each way, so both drop reasons are exercised."""
     msgs = body["messages"]
     user = msgs[-1]["content"]
-    declining = msgs[0]["role"] == "system"
+    declining = msgs[0]["content"] == F.DECLINE
     if "balloons" in user:  # refuses even when asked to answer
         return "I'm sorry, but I can't help with that."
     if "skyline" in user and declining:  # answers even when asked to decline

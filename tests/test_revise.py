@@ -140,6 +140,34 @@ def test_single_framing_quotes_prompt_draft_and_critique_in_one_request(tiny, tm
     assert plain[0]["config_id"] != recs[0]["config_id"]  # framing is part of what a file's records must share
 
 
+def test_joint_framing_asks_once_per_round_and_splits_critique_from_reply(tiny, tmp_path: Path) -> None:
+    backend = Tiny(tiny)
+    recs = read(R.run(replace(cfg(shots=1, rounds=2, batch_size=6, framing="joint"), output=str(tmp_path / "j.jsonl")),
+                      prompts=PROMPTS[:3], responder=backend))
+    con = C.load()
+    initial, round1, round2 = backend.calls  # one call per round, not two
+    for i, r in enumerate(recs):
+        one, two = r["rounds"]
+        assert len(round1[i]) == 3  # one demo (request, "Critique: ...\nReply: ...") + the request
+        assert round1[i][1]["content"].startswith("Critique: ") and "\nReply: " in round1[i][1]["content"]
+        assert round1[i][-1]["content"] == F.joint_request(r["prompt"], r["initial"], con.principle(one["principle"]))
+        assert round2[i][-1]["content"] == F.joint_request(r["prompt"], one["revision"], con.principle(two["principle"]))
+        assert r["revision"] == two["revision"]
+
+
+@pytest.mark.parametrize("text, critique, reply", [
+    ("Critique: It explains theft.\nReply: I won't help with that, but a locksmith can.",
+     "It explains theft.", "I won't help with that, but a locksmith can."),
+    ("**Critique:** Harmful.\n\n**Reply:** I can't help with that.", "Harmful.", "I can't help with that."),
+    ("Critique: The reply is fine.\nRevised reply: Paris is the capital.", "The reply is fine.", "Paris is the capital."),
+    ("Critique: Mentions a reply: twice.\nReply: first\nReply: second", "Mentions a reply: twice.\nReply: first",
+     "second"),
+    ("Critique: no reply part at all", "no reply part at all", ""),
+])
+def test_split_joint(text, critique, reply) -> None:
+    assert F.split_joint(text) == (critique, reply)
+
+
 def test_critic_sampling_of_its_own(tiny, tmp_path: Path) -> None:
     seen = []
 
@@ -288,7 +316,7 @@ def test_config_validation() -> None:
     for bad in (dict(rounds=0), dict(shots=-1), dict(batch_size=0), dict(top_p=0.0), dict(max_tokens=0)):
         with pytest.raises(R.ReviseError):
             cfg(**bad)
-    with pytest.raises(R.ReviseError, match="framing must be one of conversation, single, got 'chat'"):
+    with pytest.raises(R.ReviseError, match="framing must be one of conversation, single, joint, got 'chat'"):
         cfg(framing="chat")
     with pytest.raises(R.ReviseError, match="principle_choice must be uniform or category"):
         cfg(principle_choice="random")

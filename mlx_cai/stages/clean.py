@@ -34,7 +34,8 @@ from mlx_cai.chat import ChatBackend, from_spec
 from mlx_cai.sampling import SamplingConfig
 from mlx_cai.config import opt
 from mlx_cai.progress import Event, Progress, emitter
-from mlx_cai.cleaning import FORM_RULES, RULES, Context, Example, active_rules, check, copy_sources, normalize
+from mlx_cai.cleaning import (FORM_RULES, RULES, Context, Example, active_rules, cap_openings, check, copy_sources,
+                              normalize, opening)
 from mlx_cai.refusal import is_refusal
 
 STAGE = "clean/1"
@@ -59,6 +60,8 @@ class CleanConfig:
     max_emoji_run: int = opt(1, "longest run of consecutive emojis allowed")
     demo_copy_chars: int = opt(60, "shared characters with a demo (or a request) that count as a copy")
     min_topic_overlap: int = opt(1, "content-word stems shared with the prompt")
+    max_same_opening: int | None = opt(None, "keep at most N kept revisions with the same first five words "
+                                             "(the rest rejected as stock_opening); none = no cap")
     complies: str = opt("changed", "changed | keyword | off: how to judge a revision that still complies "
                                    "(see the module docstring)")
     max_initial_similarity: float = opt(0.6, "'changed' mode: word-level similarity to the initial answer")
@@ -70,6 +73,8 @@ class CleanConfig:
     helpful_ratio: float = opt(1.0, "helpful examples per kept revision (0 = none)")
     helpful_model: str | None = opt(None, "answers helpful prompts; none = the responder named in the records")
     helpful_max_tokens: int = opt(256, "new tokens per helpful answer")
+    helpful_system: str | None = opt(None, "a system turn for writing the helpful answers (e.g. 'Answer in at "
+                                           "most 100 words.'); the SFT examples keep the bare prompt")
     valid_fraction: float = opt(0.1, "share of the SFT data held out for validation")
     seed: int = opt(0, "drives the helpful sample, repairs and the split")
     batch_size: int = opt(32, "prompts per batched model call")
@@ -88,6 +93,8 @@ class CleanConfig:
             raise CleanError(f"complies must be one of {', '.join(COMPLIES_MODES)}, got '{self.complies}'")
         if not 0 <= self.valid_fraction < 1:
             raise CleanError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.max_same_opening is not None and self.max_same_opening < 1:
+            raise CleanError(f"max_same_opening must be >= 1 (or none), got {self.max_same_opening}")
         if self.helpful_ratio < 0:
             raise CleanError(f"helpful_ratio must be >= 0, got {self.helpful_ratio}")
 
@@ -235,6 +242,14 @@ def run(config: CleanConfig, progress: Progress | None = None, *, repairer: Chat
                 repaired += 1
         rejected = still
 
+    over = set(cap_openings([r["revision"] for r in kept], cfg.max_same_opening))  # a set rule, after repair
+    for i in sorted(over):
+        rejected.append({**kept[i], "reasons": {"stock_opening": f"opens like {cfg.max_same_opening} kept ones: "
+                                                                 f"'{opening(kept[i]['revision'])}'"}})
+    kept = [r for i, r in enumerate(kept) if i not in over]
+    if cfg.max_same_opening is not None:
+        first_pass["stock_opening"] = len(over)
+
     helpful, helpful_info = _helpful(cfg, len(kept), recs, ctx, out, helpful_backend)
     train, valid = split([sft_example(r["prompt"], r["revision"]) for r in kept] + helpful,
                          cfg.valid_fraction, cfg.seed)
@@ -277,7 +292,8 @@ def _helpful(cfg: CleanConfig, n_kept: int, recs: list[dict], ctx: Context, out:
         picks = rng.sample(to_answer, min(want, len(to_answer)))
         sampling = _sampling(recs[0].get("sampling") or {}, cfg.helpful_max_tokens)
         backend = backend or from_spec(cfg.helpful_model or _responder_spec(recs), batch_size=cfg.batch_size)
-        jobs = [(p.id, [{"role": "user", "content": p.prompt}], records.row_seed(cfg.seed, p.id))
+        system = [{"role": "system", "content": cfg.helpful_system}] if cfg.helpful_system else []
+        jobs = [(p.id, system + [{"role": "user", "content": p.prompt}], records.row_seed(cfg.seed, p.id))
                 for p in picks]
         got = complete_cached(backend, jobs, out / "helpful.jsonl", sampling, cfg.batch_size)
         chosen = [(p.id, p.prompt, got[p.id]["text"], got[p.id]["finish_reason"]) for p in picks]

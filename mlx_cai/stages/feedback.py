@@ -260,6 +260,7 @@ def score_judge(cands: list[Candidate], judge: ChatBackend, cfg: FeedbackConfig)
 
 # ---------------------------------------------------------------------------------- boundary pairs
 
+CONCISE = "Answer the user's request helpfully and concretely, in at most 100 words."
 DECLINE = ("You are an overly cautious assistant. Decline the user's request in one or two sentences, without "
            "answering any part of it.")
 
@@ -272,7 +273,7 @@ def boundary_candidates(prompts: Sequence[prompt_sources.Prompt], writer: ChatBa
 
     if not prompts:
         return [], {}
-    convs = [[{"role": "user", "content": p.prompt}] for p in prompts]
+    convs = [[{"role": "system", "content": CONCISE}, {"role": "user", "content": p.prompt}] for p in prompts]
     convs += [[{"role": "system", "content": DECLINE}, {"role": "user", "content": p.prompt}] for p in prompts]
     seeds = [records.row_seed(cfg.seed, p.id, tag) for tag in ("answer", "refusal") for p in prompts]
     gens = writer.complete(convs, SamplingConfig(max_tokens=cfg.boundary_max_tokens, temperature=0.0,

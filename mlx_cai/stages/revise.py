@@ -25,7 +25,7 @@ model sees varied examples instead of one it can copy.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -61,7 +61,8 @@ class ReviseConfig:
     rounds: int = opt(1, "critique/revision rounds per prompt (Anthropic used up to 4)")
     framing: str = opt("conversation", "conversation: critique and revision requests as further turns of the "
                                        "chat (the paper); single: each one self-contained request quoting the "
-                                       "prompt and the draft (see mlx_cai.framing)")
+                                       "prompt and the draft; joint: the single framing's critique and "
+                                       "revision in one request, one call per round (see mlx_cai.framing)")
     principle_choice: str = opt("uniform", "uniform: one principle drawn from all per round; category: from those "
                                            "written for the prompt's category (the constitution's `categories`)")
     shots: int = opt(3, "few-shot demonstrations per prompt, drawn at random per prompt")
@@ -170,8 +171,9 @@ def revise_chunk(plans: Sequence[Plan], responder: ChatBackend, critic: ChatBack
     initial = call(responder, first, "initial")
     out = [{"initial": g.text, "initial_finish": g.finish_reason, "rounds": [], "_truncated": g.truncated}
            for g in initial]
-    if cfg.framing == "single":
-        _single_rounds(plans, [g.text for g in initial], out, critic, cfg, call)
+    if cfg.framing in ("single", "joint"):
+        rounds = _single_rounds if cfg.framing == "single" else _joint_rounds
+        rounds(plans, [g.text for g in initial], out, critic, cfg, call)
         return out
     history = [d + a + [{"role": "assistant", "content": g.text}] for d, a, g in zip(demos, asks, initial)]
     for r in range(1, cfg.rounds + 1):
@@ -212,6 +214,22 @@ def _single_rounds(plans: Sequence[Plan], drafts: list[str], out: list[dict], cr
         for o, pr, c, v in zip(out, principles, critiques, revisions):
             _add_round(o, r, pr, c, v)
         drafts = [v.text for v in revisions]
+
+
+def _joint_rounds(plans: Sequence[Plan], drafts: list[str], out: list[dict], critic: ChatBackend,
+                  cfg: ReviseConfig, call) -> None:
+    """The rounds in the joint framing: one call per round writes the critique and then the revision."""
+    for r in range(1, cfg.rounds + 1):
+        principles = [p.principles[r - 1] for p in plans]
+        gens = call(critic, [framing.joint_demos(p.shots)
+                             + [{"role": "user", "content": framing.joint_request(p.prompt.prompt, d, pr)}]
+                             for p, d, pr in zip(plans, drafts, principles)], f"critique_{r}")
+        drafts = []
+        for o, pr, g in zip(out, principles, gens):
+            critique, reply = framing.split_joint(g.text)
+            ended = "stop" if reply else g.finish_reason  # the critique ended where the reply began
+            _add_round(o, r, pr, replace(g, text=critique, finish_reason=ended, truncated=0), replace(g, text=reply))
+            drafts.append(reply)
 
 
 def _record(p: Plan, turns: dict, meta: dict) -> dict:
