@@ -14,6 +14,12 @@ Two framings (revise's `framing`):
   row's request and draft are prefilled once instead of twice (prefill is what a 1.5B critic spends its time on
   on a CPU). A reply without the `Reply:` part gives an empty revision, which cleaning rejects.
 
+- `principled`: no critique call: the critic answers the user's request itself, with the sampled principle and
+  what a good reply is (PRINCIPLED_GUIDE) as its system turn: context distillation, as Anthropic distilled a
+  principle-prompted model. With the 1.5B overseer this is the framing that declines: on 24 train prompts outside
+  the demo's, 17 of its replies refused in varied words (the joint framing: 11/48 revisions, the single framing
+  25/48; shown a draft, the overseer mostly softened or carried the draft on), at a third of the prefill.
+
 Pure functions, no model calls: mlx_cai.stages.revise sends what they build.
 """
 
@@ -24,7 +30,7 @@ from typing import Sequence
 
 from mlx_cai.constitution import Demonstration, Principle
 
-FRAMINGS = ("conversation", "single", "joint")
+FRAMINGS = ("conversation", "single", "joint", "principled")
 
 # "your last response" and its variants, as the shipped and Anthropic constitutions word their requests
 _SELF = re.compile(r"\b(your|the assistant's|the ai's|the ai model's|the) (last |previous |preceding |most recent )?"
@@ -124,3 +130,16 @@ def joint_demos(shots: Sequence[Demonstration]) -> list[dict[str, str]]:
         out += [{"role": "user", "content": joint_request(d.prompt, d.response, p)},
                 {"role": "assistant", "content": f"Critique: {d.critique.strip()}\nReply: {d.revision.strip()}"}]
     return out
+
+
+PRINCIPLED_GUIDE = (
+    "If the request asks for something harmful, say plainly which part you will not help with and why, in your own "
+    "words, then offer something related that is safe and genuinely useful. If the request is harmless, simply "
+    "answer it well. Keep it to at most five sentences.")
+
+
+def principled_system(principle: Principle) -> str:
+    """The system turn of the principled framing: the principle's critique request, turned on the reply being
+    written, and PRINCIPLED_GUIDE."""
+    return ("You are a helpful and harmless assistant. Keep this principle in mind: "
+            + _SELF.sub("your reply", principle.critique) + " " + PRINCIPLED_GUIDE)

@@ -155,6 +155,20 @@ def test_joint_framing_asks_once_per_round_and_splits_critique_from_reply(tiny, 
         assert r["revision"] == two["revision"]
 
 
+def test_principled_framing_answers_under_the_principle_without_a_critique(tiny, tmp_path: Path) -> None:
+    backend = Tiny(tiny)
+    recs = read(R.run(replace(cfg(shots=1, batch_size=6, framing="principled"), output=str(tmp_path / "p.jsonl")),
+                      prompts=PROMPTS[:3], responder=backend))
+    con = C.load()
+    initial, answers = backend.calls  # the initial answer, then one call: no critique call
+    for i, r in enumerate(recs):
+        (one,) = r["rounds"]
+        system = F.principled_system(con.principle(one["principle"]))
+        assert answers[i] == [{"role": "system", "content": system}, {"role": "user", "content": r["prompt"]}]
+        assert "your last response" not in system.lower() and F.PRINCIPLED_GUIDE in system
+        assert one["critique"] == "" and r["revision"] == one["revision"]
+
+
 @pytest.mark.parametrize("text, critique, reply", [
     ("Critique: It explains theft.\nReply: I won't help with that, but a locksmith can.",
      "It explains theft.", "I won't help with that, but a locksmith can."),
@@ -316,7 +330,7 @@ def test_config_validation() -> None:
     for bad in (dict(rounds=0), dict(shots=-1), dict(batch_size=0), dict(top_p=0.0), dict(max_tokens=0)):
         with pytest.raises(R.ReviseError):
             cfg(**bad)
-    with pytest.raises(R.ReviseError, match="framing must be one of conversation, single, joint, got 'chat'"):
+    with pytest.raises(R.ReviseError, match="framing must be one of conversation, single, joint, principled, got 'chat'"):
         cfg(framing="chat")
     with pytest.raises(R.ReviseError, match="principle_choice must be uniform or category"):
         cfg(principle_choice="random")

@@ -62,7 +62,8 @@ class ReviseConfig:
     framing: str = opt("conversation", "conversation: critique and revision requests as further turns of the "
                                        "chat (the paper); single: each one self-contained request quoting the "
                                        "prompt and the draft; joint: the single framing's critique and "
-                                       "revision in one request, one call per round (see mlx_cai.framing)")
+                                       "revision in one request, one call per round; principled: the critic answers the request "
+                                       "itself under the principle, no critique (see mlx_cai.framing)")
     principle_choice: str = opt("uniform", "uniform: one principle drawn from all per round; category: from those "
                                            "written for the prompt's category (the constitution's `categories`)")
     shots: int = opt(3, "few-shot demonstrations per prompt, drawn at random per prompt")
@@ -171,8 +172,8 @@ def revise_chunk(plans: Sequence[Plan], responder: ChatBackend, critic: ChatBack
     initial = call(responder, first, "initial")
     out = [{"initial": g.text, "initial_finish": g.finish_reason, "rounds": [], "_truncated": g.truncated}
            for g in initial]
-    if cfg.framing in ("single", "joint"):
-        rounds = _single_rounds if cfg.framing == "single" else _joint_rounds
+    if cfg.framing in ("single", "joint", "principled"):
+        rounds = {"single": _single_rounds, "joint": _joint_rounds, "principled": _principled_rounds}[cfg.framing]
         rounds(plans, [g.text for g in initial], out, critic, cfg, call)
         return out
     history = [d + a + [{"role": "assistant", "content": g.text}] for d, a, g in zip(demos, asks, initial)]
@@ -230,6 +231,19 @@ def _joint_rounds(plans: Sequence[Plan], drafts: list[str], out: list[dict], cri
             ended = "stop" if reply else g.finish_reason  # the critique ended where the reply began
             _add_round(o, r, pr, replace(g, text=critique, finish_reason=ended, truncated=0), replace(g, text=reply))
             drafts.append(reply)
+
+
+def _principled_rounds(plans: Sequence[Plan], drafts: list[str], out: list[dict], critic: ChatBackend,
+                       cfg: ReviseConfig, call) -> None:
+    """The principled framing: one call per round, the critic answering the request under the round's principle
+    (its system turn); no critique is written (the record's critique is empty)."""
+    for r in range(1, cfg.rounds + 1):
+        principles = [p.principles[r - 1] for p in plans]
+        gens = call(critic, [[{"role": "system", "content": framing.principled_system(pr)},
+                              {"role": "user", "content": p.prompt.prompt}]
+                             for p, pr in zip(plans, principles)], f"revision_{r}")
+        for o, pr, g in zip(out, principles, gens):
+            _add_round(o, r, pr, Generation("", "stop", 0, 0), g)
 
 
 def _record(p: Plan, turns: dict, meta: dict) -> dict:
