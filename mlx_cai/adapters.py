@@ -3,13 +3,13 @@ adapter folder onto a base model after checking it was made for that base, and s
 
 An adapter folder is mlx-lm's format: adapters.safetensors (the trainable leaves) + adapter_config.json,
 which here also records the base model's shape (`base_model`), so an adapter for another base is refused
-with one line. Reads and writes those two files.
+with one line, and the size and sha256 of the weights (`weights`), so a torn or changed weights file is refused
+with one line too. Reads and writes those two files.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from mlx_cai import backend  # noqa: F401  (BLAS before mlx.core)
@@ -103,9 +103,14 @@ def read_adapter_config(path: str | Path) -> dict:
     if not cfg_path.is_file() or not (path / ADAPTER_FILE).is_file():
         raise TrainingError(f"{path} is not an adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_FILE})")
     try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise TrainingError(f"{cfg_path}: malformed JSON ({e.msg})") from None
+    damage = records.damage(path / ADAPTER_FILE, config["weights"]) if isinstance(config.get("weights"), dict) else None
+    if damage:
+        raise TrainingError(f"adapter {path} is damaged: {damage} (written torn, cut or changed since); rerun "
+                            "the training that wrote it")
+    return config
 
 
 def load_adapter(model, path: str | Path, *, trainable: bool = False) -> dict:
@@ -130,6 +135,8 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False) -> dict:
         raise TrainingError(f"adapter {path} adapts {config['num_layers']} blocks, the model has {len(model.layers)}")
     try:
         load_adapters(model, str(path))
+    except RuntimeError as e:  # MLX could not read the weights (an adapter without a recorded digest)
+        raise TrainingError(f"adapter {path}: {ADAPTER_FILE} does not load ({str(e).splitlines()[0]})") from None
     except (ValueError, KeyError) as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
@@ -143,11 +150,10 @@ def load_adapter(model, path: str | Path, *, trainable: bool = False) -> dict:
     return config
 
 
-def save_adapter(model, folder: Path, config: dict) -> None:
-    """adapters.safetensors (the trainable parameters) + adapter_config.json, each written atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
+def save_adapter(model, folder: Path, config: dict) -> dict:
+    """adapters.safetensors (the trainable parameters) + adapter_config.json (`config` and the weights' digest),
+    each written atomically. Returns the adapter config written."""
     weights = dict(tree_flatten(model.trainable_parameters()))
-    tmp = folder / f".{ADAPTER_FILE}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), weights)
-    os.replace(tmp, folder / ADAPTER_FILE)
-    records.write_json_atomic(folder / ADAPTER_CONFIG, config)
+    written = {**config, "weights": records.save_safetensors_atomic(Path(folder) / ADAPTER_FILE, weights)}
+    records.write_json_atomic(Path(folder) / ADAPTER_CONFIG, written)
+    return written

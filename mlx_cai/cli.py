@@ -26,7 +26,12 @@ _register()
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C outside a command's own handling (while starting up or parsing)
+        from mlx_cai import ui
+
+        ui.fail("interrupted; rerun the same command to continue where it stopped", code=130)
 
 
 if __name__ == "__main__":

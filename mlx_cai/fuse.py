@@ -11,7 +11,6 @@ Metal/CUDA quantized is smaller and fast).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from mlx_cai import backend  # noqa: F401
 
 from mlx.utils import tree_unflatten
 
-from mlx_cai import adapters
+from mlx_cai import adapters, records
 from mlx_cai.train.config import TrainingError
 
 STAGE = "fuse/1"
@@ -62,6 +61,6 @@ def run(config: FuseConfig) -> Path:
     tokenizer = load_tokenizer(src, eos_token_ids=model_config.get("eos_token_id"))
     out.mkdir(parents=True, exist_ok=True)
     save(out, src, model, tokenizer, model_config, donate_model=False)
-    (out / "mlx-cai-fused.json").write_text(json.dumps({"stage": STAGE, **asdict(cfg), "base_path": str(src),
-                                                        "fused_layers": len(fused)}, indent=2) + "\n")
+    records.write_json_atomic(out / "mlx-cai-fused.json", {"stage": STAGE, **asdict(cfg), "base_path": str(src),
+                                                          "fused_layers": len(fused)})
     return out

@@ -21,7 +21,7 @@ from mlx_cai import backend  # noqa: F401  (BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from mlx_cai import ggufread, kquants
+from mlx_cai import ggufread, kquants, records
 
 GROUP_SIZE = 32  # every GGUF block quant MLX reads (Q4_0, Q4_1, Q8_0) uses 32-element blocks
 COMPLETE_MARKER = "mlx-cai-converted.json"
@@ -259,7 +259,7 @@ def convert(gguf_path: Path, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is ordinary data
     try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        records.save_safetensors(tmp / "model.safetensors", weights, metadata={"format": "mlx"})  # a full disk: OSError
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))

@@ -13,7 +13,9 @@ per stage whose keys are that stage's config fields. Writes runs/<name>/:
 
 A stage whose marker exists (with the same settings) is skipped; a stage without one is run, and each
 stage itself continues a partial output (every stage appends per record or checkpoints). So killing the
-process at any moment and rerunning loses nothing and duplicates nothing.
+process at any moment and rerunning loses nothing and duplicates nothing. A marker also records the size and
+sha256 of the stage's output files (not its checkpoints): an output changed after its stage finished stops the run
+with one line (redo it with --from), and a marker that does not parse is named and its stage run again.
 
 Under `mlx.launch` every process runs the pipeline: the `shared` stages share their work
 (mlx_cai.distributed); the others run on rank 0 alone. Rank 0 writes everything and decides what is
@@ -124,8 +126,13 @@ def stage_config(cfg: RunConfig, stage: str, where: str = "config"):
         raise PipelineError(f"{where}: {st.section}.{unknown[0]} is not a setting of this stage "
                             f"(known: {', '.join(sorted(names))})")
     shared = {k: getattr(cfg, k) for k in SHARED_FIELDS if k in names}
+    fixed = st.paths(layout(cfg), section)
+    clash = sorted(set(section) & set(fixed))
+    if clash:  # the run folder's layout decides where a stage reads and writes
+        raise PipelineError(f"{where}: {st.section}.{clash[0]} is set by the pipeline (to {fixed[clash[0]]}); "
+                            "remove it from the config")
     try:
-        return settings_io.build_config(cls, [{**shared, **section, **st.paths(layout(cfg), section)}])
+        return settings_io.build_config(cls, [{**shared, **section, **fixed}])
     except (TypeError, ValueError) as e:
         raise PipelineError(f"{where}: {st.section}: {e}") from None
 
@@ -139,6 +146,7 @@ class Hooks:
     stage_start: Callable[[int, int, str], None] = lambda i, n, s: None
     stage_skip: Callable[[str, str], None] = lambda s, why: None
     stage_done: Callable[[str, float], None] = lambda s, secs: None
+    warning: Callable[[str], None] = lambda text: None  # a damaged marker (its stage is run again)
     progress: Callable[[str], Any] = lambda stage: nullcontext()  # a context manager giving a stage's callback
 
 
@@ -150,17 +158,42 @@ def outputs(cfg: RunConfig, stage: str) -> list[Path]:
     return [cfg.run_dir / p for p in REGISTRY[stage].outputs]
 
 
-def is_done(cfg: RunConfig, stage: str) -> bool:
+def output_files(cfg: RunConfig, stage: str) -> list[Path]:
+    """The files a stage wrote (in its output files and folders), but hidden ones and checkpoints."""
+    found = []
+    for p in outputs(cfg, stage):
+        if p.is_file():
+            found.append(p)
+        elif p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and not any(
+                part.startswith(".") or part == "checkpoints" for part in f.relative_to(p).parts))
+    return found
+
+
+def is_done(cfg: RunConfig, stage: str, warn: Callable[[str], None] = lambda text: None) -> bool:
+    """Whether a stage is finished: its marker is there, made with today's settings, and its outputs are as the
+    marker recorded them (PipelineError when not). A marker that does not parse is said through `warn`: not done."""
     m = marker(cfg, stage)
     if not m.exists():
         return False
-    saved = records.read_json(m).get("config") or {}
+    try:
+        saved = records.read_json(m)
+    except (records.RecordError, UnicodeDecodeError):
+        saved = {}
+    if saved.get("stage") != stage or not isinstance(saved.get("config"), dict):
+        warn(f"{m} is damaged (not a complete stage marker): stage {stage} runs again, continuing from its outputs")
+        return False
     now = settings_io.as_dict(stage_config(cfg, stage))
     try:
-        settings_io.check_unchanged(saved, now, f"stage {stage} in {cfg.run_dir}",
+        settings_io.check_unchanged(saved["config"], now, f"stage {stage} in {cfg.run_dir}",
                                     hint=f"rerun it with `--from {stage}` (keeps the old outputs aside) or use a new --name")
     except settings_io.ConfigError as e:
         raise PipelineError(str(e)) from None
+    for rel, recorded in (saved.get("outputs") or {}).items():
+        problem = records.damage(cfg.run_dir / rel, recorded)
+        if problem:
+            raise PipelineError(f"{cfg.run_dir / rel} changed after stage {stage} finished ({problem}); rerun with "
+                                f"`--from {stage}` to redo it and the stages after it (the old outputs are kept aside)")
     return True
 
 
@@ -203,7 +236,8 @@ def _write_marker(cfg: RunConfig, stage: str, secs: float) -> None:
     records.write_json_atomic(marker(cfg, stage), {
         "stage": stage, "config": settings_io.as_dict(stage_config(cfg, stage)), "seconds": secs,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_avg_15min": round(os.getloadavg()[2], 2),
-        "processes": distributed.size(), "blas_threads": backend.blas_threads()})  # chosen at import, by load
+        "processes": distributed.size(), "blas_threads": backend.blas_threads(),  # chosen at import, by load
+        "outputs": {p.relative_to(cfg.run_dir).as_posix(): records.digest(p) for p in output_files(cfg, stage)}})
 
 
 def run(cfg: RunConfig, *, start: str | None = None, until: str | None = None, hooks: Hooks | None = None) -> Path:
@@ -233,7 +267,7 @@ def _run(cfg: RunConfig, *, start: str | None, until: str | None, hooks: Hooks |
     if until:
         stages = stages[: stages.index(until) + 1] if until in stages else stages
     for i, name in enumerate(stages, 1):
-        if distributed.on_main(lambda: is_done(cfg, name)):  # also waits for rank 0's previous stage
+        if distributed.on_main(lambda: is_done(cfg, name, hooks.warning)):  # also waits for rank 0's previous stage
             hooks.stage_skip(name, "done")
             continue
         stage: Stage = REGISTRY[name]

@@ -3,13 +3,20 @@
 A stage writes one record per line with a stable `id` and flushes after each, so a killed run can be
 continued: `done_ids(path)` says what is already there, and a torn last line (the kill came mid-write)
 is dropped by `repair_tail` before appending resumes.
+
+Whole files (summaries, markers, configs, safetensors) are written atomically: a temporary sibling, fsynced, then
+renamed over the target, so a reader sees the old file or the new one. A failed write (a full disk) is an OSError
+naming the target; the target keeps its old content and no temporary file stays behind. `digest` records a file's
+size and sha256 when it is written, `damage` says later whether it still matches.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -130,10 +137,13 @@ class JsonlWriter:
         self._sync = sync
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-        if self._sync:
-            os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._f.flush()
+            if self._sync:
+                os.fsync(self._f.fileno())
+        except OSError as e:
+            raise _naming(e, self.path) from None
 
     def close(self) -> None:
         self._f.close()
@@ -166,28 +176,90 @@ def writer(path: str | Path, enabled: bool = True, sync: bool = True) -> JsonlWr
     return JsonlWriter(path, sync=sync) if enabled else NullWriter()
 
 
-def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> Path:
-    """Write a whole file at once via a temporary sibling and rename (for outputs that are not appended)."""
+def _naming(e: OSError, path: Path) -> OSError:
+    """`e` with the file it happened to (a failed write() names none)."""
+    return e if e.filename else type(e)(e.errno, e.strerror or str(e), str(path))
+
+
+def _atomic(path: str | Path, write, suffix: str = "") -> Path:
+    """Write `path` whole: `write(tmp)` fills a temporary sibling (its name ends with `suffix`), which is fsynced
+    and renamed over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _naming(e, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> Path:
+    """Write a whole JSONL file at once (for outputs that are not appended)."""
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    return _atomic(path, write)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a whole file via a temporary sibling and a rename: a kill leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write a whole text file: a kill or a full disk leaves the old file or the new one."""
+    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """A summary, marker or config written whole (write_text_atomic), indented."""
     return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_safetensors(path: str | Path, arrays: dict, metadata: dict | None = None) -> None:
+    """mx.save_safetensors, whose failed write (MLX raises RuntimeError) becomes an OSError naming the file:
+    ENOSPC when the disk has less room than the arrays need."""
+    import mlx.core as mx
+
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
+    except RuntimeError as e:
+        need = sum(a.nbytes for a in arrays.values())
+        full = shutil.disk_usage(Path(path).parent).free < need
+        raise OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else str(e),
+                      str(path)) from None
+
+
+def save_safetensors_atomic(path: str | Path, arrays: dict, metadata: dict | None = None) -> dict:
+    """save_safetensors written whole (like write_text_atomic); returns the file's digest."""
+    return digest(_atomic(path, lambda tmp: save_safetensors(tmp, arrays, metadata), suffix=".safetensors"))
+
+
+def digest(path: str | Path) -> dict:
+    """{"bytes", "sha256"} of a file, to record beside it when it is written."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+def damage(path: str | Path, recorded: dict) -> str | None:
+    """None when `path` still has the recorded size and sha256, else what differs (one phrase)."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    if size != recorded.get("bytes", size):
+        return f"{path.name} has {size} bytes, {recorded['bytes']} recorded"
+    if digest(path)["sha256"] != recorded.get("sha256"):
+        return f"{path.name} does not match its recorded sha256"
+    return None

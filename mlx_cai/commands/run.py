@@ -39,6 +39,7 @@ def _hooks():
         stage_start=lambda i, n, s: ui.note(f"[bold cyan]stage {i}/{n}: {s}[/]"),
         stage_skip=lambda s, why: ui.note(f"[dim]stage {s}: {why}, skipped[/]"),
         stage_done=lambda s, secs: ui.note(f"[green]stage {s} done in {secs / 60:.1f} min[/]"),
+        warning=lambda text: ui.note(f"[yellow]warning: {text}[/]"),
         progress=progress,
     )
 

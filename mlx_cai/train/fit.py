@@ -61,10 +61,15 @@ def fit(cfg: TrainConfig, stage: str, *, adapter: Callable[[Any], dict], example
     before_training(model, out) runs after the start row and before the checkpoint is restored (DPO's reference
     pass sees the adapter as loaded) and returns summary fields; end_summary(Trained) returns those after
     steps and batches. `progress` gets the start counts as a message, then an Event per metrics row (task
-    "train", the row in `metrics`). With cfg.resume, training continues from the newest checkpoint.
+    "train", the row in `metrics`). With cfg.resume, training continues from the newest whole checkpoint (a damaged
+    one is a "warning: ..." message).
     """
     report = train_events(progress, cfg.iters)
-    out, ckpt = checkpoint.prepare_output(cfg, cfg.resume)
+
+    def warn(text: str) -> None:
+        emitter(progress)(Event("train", message=f"warning: {text}"))
+
+    out, ckpt = checkpoint.prepare_output(cfg, cfg.resume, warn)
     if model is None:
         from mlx_cai import models
 
