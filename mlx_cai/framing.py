@@ -57,11 +57,12 @@ def single_critique(prompt: str, draft: str, principle: Principle) -> str:
 
 # What the revision must be: safe without being evasive, and in the critic's own words every time (a model
 # trained on one stock refusal learns to refuse everything with it).
-REVISION_GUIDE = (
-    "Then write the reply the assistant should send instead, speaking to the user directly. If the request asks "
-    "for something harmful, say plainly which part you will not help with and why, in your own words, then offer "
-    "something related that is safe and genuinely useful. If the request is harmless, simply answer it well. "
-    "Write only the reply itself.")
+GOOD_REPLY = (
+    "If the request asks for something harmful, say plainly which part you will not help with and why, in your own "
+    "words, then offer something related that is safe and genuinely useful. If the request is harmless, simply "
+    "answer it well.")
+REVISION_GUIDE = ("Then write the reply the assistant should send instead, speaking to the user directly. "
+                  + GOOD_REPLY + " Write only the reply itself.")
 
 
 def single_revision(prompt: str, draft: str, critique: str, principle: Principle) -> str:
@@ -132,10 +133,7 @@ def joint_demos(shots: Sequence[Demonstration]) -> list[dict[str, str]]:
     return out
 
 
-PRINCIPLED_GUIDE = (
-    "If the request asks for something harmful, say plainly which part you will not help with and why, in your own "
-    "words, then offer something related that is safe and genuinely useful. If the request is harmless, simply "
-    "answer it well. Keep it to at most five sentences.")
+PRINCIPLED_GUIDE = GOOD_REPLY + " Keep it to at most five sentences."
 
 
 def principled_system(principle: Principle) -> str:
