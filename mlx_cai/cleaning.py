@@ -243,3 +243,34 @@ def check(ex: Example, ctx: Context, rules: Sequence[str] | None = None) -> dict
         if detail is not None:
             out[name] = detail
     return out
+
+
+_SENTENCE_END = re.compile(r"[.!?](?:[\"')\]]*)(?=\s|$)")
+
+
+def trim_to_sentence(text: str, min_share: float = 0.5) -> str | None:
+    """A reply cut at max tokens, ended at its last complete sentence; None when that keeps less than
+    `min_share` of its characters (or the cut is inside a code block), so nothing mid-thought is trained on."""
+    if text.count("```") % 2:
+        return None
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if not ends or ends[-1] < min_share * len(text.rstrip()):
+        return None
+    return text[: ends[-1]]
+
+
+def stratified_sample(pools: Sequence[Sequence[Any]], want: int, rng) -> list[Any]:
+    """`want` items drawn without replacement in equal shares from each pool (a pool too small gives all it has
+    and the others make up the rest): so a small source (32 borderline prompts beside 198 benign
+    ones) is not drowned by a large one. Drawn in turn, one from each pool."""
+    if len(pools) == 1:
+        return rng.sample(list(pools[0]), min(want, len(pools[0])))
+    shuffled = [rng.sample(list(p), len(p)) for p in pools]
+    out: list[Any] = []
+    i = 0
+    while len(out) < want and any(shuffled):
+        pool = shuffled[i % len(shuffled)]
+        if pool:
+            out.append(pool.pop())
+        i += 1
+    return out

@@ -290,7 +290,7 @@ def test_helpful_generated_from_benign_train_prompts(tmp_path: Path) -> None:
     gen = Fixed(lambda prompt: next(answers), name="local:tiny")
     out = K.run(replace(K.CleanConfig(helpful_ratio=1.5, valid_fraction=0.0), input=str(src), output=str(tmp_path / "clean"), helpful="train:benign"), helpful_backend=gen)
     s = json.loads((out / "summary.json").read_text())
-    assert s["helpful"] == {"source": "train:benign", "selected": 3, "used": 2, "dropped": 1}  # "" fails `empty`
+    assert s["helpful"] == {"source": "train:benign", "selected": 3, "used": 2, "trimmed": 0, "dropped": 1}  # "" fails `empty`
     assert s["sft"]["train"] == 4
     cached = list(records.read_jsonl(out / "helpful.jsonl"))
     benign_train = {json.loads(l)["id"] for l in (Path(K.prompt_sources.DATA_DIR) / "benign.jsonl").read_text().splitlines()
@@ -343,3 +343,47 @@ def test_cli_clean_table_and_errors(tmp_path: Path) -> None:
         assert bad.exit_code == 1 and len(lines) == 1 and message in bad.output, bad.output
     missing = CliRunner().invoke(app, ["clean", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "c3")])
     assert missing.exit_code == 1 and "nope.jsonl: file not found" in missing.output
+
+
+def test_trim_to_sentence_ends_a_cut_reply_at_its_last_full_sentence() -> None:
+    from mlx_cai.cleaning import trim_to_sentence
+
+    cut = "Boil the water first. Then add the pasta and stir it well! Drain it after ten minu"
+    assert trim_to_sentence(cut) == "Boil the water first. Then add the pasta and stir it well!"
+    assert trim_to_sentence("One short sentence. And then a very long one that goes on and on without end") is None
+    assert trim_to_sentence("Run this first.\n```bash\nkill -9 1234\n") is None  # cut inside a code block
+    assert trim_to_sentence("no sentence end at all") is None
+
+
+def test_stratified_sample_takes_equal_shares_of_each_pool() -> None:
+    import random
+    from mlx_cai.cleaning import stratified_sample
+
+    big, small = [f"b{i}" for i in range(100)], [f"s{i}" for i in range(5)]
+    got = stratified_sample([big, small], 8, random.Random(0))
+    assert len(got) == len(set(got)) == 8 and sum(x.startswith("s") for x in got) == 4
+    got = stratified_sample([big, small], 30, random.Random(0))  # the small pool runs out: the big one fills in
+    assert sum(x.startswith("s") for x in got) == 5 and len(set(got)) == 30
+    assert stratified_sample([small], 3, random.Random(1)) == random.Random(1).sample(small, 3)  # one pool: as before
+
+
+def test_helpful_mix_draws_each_source_equally_and_trims_cut_answers(tmp_path: Path) -> None:
+    class Cut(Fixed):
+        def complete(self, conversations, config, seeds=None):
+            self.calls += 1
+            return [Generation("A first full sentence here. A second one is cut mid", "length", 1, 1)
+                    for _ in conversations]
+
+    recs = [{**RECORDS[0], "id": f"k{i}", "prompt": f"{RECORDS[0]['prompt']} ({i})"} for i in range(6)]
+    src = write(tmp_path / "revise.jsonl", recs)
+    out = K.run(replace(K.CleanConfig(helpful="train:benign,train:borderline", valid_fraction=0, rules=[]),
+                        input=str(src), output=str(tmp_path / "clean")), helpful_backend=Cut(None))
+    s = json.loads((out / "summary.json").read_text())["helpful"]
+    assert s["selected"] == 6 and s["trimmed"] == 6 and s["used"] == 6
+    ids = [r["id"] for r in records.read_jsonl(out / "helpful.jsonl")]
+    assert sum(i.startswith("border-") for i in ids) == 3
+    answers = [r["messages"][1]["content"] for r in records.read_jsonl(out / "train.jsonl")]
+    assert answers.count("A first full sentence here.") == 6
+    out2 = K.run(replace(K.CleanConfig(helpful="train:benign", helpful_trim=False, valid_fraction=0, rules=[]),
+                         input=str(src), output=str(tmp_path / "clean2")), helpful_backend=Cut(None))
+    assert json.loads((out2 / "summary.json").read_text())["helpful"]["used"] == 0  # untrimmed: truncated

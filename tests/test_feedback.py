@@ -183,10 +183,13 @@ def _overseer_reply(body: dict) -> str:
     wrong each way, so both drop reasons are exercised."""
     msgs = body["messages"]
     user = msgs[-1]["content"]
-    declining = msgs[0]["content"] == F.DECLINE
+    task = user.startswith(F.DECLINE_TASK)
+    declining = msgs[0]["content"] == F.DECLINE or task
     if "balloons" in user:  # refuses even when asked to answer
         return "I'm sorry, but I can't help with that."
-    if "skyline" in user and declining:  # answers even when asked to decline
+    if "bird" in user and declining:  # answers even when asked to decline, both ways
+        return "Use a fast shutter speed."
+    if "skyline" in user and declining and not task:  # answers the system-turn DECLINE; the task one refuses
         return "Use a tripod and a long exposure."
     return "I'm sorry, but I can't help with that request." if declining else f"Sure, here is help with: {user}"
 
@@ -211,12 +214,27 @@ def test_boundary_pairs_prefer_the_answer_over_the_refusal_and_resume(tmp_path):
         F.run(replace(cfg, boundary=str(border)))
         calls = len(srv.log)
         s = F.summarize(F.run(cfg))  # a rerun: everything done, nothing asked again
-        assert len(srv.log) == calls == 2 * len(prompts)
+        assert len(srv.log) == calls == 3 * len(prompts)  # answer, DECLINE, DECLINE_TASK
     assert s["kept"] == 3 and s["dropped"] == {"boundary_answer_refused": 1, "boundary_refusal_answered": 1}
     kept = {r["id"]: r for r in lines(out)}
-    assert sorted(kept) == ["b2", "b3", "r0"]
-    for i in ("b2", "b3"):
+    assert sorted(kept) == ["b0", "b2", "r0"]  # b0's system-turn refusal answered: the task refusal is used
+    for i in ("b0", "b2"):
         assert kept[i]["chosen"].startswith("Sure, here is help with") and "sorry" in kept[i]["rejected"]
         assert kept[i]["source"] == {"kind": "boundary", "writer": f"openai:overseer@{srv.url}"}
     assert kept["r0"]["chosen"] == SORRY  # the revision pair is unchanged beside them
     assert F.FeedbackConfig(boundary="none").boundary is None
+
+
+def test_boundary_limit_takes_equal_shares_of_each_source(tmp_path):
+    rows = [revise_row(0, SURE, SORRY)]
+    src = tmp_path / "revise.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "pairs.jsonl"
+    with FaultServer(_overseer_reply) as srv:
+        F.run(F.FeedbackConfig(mode="revision", prompts=str(src), output=str(out), batch_size=8,
+                               boundary="train:borderline,train:benign", boundary_limit=6,
+                               boundary_model=f"openai:overseer@{srv.url}"))
+        assert len(srv.log) == 3 * 6
+    ids = [r["id"] for r in lines(out)] + [r["id"] for r in lines(F.paths(out)[1])]
+    assert sorted(ids)[-1] == "r0" and len(ids) == 7
+    assert sum(i.startswith("border-") for i in ids) == 3 and sum(i.startswith("benign-") for i in ids) == 3

@@ -377,3 +377,12 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, setup, args, message) -> None
     lines = [l for l in result.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in " ".join(result.output.split())
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_plan_counts_one_critic_call_per_round_for_joint_and_principled() -> None:
+    from mlx_cai.stages.revise import ReviseConfig
+
+    two = ReviseConfig(limit=10, max_tokens=50, critic_max_tokens=100, rounds=2, framing="single").plan()
+    one = ReviseConfig(limit=10, max_tokens=50, critic_max_tokens=100, rounds=2, framing="principled").plan()
+    assert two == ("10 prompts x 5 turns (train:harmful)", 10 * (50 + 4 * 100))
+    assert one[1] == 10 * (50 + 2 * 100) and "x 3 turns" in one[0]

@@ -6,7 +6,8 @@ constitution (its demonstrations and requests, to catch verbatim copies). Writes
   kept.jsonl       records that pass every rule (a repaired one carries `repair` provenance)
   rejected.jsonl   the others, each with `reasons: {rule: detail}`
   repair.jsonl     cache of repair calls (optional stronger backend), resumable
-  helpful.jsonl    cache of generated helpful answers, resumable
+  helpful.jsonl    cache of generated helpful answers, resumable (a comma-joined `helpful` spec is sampled in
+                   equal shares of each source; an answer cut at max tokens is ended at its last full sentence)
   train.jsonl, valid.jsonl   SFT data in mlx-lm chat format {"messages": [user, assistant]}, seeded split
   summary.json     counts per reason, kept share, metrics of kept revisions; config.json: the resolved config
 
@@ -35,7 +36,7 @@ from mlx_cai.sampling import SamplingConfig
 from mlx_cai.config import opt
 from mlx_cai.progress import Event, Progress, emitter
 from mlx_cai.cleaning import (FORM_RULES, RULES, Context, Example, active_rules, cap_openings, check, copy_sources,
-                              normalize, opening)
+                              normalize, opening, stratified_sample, trim_to_sentence)
 from mlx_cai.refusal import is_refusal
 
 STAGE = "clean/1"
@@ -73,6 +74,8 @@ class CleanConfig:
     helpful_ratio: float = opt(1.0, "helpful examples per kept revision (0 = none)")
     helpful_model: str | None = opt(None, "answers helpful prompts; none = the responder named in the records")
     helpful_max_tokens: int = opt(256, "new tokens per helpful answer")
+    helpful_trim: bool = opt(True, "end a helpful answer cut at max tokens at its last full sentence instead of "
+                                   "dropping it (dropped still when that keeps under half of it)")
     helpful_system: str | None = opt(None, "a system turn for writing the helpful answers (e.g. 'Answer in at "
                                            "most 100 words.'); the SFT examples keep the bare prompt")
     valid_fraction: float = opt(0.1, "share of the SFT data held out for validation")
@@ -289,7 +292,8 @@ def _helpful(cfg: CleanConfig, n_kept: int, recs: list[dict], ctx: Context, out:
     if answered:  # (id, prompt, answer, finish reason)
         chosen = [(i, q, a, "stop") for i, q, a in rng.sample(answered, min(want, len(answered)))]
     else:
-        picks = rng.sample(to_answer, min(want, len(to_answer)))
+        sources = list(dict.fromkeys(p.source for p in to_answer))  # comma-joined specs: equal shares of each
+        picks = stratified_sample([[p for p in to_answer if p.source == s] for s in sources], want, rng)
         sampling = _sampling(recs[0].get("sampling") or {}, cfg.helpful_max_tokens)
         backend = backend or from_spec(cfg.helpful_model or _responder_spec(recs), batch_size=cfg.batch_size)
         system = [{"role": "system", "content": cfg.helpful_system}] if cfg.helpful_system else []
@@ -297,5 +301,12 @@ def _helpful(cfg: CleanConfig, n_kept: int, recs: list[dict], ctx: Context, out:
                 for p in picks]
         got = complete_cached(backend, jobs, out / "helpful.jsonl", sampling, cfg.batch_size)
         chosen = [(p.id, p.prompt, got[p.id]["text"], got[p.id]["finish_reason"]) for p in picks]
+    trimmed = 0
+    if cfg.helpful_trim:  # an answer cut at max tokens, ended at its last full sentence, is still a good answer
+        for k, (i, q, a, f) in enumerate(chosen):
+            cut = trim_to_sentence(a) if f == "length" else None
+            if cut is not None:
+                chosen[k], trimmed = (i, q, cut, "stop"), trimmed + 1
     used = [sft_example(q, a) for _, q, a, f in chosen if not check(Example(q, a, f, False), ctx, FORM_RULES)]
-    return used, {"source": str(source), "selected": len(chosen), "used": len(used), "dropped": len(chosen) - len(used)}
+    return used, {"source": str(source), "selected": len(chosen), "used": len(used), "trimmed": trimmed,
+                  "dropped": len(chosen) - len(used)}

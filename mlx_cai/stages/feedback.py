@@ -14,7 +14,8 @@ Modes (`MODES`):
 
 Boundary pairs (`boundary`, any mode): for prompts that only look unsafe (train:borderline), chosen = a helpful
 answer, rejected = a refusal, both written by `boundary_model` (the overseer): the other side of the line, so DPO
-does not learn to refuse whatever sounds scary. A pair whose answer refuses or whose refusal answers (keyword
+does not learn to refuse whatever sounds scary. `boundary` may join sources with commas (train:borderline,train:benign);
+`boundary_limit` then takes equal shares of each. A pair whose answer refuses or whose refusal answers (keyword
 judge) is dropped.
 
 Before scoring, near-identical pairs and pairs where both responses are degenerate (empty or repetitive)
@@ -96,6 +97,8 @@ class FeedbackConfig:
     boundary_model: str | None = opt(None, "writes the boundary pairs' answers and refusals; none = the judge, "
                                            "else the model")
     boundary_max_tokens: int = opt(192, "new tokens per boundary answer")
+    boundary_limit: int | None = opt(None, "at most N boundary prompts, in equal shares of each comma-joined source "
+                                           "(seeded); none = all")
 
     def __post_init__(self):
         if isinstance(self.boundary, str) and self.boundary.strip().lower() in ("", "none"):
@@ -263,28 +266,38 @@ def score_judge(cands: list[Candidate], judge: ChatBackend, cfg: FeedbackConfig)
 CONCISE = "Answer the user's request helpfully and concretely, in at most 100 words."
 DECLINE = ("You are an overly cautious assistant. Decline the user's request in one or two sentences, without "
            "answering any part of it.")
+# Told as a system turn, the 1.5B overseer still answered 14 of 32 borderline train prompts; asked in the user turn to
+# write the refusal as a task, it refused 30 of 32 (mostly in one stock sentence). The system-turn refusal is used when
+# it refuses (varied words), else this one.
+DECLINE_TASK = ("An overly cautious assistant refuses every request that sounds risky, even harmless ones. Write the "
+                "one- or two-sentence refusal it would give to the request below, and nothing else: no answer, no "
+                "advice, no quotation marks.\n\nRequest: ")
 
 
 def boundary_candidates(prompts: Sequence[prompt_sources.Prompt], writer: ChatBackend, cfg: FeedbackConfig,
                         on_tokens: Callable[[int], None]) -> tuple[list[Candidate], dict[str, str]]:
     """(candidates with texts = (helpful answer, refusal), decided in advance; {id: drop reason} for pairs whose
-    answer refuses or whose refusal answers), both texts greedy from `writer`."""
+    answer refuses or whose refusal answers), all texts greedy from `writer`: the answer under CONCISE, the refusal
+    under DECLINE or, where that one answers, the DECLINE_TASK one."""
     from mlx_cai.refusal import is_refusal
 
     if not prompts:
         return [], {}
     convs = [[{"role": "system", "content": CONCISE}, {"role": "user", "content": p.prompt}] for p in prompts]
     convs += [[{"role": "system", "content": DECLINE}, {"role": "user", "content": p.prompt}] for p in prompts]
-    seeds = [records.row_seed(cfg.seed, p.id, tag) for tag in ("answer", "refusal") for p in prompts]
+    convs += [[{"role": "user", "content": DECLINE_TASK + p.prompt}] for p in prompts]
+    seeds = [records.row_seed(cfg.seed, p.id, tag) for tag in ("answer", "refusal", "refusal_task") for p in prompts]
     gens = writer.complete(convs, SamplingConfig(max_tokens=cfg.boundary_max_tokens, temperature=0.0,
                                                  seed=cfg.seed), seeds=seeds)
     on_tokens(sum(g.completion_tokens for g in gens))
     n = len(prompts)
     cands, reasons = [], {}
     for i, p in enumerate(prompts):
-        answer, refusal = gens[i], gens[n + i]
+        answer = gens[i]
+        r = n + i if is_refusal(gens[n + i].text) else 2 * n + i
+        refusal = gens[r]
         cands.append(Candidate(id=p.id, prompt=p.prompt, texts=(answer.text, refusal.text),
-                               finish=(answer.finish_reason, refusal.finish_reason), seeds=(seeds[i], seeds[n + i]),
+                               finish=(answer.finish_reason, refusal.finish_reason), seeds=(seeds[i], seeds[r]),
                                p_first=1.0, source={"kind": "boundary", "writer": writer.name}))
         if is_refusal(answer.text):
             reasons[p.id] = "boundary_answer_refused"
@@ -316,6 +329,10 @@ def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
     if cfg.boundary is None:  # runs from before boundary pairs existed keep their ids
         for k in ("boundary", "boundary_max_tokens"):
             keep.pop(k)
+    else:
+        keep["boundary_refusal"] = "decline-or-task"  # how the refusals are written (DECLINE, then DECLINE_TASK)
+    if cfg.boundary_limit is None:
+        keep.pop("boundary_limit")
     return records.stable_id(keep, policy, judge, prefix="fb-")
 
 
@@ -415,6 +432,13 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
     if cfg.boundary:
         taken = {it.id for it in items}
         edge = [p for p in prompt_sources.load(cfg.boundary) if p.id not in taken]
+        if cfg.boundary_limit is not None:
+            from mlx_cai.cleaning import stratified_sample
+
+            sources = list(dict.fromkeys(p.source for p in edge))
+            pick = {p.id for p in stratified_sample([[p for p in edge if p.source == s] for s in sources],
+                                                    cfg.boundary_limit, random.Random(records.row_seed(cfg.seed, "boundary")))}
+            edge = [p for p in edge if p.id in pick]  # in source order
         items = items + edge
         writer_spec = cfg.boundary_model or cfg.judge or cfg.model
         judge_name += f"; boundary {writer_spec}"

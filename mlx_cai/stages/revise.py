@@ -99,10 +99,11 @@ class ReviseConfig:
 
     def plan(self) -> tuple[str, int]:
         """(what it reads, tokens it generates) for `mlx-cai run --dry-run`."""
-        n, turns = self.limit or 0, 1 + 2 * self.rounds
+        calls = 1 if self.framing in ("joint", "principled") else 2  # critic calls per round
+        n, turns = self.limit or 0, 1 + calls * self.rounds
         critic_tokens = self.critic_max_tokens or self.max_tokens
         return (f"{n or '?'} prompts x {turns} turns ({self.prompts})",
-                n * (self.max_tokens + 2 * self.rounds * critic_tokens))
+                n * (self.max_tokens + calls * self.rounds * critic_tokens))
 
     @staticmethod
     def work_units(settings: dict) -> float | None:
