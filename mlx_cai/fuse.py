@@ -2,7 +2,8 @@
 
 Reads the base model (any mlx_cai.models spec) and an adapter folder (sft or dpo output). Writes OUT with
 model.safetensors, config.json and the tokenizer files, as `mlx_lm.fuse` does, so `mlx_lm.load(OUT)` and
-`mlx_lm.server --model OUT` use it directly, plus mlx-cai-fused.json (what was fused).
+`mlx_lm.server --model OUT` use it directly, plus mlx-cai-fused.json (what was fused). OUT appears whole or not
+at all (written beside it, then renamed).
 
 A quantized base stays quantized (each fused layer is re-quantized with its own bits and group size)
 unless `dequantize` is set: then every layer is written in float32 (the form the CPU runs fast; on
@@ -11,6 +12,8 @@ Metal/CUDA quantized is smaller and fast).
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,8 +62,18 @@ def run(config: FuseConfig) -> Path:
         raise TrainingError(f"{cfg.adapter} added no fusable layers to {cfg.model}")
     model.update_modules(tree_unflatten(fused))
     tokenizer = load_tokenizer(src, eos_token_ids=model_config.get("eos_token_id"))
-    out.mkdir(parents=True, exist_ok=True)
-    save(out, src, model, tokenizer, model_config, donate_model=False)
-    records.write_json_atomic(out / "mlx-cai-fused.json", {"stage": STAGE, **asdict(cfg), "base_path": str(src),
-                                                          "fused_layers": len(fused)})
+    # Written whole or not at all: into a hidden sibling folder, renamed onto OUT once complete (a killed fuse
+    # leaves no half model that mlx_lm.load would take for a whole one).
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save(tmp, src, model, tokenizer, model_config, donate_model=False)
+        records.write_json_atomic(tmp / "mlx-cai-fused.json", {"stage": STAGE, **asdict(cfg), "base_path": str(src),
+                                                              "fused_layers": len(fused)})
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

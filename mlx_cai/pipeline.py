@@ -258,6 +258,8 @@ def _run(cfg: RunConfig, *, start: str | None, until: str | None, hooks: Hooks |
     d = cfg.run_dir
     main = distributed.is_main()
     if main:
+        if d.exists():
+            records.sweep_stale(d)  # temporaries of a killed run (we hold the lock: none is live)
         records.write_text_atomic(d / "config.yaml", yaml.safe_dump(cfg.as_yaml(), sort_keys=False))
     stages = cfg.enabled()
     if start:

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -122,6 +123,33 @@ def load_done(path: str | Path, key: str = "id") -> dict[str, dict]:
     return {r[key]: r for r in read_jsonl(path) if key in r}
 
 
+def read_complete(path: str | Path, key: str = "id") -> dict[str, dict]:
+    """Like load_done, for a reader: a torn final line (a writer killed mid-record, or one still writing) is
+    skipped, never cut from the file."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    tail = lines.pop()  # "" when the file ends with a newline
+    out = {}
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or delete that line") from None
+        if isinstance(obj, dict) and key in obj:
+            out[obj[key]] = obj
+    try:
+        obj = json.loads(tail) if tail.strip() else None
+    except json.JSONDecodeError:
+        obj = None  # torn
+    if isinstance(obj, dict) and key in obj:
+        out[obj[key]] = obj
+    return out
+
+
 def done_ids(path: str | Path, key: str = "id") -> set[str]:
     return set(load_done(path, key))
 
@@ -202,6 +230,36 @@ def _atomic(path: str | Path, write, suffix: str = "") -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)(?:\..*)?$")  # what _atomic (and fuse) name a temporary
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale(folder: str | Path) -> list[Path]:
+    """Remove the temporaries (`.NAME.tmp-PID...`, files or folders) that writers killed mid-write left under
+    `folder`: those whose process is gone. Call it holding the folder's lock (mlx_cai.runlock), so no live
+    writer of ours can own one. Returns what was removed."""
+    removed = []
+    for p in sorted(Path(folder).rglob(".*.tmp-*")):
+        m = _TMP_NAME.match(p.name)
+        if not m or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> Path:

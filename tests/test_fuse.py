@@ -80,3 +80,26 @@ def test_fuse_errors_and_cli(tiny_gguf, tmp_path):
     r = CliRunner().invoke(app, ["fuse", "-m", str(tiny_gguf), "--adapter", str(tmp_path / "nope"), "-o",
                                  str(tmp_path / "d")])
     assert r.exit_code == 1 and "error:" in r.output
+
+
+def test_an_interrupted_fuse_leaves_no_half_model_and_can_be_rerun(tiny_gguf, tmp_path, monkeypatch):
+    import mlx_lm.utils
+
+    adapter = make_adapter(str(tiny_gguf), tmp_path / "adapter")
+    real_save = mlx_lm.utils.save
+
+    def save_then_die(path, *a, **kw):
+        real_save(path, *a, **kw)
+        assert (path / "model.safetensors").exists()  # the weights were written (beside OUT) ...
+        raise KeyboardInterrupt  # ... and the process is stopped before the fuse finished
+
+    monkeypatch.setattr(mlx_lm.utils, "save", save_then_die)
+    out = tmp_path / "fused"
+    with pytest.raises(KeyboardInterrupt):
+        fuse.run(fuse.FuseConfig(model=str(tiny_gguf), adapter=str(adapter), output=str(out)))
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "adapter"]
+    monkeypatch.setattr(mlx_lm.utils, "save", real_save)
+    out.mkdir()  # an empty folder is fine too
+    fuse.run(fuse.FuseConfig(model=str(tiny_gguf), adapter=str(adapter), output=str(out)))
+    assert json.loads((out / "mlx-cai-fused.json").read_text())["fused_layers"] > 0
+    mlx_lm.load(str(out))

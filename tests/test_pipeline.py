@@ -42,7 +42,10 @@ def test_whole_pipeline_runs_then_skips_everything(config_file, tmp_path):
     run_dir = pipeline.run(cfg, until="clean", hooks=hooks)
     assert calls == [("run", "revise"), ("run", "clean")]
     calls.clear()
+    left = run_dir / "clean" / ".train.jsonl.tmp-999999999"  # what a writer killed mid-write leaves (no such pid)
+    left.write_text("half")
     pipeline.run(cfg, hooks=hooks)
+    assert not left.exists()  # swept by the next run
     assert calls[:2] == [("skip", "revise"), ("skip", "clean")]
     assert [c for c in calls if c[0] == "run"] == [("run", s) for s in pipeline.STAGES[2:]]
     for s in pipeline.STAGES:

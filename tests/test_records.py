@@ -60,3 +60,37 @@ def test_writer_of_a_non_main_process_writes_nothing(tmp_path):
     with records.writer(tmp_path / "b.jsonl") as w:
         w.write({"id": "x"})
     assert list(records.read_jsonl(tmp_path / "b.jsonl")) == [{"id": "x"}]
+
+
+def test_sweep_stale_removes_temporaries_of_dead_writers_only(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has exited
+    (tmp_path / "sft").mkdir()
+    stale = [tmp_path / f".pairs.jsonl.tmp-{dead}", tmp_path / "sft" / f".adapters.safetensors.tmp-{dead}.safetensors"]
+    stale_dir = tmp_path / f".fused.tmp-{dead}"
+    live = tmp_path / f".summary.json.tmp-{os.getpid()}"
+    keep = [tmp_path / "pairs.jsonl", tmp_path / ".hidden.tmp-notapid", live]
+    for p in stale + keep:
+        p.write_text("x")
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_text("x")
+    removed = records.sweep_stale(tmp_path)
+    assert sorted(removed) == sorted(stale + [stale_dir])
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale + [stale_dir])
+
+
+def test_read_complete_skips_a_torn_tail_without_touching_the_file(tmp_path):
+    path = tmp_path / "harm.jsonl"
+    body = '{"id": "a", "x": 1}\n{"id": "b", "x": 2}\n{"id": "c", "x'
+    path.write_text(body)
+    assert sorted(records.read_complete(path)) == ["a", "b"]
+    assert path.read_text() == body  # a reader does not write
+    path.write_text('{"id": "a"}\n{"id": "b"}')  # a complete last record without its newline counts
+    assert sorted(records.read_complete(path)) == ["a", "b"]
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(records.RecordError, match=r"harm.jsonl:2: malformed JSON"):
+        records.read_complete(path)

@@ -76,7 +76,7 @@ def load(dirs: Sequence[str | Path]) -> list[EvalDir]:
         if bad:  # suite names become file names inside the folder: none may point outside it
             raise ValueError(f"{f}: suite name {bad[0]!r} is not a plain file name; this summary.json was not "
                              "written by `mlx-cai eval`")
-        recs = {s: records.load_done(p / f"{s}.jsonl") for s in summary["suites"]}
+        recs = {s: records.read_complete(p / f"{s}.jsonl") for s in summary["suites"]}
         out.append(EvalDir(p, label, summary, recs))
     return out
 
