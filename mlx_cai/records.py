@@ -70,19 +70,24 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[dict]
     if not path.exists():
         raise RecordError(f"{path}: file not found")
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or delete that line") from None
-            if not isinstance(obj, dict):
-                raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in required if k not in obj]
-            if missing:
-                raise RecordError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            yield obj
+        yield from _parse(path, f, required)
+
+
+def _parse(path: Path, lines: Iterable[str], required: tuple[str, ...] = ()) -> Iterator[dict]:
+    """The JSON objects of `lines` (of the file `path`, numbered from 1), blank lines skipped."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or delete that line") from None
+        if not isinstance(obj, dict):
+            raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        missing = [k for k in required if k not in obj]
+        if missing:
+            raise RecordError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+        yield obj
 
 
 def numbered_jsonl(path: str | Path, required: Iterable[str] = ()) -> Iterator[tuple[str, dict]]:
@@ -131,16 +136,7 @@ def read_complete(path: str | Path, key: str = "id") -> dict[str, dict]:
         return {}
     lines = path.read_text(encoding="utf-8").split("\n")
     tail = lines.pop()  # "" when the file ends with a newline
-    out = {}
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{path}:{lineno}: malformed JSON ({e.msg}); fix or delete that line") from None
-        if isinstance(obj, dict) and key in obj:
-            out[obj[key]] = obj
+    out = {r[key]: r for r in _parse(path, lines) if key in r}
     try:
         obj = json.loads(tail) if tail.strip() else None
     except json.JSONDecodeError:
