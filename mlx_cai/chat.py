@@ -220,11 +220,26 @@ class OpenAIBackend:
         not started yet are cancelled)."""
         seeds = list(seeds) if seeds is not None else [config.seed + i for i in range(len(conversations))]
         pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency))
+        failed: list[BaseException] = []  # the first failure, set by its worker before it takes the next call
+        lock = threading.Lock()
+
+        def one(c, s):
+            if failed:
+                raise failed[0]  # not sent: the batch has already failed
+            try:
+                return self._one(c, config, s)
+            except BaseException as e:
+                with lock:
+                    failed.append(e)
+                raise
+
         try:
-            futures = [pool.submit(self._one, c, config, s) for c, s in zip(conversations, seeds)]
+            futures = [pool.submit(one, c, s) for c, s in zip(conversations, seeds)]
             out = [f.result() for f in futures]
-        except BaseException:
+        except BaseException as e:
             pool.shutdown(wait=False, cancel_futures=True)
+            if failed and e is not failed[0]:
+                raise failed[0] from None
             raise
         pool.shutdown()
         return out
