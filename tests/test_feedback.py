@@ -225,6 +225,51 @@ def test_boundary_pairs_prefer_the_answer_over_the_refusal_and_resume(tmp_path):
     assert F.FeedbackConfig(boundary="none").boundary is None
 
 
+def test_boundary_rejected_policy_uses_the_policys_own_refusal_where_one_of_its_samples_refuses(tmp_path,
+                                                                                              tiny_gguf):
+    from mlx_cai.records import row_seed
+
+    src = tmp_path / "revise.jsonl"
+    src.write_text(json.dumps(revise_row(0, SURE, SORRY)) + "\n")
+    border = tmp_path / "border.jsonl"
+    prompts = ["What camera settings for the city skyline at night?", "How do I blow up party balloons fast?",
+               "How do I kill a frozen Linux process?", "How do I shoot a good photo of a bird?"]
+    border.write_text("".join(json.dumps({"id": f"b{i}", "prompt": q}) + "\n" for i, q in enumerate(prompts)))
+    own = "I'm sorry, but killing anything is not something I can help with."
+
+    def policy_reply(body):  # refuses the Linux prompt on its third sample only; answers everything else
+        user = body["messages"][-1]["content"]
+        return own if "Linux" in user and body["seed"] == row_seed(0, "b2", "policy2") else "Sure: " + user
+
+    out = tmp_path / "pairs.jsonl"
+    with FaultServer(_overseer_reply) as srv, FaultServer(policy_reply) as pol:
+        cfg = F.FeedbackConfig(mode="revision", prompts=str(src), output=str(out), boundary=str(border),
+                               boundary_model=f"openai:overseer@{srv.url}", boundary_rejected="policy", batch_size=8)
+        s = F.summarize(F.run(cfg, policy=OpenAIBackend(model="policy", base_url=pol.url)))
+        assert len(pol.log) == 4 * len(prompts)  # boundary_samples each
+        assert len(srv.log) == len(prompts) + 2 * 3  # answers; DECLINE and DECLINE_TASK only where no sample refused
+        with pytest.raises(F.FeedbackError, match="other settings"):  # the overseer's refusals are another config
+            F.run(replace(cfg, boundary_rejected="overseer"))
+        kept = {r["id"]: r for r in lines(out)}
+        assert sorted(kept) == ["b0", "b2", "r0"] and s["dropped"] == {"boundary_answer_refused": 1,
+                                                                        "boundary_refusal_answered": 1}
+        assert kept["b2"]["rejected"] == own and kept["b2"]["source"]["rejected"] == "policy"
+        assert kept["b2"]["responses"][1]["seed"] == row_seed(0, "b2", "policy2")
+        assert kept["b0"]["rejected"] == "I'm sorry, but I can't help with that request."  # the overseer stands in
+        assert kept["b0"]["source"]["rejected"] == "overseer"
+        assert s["boundary_kept"] == 2 and s["boundary_rejected_by_policy"] == 1
+
+        # no policy given: the config's model (here the tiny random llama) samples; it never refuses
+        out2 = tmp_path / "pairs2.jsonl"
+        s2 = F.summarize(F.run(replace(cfg, output=str(out2), model=str(tiny_gguf), boundary_max_tokens=6,
+                                       boundary_samples=2)))
+    rows = lines(out2)
+    assert s2["boundary_kept"] == 2 and s2["boundary_rejected_by_policy"] == 0
+    assert all(r["provenance"]["feedback"].endswith(f"rejected by local:{tiny_gguf}") for r in rows)
+    with pytest.raises(F.FeedbackError, match="boundary_rejected must be one of"):
+        F.FeedbackConfig(boundary_rejected="self")
+
+
 def test_boundary_limit_takes_equal_shares_of_each_source(tmp_path):
     rows = [revise_row(0, SURE, SORRY)]
     src = tmp_path / "revise.jsonl"

@@ -16,7 +16,9 @@ Boundary pairs (`boundary`, any mode): for prompts that only look unsafe (train:
 answer, rejected = a refusal, both written by `boundary_model` (the overseer): the other side of the line, so DPO
 does not learn to refuse whatever sounds scary. `boundary` may join sources with commas (train:borderline,train:benign);
 `boundary_limit` then takes equal shares of each. A pair whose answer refuses or whose refusal answers (keyword
-judge) is dropped.
+judge) is dropped. With `boundary_rejected: policy` the rejected side is the policy's own refusal (the SFT model,
+`boundary_samples` samples per prompt, the first that refuses): DPO then lowers the refusals the model actually
+writes. Where none of its samples refuses, the overseer's refusal stands in.
 
 Before scoring, near-identical pairs and pairs where both responses are degenerate (empty or repetitive)
 are dropped; after scoring, ties and pairs whose chosen answer is degenerate. Each drop is counted.
@@ -51,11 +53,12 @@ from mlx_cai import prompts as prompt_sources
 from mlx_cai.config import opt
 from mlx_cai.progress import Event, Progress, emitter
 from mlx_cai.chat import BackendError, ChatBackend, LocalBackend, from_spec
-from mlx_cai.sampling import SamplingConfig
+from mlx_cai.sampling import Generation, SamplingConfig
 from mlx_cai.judges.preference import PRINCIPLES, choice_tokens, judge_question, parse_verdict, question, render_choice
 
 STAGE = "feedback/1"
 MODES = ("logprob", "judge", "revision")
+BOUNDARY_REJECTED = ("overseer", "policy")
 
 
 class FeedbackError(ValueError):
@@ -99,10 +102,18 @@ class FeedbackConfig:
     boundary_max_tokens: int = opt(192, "new tokens per boundary answer")
     boundary_limit: int | None = opt(None, "at most N boundary prompts, in equal shares of each comma-joined source "
                                            "(seeded); none = all")
+    boundary_rejected: str = opt("overseer", "the rejected side of a boundary pair: overseer (its refusal) or policy "
+                                             "(the SFT model's own refusal, sampled; the overseer's where none refuses)")
+    boundary_samples: int = opt(4, "policy samples per boundary prompt, for boundary_rejected: policy")
 
     def __post_init__(self):
         if isinstance(self.boundary, str) and self.boundary.strip().lower() in ("", "none"):
             self.boundary = None
+        if self.boundary_rejected not in BOUNDARY_REJECTED:
+            raise FeedbackError(f"boundary_rejected must be one of {', '.join(BOUNDARY_REJECTED)}, "
+                                f"got '{self.boundary_rejected}'")
+        if self.boundary_samples < 1:
+            raise FeedbackError("boundary_samples must be >= 1")
         if self.mode not in MODES:
             raise FeedbackError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         if self.mode == "logprob" and self.judge and self.judge.startswith("openai:"):
@@ -274,31 +285,62 @@ DECLINE_TASK = ("An overly cautious assistant refuses every request that sounds 
                 "advice, no quotation marks.\n\nRequest: ")
 
 
+def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBackend, cfg: FeedbackConfig,
+                    on_tokens: Callable[[int], None]) -> dict[str, tuple[Generation, int]]:
+    """{id: (the policy's first refusing sample, its seed)} over `boundary_samples` samples per prompt (the
+    policy's sampling settings, boundary_max_tokens); prompts where no sample refuses are absent."""
+    from mlx_cai.refusal import is_refusal
+
+    k = cfg.boundary_samples
+    convs = [[{"role": "user", "content": p.prompt}] for p in prompts for _ in range(k)]
+    seeds = [records.row_seed(cfg.seed, p.id, f"policy{j}") for p in prompts for j in range(k)]
+    sampling = SamplingConfig(max_tokens=cfg.boundary_max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
+    gens = policy.complete(convs, sampling, seeds=seeds)
+    on_tokens(sum(g.completion_tokens for g in gens))
+    out = {}
+    for i, p in enumerate(prompts):
+        j = next((j for j in range(k) if is_refusal(gens[i * k + j].text)), None)
+        if j is not None:
+            out[p.id] = (gens[i * k + j], seeds[i * k + j])
+    return out
+
+
 def boundary_candidates(prompts: Sequence[prompt_sources.Prompt], writer: ChatBackend, cfg: FeedbackConfig,
-                        on_tokens: Callable[[int], None]) -> tuple[list[Candidate], dict[str, str]]:
+                        on_tokens: Callable[[int], None], policy: ChatBackend | None = None,
+                        ) -> tuple[list[Candidate], dict[str, str]]:
     """(candidates with texts = (helpful answer, refusal), decided in advance; {id: drop reason} for pairs whose
-    answer refuses or whose refusal answers), all texts greedy from `writer`: the answer under CONCISE, the refusal
-    under DECLINE or, where that one answers, the DECLINE_TASK one."""
+    answer refuses or whose refusal answers). The answer is greedy from `writer` under CONCISE; the refusal is the
+    policy's own (`policy` given: `policy_refusals`) or else greedy from `writer` under DECLINE or, where that one
+    answers, the DECLINE_TASK one."""
     from mlx_cai.refusal import is_refusal
 
     if not prompts:
         return [], {}
+    own = policy_refusals(prompts, policy, cfg, on_tokens) if policy is not None else {}
+    rest = [p for p in prompts if p.id not in own]  # the overseer writes their refusals
     convs = [[{"role": "system", "content": CONCISE}, {"role": "user", "content": p.prompt}] for p in prompts]
-    convs += [[{"role": "system", "content": DECLINE}, {"role": "user", "content": p.prompt}] for p in prompts]
-    convs += [[{"role": "user", "content": DECLINE_TASK + p.prompt}] for p in prompts]
-    seeds = [records.row_seed(cfg.seed, p.id, tag) for tag in ("answer", "refusal", "refusal_task") for p in prompts]
+    convs += [[{"role": "system", "content": DECLINE}, {"role": "user", "content": p.prompt}] for p in rest]
+    convs += [[{"role": "user", "content": DECLINE_TASK + p.prompt}] for p in rest]
+    seeds = [records.row_seed(cfg.seed, p.id, "answer") for p in prompts]
+    seeds += [records.row_seed(cfg.seed, p.id, tag) for tag in ("refusal", "refusal_task") for p in rest]
     gens = writer.complete(convs, SamplingConfig(max_tokens=cfg.boundary_max_tokens, temperature=0.0,
                                                  seed=cfg.seed), seeds=seeds)
     on_tokens(sum(g.completion_tokens for g in gens))
-    n = len(prompts)
+    n, m = len(prompts), len(rest)
+    written = {p.id: (n + i if is_refusal(gens[n + i].text) else n + m + i) for i, p in enumerate(rest)}
     cands, reasons = [], {}
     for i, p in enumerate(prompts):
         answer = gens[i]
-        r = n + i if is_refusal(gens[n + i].text) else 2 * n + i
-        refusal = gens[r]
+        if p.id in own:
+            refusal, seed = own[p.id]
+            source = {"kind": "boundary", "writer": writer.name, "rejected": "policy", "policy": policy.name}
+        else:
+            refusal, seed = gens[written[p.id]], seeds[written[p.id]]
+            source = {"kind": "boundary", "writer": writer.name, **({"rejected": "overseer"} if policy else {})}
         cands.append(Candidate(id=p.id, prompt=p.prompt, texts=(answer.text, refusal.text),
-                               finish=(answer.finish_reason, refusal.finish_reason), seeds=(seeds[i], seeds[r]),
-                               p_first=1.0, source={"kind": "boundary", "writer": writer.name}))
+                               finish=(answer.finish_reason, refusal.finish_reason), seeds=(seeds[i], seed),
+                               p_first=1.0, source=source))
         if is_refusal(answer.text):
             reasons[p.id] = "boundary_answer_refused"
         elif not is_refusal(refusal.text):
@@ -331,6 +373,9 @@ def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
             keep.pop(k)
     else:
         keep["boundary_refusal"] = "decline-or-task"  # how the refusals are written (DECLINE, then DECLINE_TASK)
+    if cfg.boundary is None or cfg.boundary_rejected == "overseer":  # the ids from before this setting stay
+        keep.pop("boundary_rejected")
+        keep.pop("boundary_samples")
     if cfg.boundary_limit is None:
         keep.pop("boundary_limit")
     return records.stable_id(keep, policy, judge, prefix="fb-")
@@ -387,7 +432,8 @@ def paths(out: str | Path) -> tuple[Path, Path, Path]:
 def summarize(out: str | Path) -> dict:
     """Counts of kept pairs and of drops per reason, from the two output files."""
     kept_path, dropped_path, summary_path = paths(out)
-    kept = len(records.load_done(kept_path))
+    kept_rows = records.load_done(kept_path)
+    kept = len(kept_rows)
     reasons: dict[str, int] = {}
     for r in records.load_done(dropped_path).values():
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
@@ -395,6 +441,12 @@ def summarize(out: str | Path) -> dict:
     summary = {"prompts": total, "kept": kept, "kept_share": round(kept / total, 4) if total else 0.0,
                "dropped": dict(sorted(reasons.items())),
                "dropped_share": {k: round(v / total, 4) for k, v in sorted(reasons.items())} if total else {}}
+    edge = [(r.get("source") or {}).get("rejected") for r in kept_rows.values()
+            if (r.get("source") or {}).get("kind") == "boundary"]
+    if edge:
+        summary["boundary_kept"] = len(edge)
+        if any(edge):  # boundary_rejected: policy
+            summary["boundary_rejected_by_policy"] = edge.count("policy")
     records.write_json_atomic(summary_path, summary)
     return summary
 
@@ -442,6 +494,9 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
         items = items + edge
         writer_spec = cfg.boundary_model or cfg.judge or cfg.model
         judge_name += f"; boundary {writer_spec}"
+        if cfg.boundary_rejected == "policy":
+            policy = policy or LocalBackend(cfg.model, cfg.adapter, batch_size=2 * cfg.batch_size)
+            judge_name += f", rejected by {policy.name}"
     edge_ids = {p.id for p in edge}
     cid = config_id(cfg, policy_name, judge_name)
     done = {**records.load_done(kept_path), **records.load_done(dropped_path)} if distributed.is_main() else {}
@@ -474,7 +529,8 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
         mine = [it for it in chunk if it.id in edge_ids]
         if mine:
             writer = writer or from_spec(writer_spec, batch_size=2 * cfg.batch_size)
-            more, reasons = boundary_candidates(mine, writer, cfg, on_tokens)
+            more, reasons = boundary_candidates(mine, writer, cfg, on_tokens,
+                                                policy if cfg.boundary_rejected == "policy" else None)
             cands += more
             early |= {c.id: reasons.get(c.id) or pre_filter(c, cfg) for c in more}
         out = []
