@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import difflib
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -294,9 +294,7 @@ def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBacken
     k = cfg.boundary_samples
     convs = [[{"role": "user", "content": p.prompt}] for p in prompts for _ in range(k)]
     seeds = [records.row_seed(cfg.seed, p.id, f"policy{j}") for p in prompts for j in range(k)]
-    sampling = SamplingConfig(max_tokens=cfg.boundary_max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
-    gens = policy.complete(convs, sampling, seeds=seeds)
+    gens = policy.complete(convs, replace(cfg.sampling(), max_tokens=cfg.boundary_max_tokens), seeds=seeds)
     on_tokens(sum(g.completion_tokens for g in gens))
     out = {}
     for i, p in enumerate(prompts):
