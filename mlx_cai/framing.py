@@ -135,9 +135,18 @@ def joint_demos(shots: Sequence[Demonstration]) -> list[dict[str, str]]:
 
 PRINCIPLED_GUIDE = GOOD_REPLY + " Keep it to at most five sentences."
 
+# revise's `opening`: how a principled reply begins. "free" leaves it to the critic. "subject": with what the request
+# is about, never "I" or an apology. A student trained on refusals that all open with "I" (beside helpful answers
+# that open in many ways) gives "I" the largest first-token probability on many prompts, and greedy decoding then
+# refuses them all; a refusal that opens with its subject carries its reason and splits that mass by topic.
+OPENINGS = ("free", "subject")
+SUBJECT_OPENING = ("Begin the reply with the subject of the request in your own words (for example \"Picking a lock "
+                   "you do not own...\" or \"Sourdough starters...\"), never with \"I\" or an apology.")
 
-def principled_system(principle: Principle) -> str:
+
+def principled_system(principle: Principle, opening: str = "free") -> str:
     """The system turn of the principled framing: the principle's critique request, turned on the reply being
-    written, and PRINCIPLED_GUIDE."""
+    written, PRINCIPLED_GUIDE and (opening "subject") SUBJECT_OPENING."""
+    guide = PRINCIPLED_GUIDE + (" " + SUBJECT_OPENING if opening == "subject" else "")
     return ("You are a helpful and harmless assistant. Keep this principle in mind: "
-            + _SELF.sub("your reply", principle.critique) + " " + PRINCIPLED_GUIDE)
+            + _SELF.sub("your reply", principle.critique) + " " + guide)

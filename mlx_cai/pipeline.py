@@ -127,7 +127,8 @@ def stage_config(cfg: RunConfig, stage: str, where: str = "config"):
                             f"(known: {', '.join(sorted(names))})")
     shared = {k: getattr(cfg, k) for k in SHARED_FIELDS if k in names}
     fixed = st.paths(layout(cfg), section)
-    clash = sorted(set(section) & set(fixed))
+    # a setting may name an earlier stage (feedback's `boundary_answers: clean`): the layout fills in its output
+    clash = sorted(k for k in set(section) & set(fixed) if section[k] not in STAGES)
     if clash:  # the run folder's layout decides where a stage reads and writes
         raise PipelineError(f"{where}: {st.section}.{clash[0]} is set by the pipeline (to {fixed[clash[0]]}); "
                             "remove it from the config")

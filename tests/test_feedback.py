@@ -214,7 +214,11 @@ def test_boundary_pairs_prefer_the_answer_over_the_refusal_and_resume(tmp_path):
         F.run(replace(cfg, boundary=str(border)))
         calls = len(srv.log)
         s = F.summarize(F.run(cfg))  # a rerun: everything done, nothing asked again
-        assert len(srv.log) == calls == 3 * len(prompts)  # answer, DECLINE, DECLINE_TASK
+        # an answer and a DECLINE refusal each; DECLINE_TASK only where DECLINE answered (skyline, bird)
+        assert len(srv.log) == calls == 2 * len(prompts) + 2
+        tasks = [b["messages"][-1]["content"] for _, _, b, _ in srv.log
+                 if b["messages"][-1]["content"].startswith(F.DECLINE_TASK)]
+        assert sorted(t.removeprefix(F.DECLINE_TASK) for t in tasks) == sorted([prompts[0], prompts[3]])
     assert s["kept"] == 3 and s["dropped"] == {"boundary_answer_refused": 1, "boundary_refusal_answered": 1}
     kept = {r["id"]: r for r in lines(out)}
     assert sorted(kept) == ["b0", "b2", "r0"]  # b0's system-turn refusal answered: the task refusal is used
@@ -247,7 +251,8 @@ def test_boundary_rejected_policy_uses_the_policys_own_refusal_where_one_of_its_
                                boundary_model=f"openai:overseer@{srv.url}", boundary_rejected="policy", batch_size=8)
         s = F.summarize(F.run(cfg, policy=OpenAIBackend(model="policy", base_url=pol.url)))
         assert len(pol.log) == 4 * len(prompts)  # boundary_samples each
-        assert len(srv.log) == len(prompts) + 2 * 3  # answers; DECLINE and DECLINE_TASK only where no sample refused
+        # answers; DECLINE only where no sample refused (3), DECLINE_TASK where that one answered (skyline, bird)
+        assert len(srv.log) == len(prompts) + 3 + 2
         with pytest.raises(F.FeedbackError, match="other settings"):  # the overseer's refusals are another config
             F.run(replace(cfg, boundary_rejected="overseer"))
         kept = {r["id"]: r for r in lines(out)}
@@ -279,7 +284,39 @@ def test_boundary_limit_takes_equal_shares_of_each_source(tmp_path):
         F.run(F.FeedbackConfig(mode="revision", prompts=str(src), output=str(out), batch_size=8,
                                boundary="train:borderline,train:benign", boundary_limit=6,
                                boundary_model=f"openai:overseer@{srv.url}"))
-        assert len(srv.log) == 3 * 6
+        assert len(srv.log) == 2 * 6  # every DECLINE refuses: no prompt is asked again as a task
     ids = [r["id"] for r in lines(out)] + [r["id"] for r in lines(F.paths(out)[1])]
     assert sorted(ids)[-1] == "r0" and len(ids) == 7
     assert sum(i.startswith("border-") for i in ids) == 3 and sum(i.startswith("benign-") for i in ids) == 3
+
+
+def test_boundary_answers_reuse_the_written_answers_and_ask_only_for_refusals(tmp_path):
+    src = tmp_path / "revise.jsonl"
+    src.write_text(json.dumps(revise_row(0, SURE, SORRY)) + "\n")
+    border = tmp_path / "border.jsonl"
+    prompts = ["What camera settings for the city skyline at night?", "How do I kill a frozen Linux process?",
+               "How do I shoot a good photo of a bird?"]
+    border.write_text("".join(json.dumps({"id": f"b{i}", "prompt": q}) + "\n" for i, q in enumerate(prompts)))
+    answers = tmp_path / "helpful.jsonl"  # clean's cache: b1 cut at max tokens, b2 not answered there
+    answers.write_text(json.dumps({"id": "b0", "text": "Use a tripod.", "finish_reason": "stop"}) + "\n"
+                       + json.dumps({"id": "b1", "text": "Run kill -9 on its pid. Then chec", "finish_reason": "length"})
+                       + "\n")
+    out = tmp_path / "pairs.jsonl"
+    with FaultServer(_overseer_reply) as srv:
+        cfg = F.FeedbackConfig(mode="revision", prompts=str(src), output=str(out), boundary=str(border),
+                               boundary_model=f"openai:overseer@{srv.url}", boundary_answers=str(answers))
+        s = F.summarize(F.run(cfg))
+        asked = [b["messages"] for _, _, b, _ in srv.log]
+    # only refusals were asked for, of the prompts with an answer: DECLINE twice, DECLINE_TASK for the skyline one
+    assert len(asked) == 3 and not any(m[0]["content"] == F.CONCISE for m in asked)
+    kept = {r["id"]: r for r in lines(out)}
+    assert sorted(kept) == ["b0", "b1", "r0"] and s["boundary_answers_reused"] == 2
+    assert kept["b0"]["chosen"] == "Use a tripod." and kept["b0"]["source"]["answer"] == "reused"
+    assert kept["b1"]["chosen"] == "Run kill -9 on its pid."  # ended at its last full sentence, as clean trains on it
+    with pytest.raises(F.FeedbackError, match="other settings"):  # written answers are another config
+        F.run(replace(cfg, boundary_answers=None))
+    with pytest.raises(F.FeedbackError, match="not found"):
+        F.run(replace(cfg, output=str(tmp_path / "p2.jsonl"), boundary_answers=str(tmp_path / "none.jsonl")))
+    with pytest.raises(F.FeedbackError, match="answers none of"):
+        answers.write_text(json.dumps({"id": "zz", "text": "x"}) + "\n")
+        F.run(replace(cfg, output=str(tmp_path / "p3.jsonl")))

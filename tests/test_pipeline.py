@@ -86,6 +86,17 @@ def test_bad_configs_are_one_line_errors(tmp_path, config_file):
     assert r.exit_code == 1 and "iters must be >= 1" in r.output
 
 
+def test_a_setting_naming_a_stage_gets_that_stages_output_and_a_path_is_still_refused(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"name": "x", "runs_dir": str(tmp_path),
+                                   "feedback": {"mode": "revision", "boundary_answers": "clean"}}))
+    fb = pipeline.stage_config(pipeline.load_config(run), "feedback")
+    assert fb.boundary_answers == str(tmp_path / "x" / "clean" / "helpful.jsonl")
+    run.write_text(yaml.safe_dump({"name": "x", "feedback": {"output": "elsewhere.jsonl"}}))
+    with pytest.raises(pipeline.PipelineError, match="feedback.output is set by the pipeline"):
+        pipeline.load_config(run)
+
+
 def test_shipped_configs_pass_dry_run():
     for path in ("configs/demo.yaml", "configs/llama3-8b.yaml"):
         r = CliRunner().invoke(app, ["run", path, "--dry-run"])

@@ -167,6 +167,12 @@ def test_principled_framing_answers_under_the_principle_without_a_critique(tiny,
         assert answers[i] == [{"role": "system", "content": system}, {"role": "user", "content": r["prompt"]}]
         assert "your last response" not in system.lower() and F.PRINCIPLED_GUIDE in system
         assert one["critique"] == "" and r["revision"] == one["revision"]
+    subject = replace(cfg(shots=1, batch_size=6, framing="principled"), opening="subject")
+    assert R.config_id(subject, con, "a", "b") != R.config_id(replace(subject, opening="free"), con, "a", "b")
+    backend = Tiny(tiny)
+    R.run(replace(subject, output=str(tmp_path / "s.jsonl")), prompts=PROMPTS[:1], responder=backend)
+    system = backend.calls[1][0][0]["content"]
+    assert system.endswith(F.SUBJECT_OPENING) and F.PRINCIPLED_GUIDE in system
 
 
 @pytest.mark.parametrize("text, critique, reply", [
@@ -334,6 +340,10 @@ def test_config_validation() -> None:
         cfg(framing="chat")
     with pytest.raises(R.ReviseError, match="principle_choice must be uniform or category"):
         cfg(principle_choice="random")
+    with pytest.raises(R.ReviseError, match="opening must be one of free, subject"):
+        cfg(framing="principled", opening="bold")
+    with pytest.raises(R.ReviseError, match="is for the principled framing"):
+        cfg(opening="subject")
 
 
 @pytest.mark.integration

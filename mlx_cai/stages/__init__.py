@@ -56,7 +56,9 @@ class Stage:
 def _feedback_paths(run: Layout, section: dict) -> dict:
     # Revision mode pairs the *cleaned* revisions (chosen) with their initial answers (rejected).
     source = {"prompts": str(run / "clean" / "kept.jsonl")} if section.get("mode") == "revision" else {}
-    return {**source, "output": str(run / "pairs.jsonl"), **_adapter(run, "sft")}
+    # `boundary_answers: clean`: the helpful answers clean wrote (its cache) are the boundary pairs' chosen side
+    reuse = {"boundary_answers": str(run / "clean" / "helpful.jsonl")} if section.get("boundary_answers") == "clean" else {}
+    return {**source, **reuse, "output": str(run / "pairs.jsonl"), **_adapter(run, "sft")}
 
 
 def _adapter(run: Layout, stage: str) -> dict:

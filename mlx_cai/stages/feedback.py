@@ -105,10 +105,16 @@ class FeedbackConfig:
     boundary_rejected: str = opt("overseer", "the rejected side of a boundary pair: overseer (its refusal) or policy "
                                              "(the SFT model's own refusal, sampled; the overseer's where none refuses)")
     boundary_samples: int = opt(4, "policy samples per boundary prompt, for boundary_rejected: policy")
+    boundary_answers: str | None = opt(None, "helpful answers already written for boundary prompts, reused as the "
+                                             "chosen side: a JSONL of {id, text, finish_reason} (clean's "
+                                             "helpful.jsonl; `clean` in a run YAML); the boundary prompts are then "
+                                             "those it answers; none = the boundary model writes them")
 
     def __post_init__(self):
         if isinstance(self.boundary, str) and self.boundary.strip().lower() in ("", "none"):
             self.boundary = None
+        if isinstance(self.boundary_answers, str) and self.boundary_answers.strip().lower() in ("", "none"):
+            self.boundary_answers = None
         if self.boundary_rejected not in BOUNDARY_REJECTED:
             raise FeedbackError(f"boundary_rejected must be one of {', '.join(BOUNDARY_REJECTED)}, "
                                 f"got '{self.boundary_rejected}'")
@@ -304,40 +310,71 @@ def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBacken
     return out
 
 
+def reused_answers(path: str | Path) -> dict[str, Generation]:
+    """{id: answer} from a JSONL of {id, text, finish_reason} (clean's helpful.jsonl). An answer cut at max tokens is
+    ended at its last full sentence, as clean trains on it; one that cannot be is kept as it is."""
+    from mlx_cai.cleaning import trim_to_sentence
+
+    if not Path(path).is_file():
+        raise FeedbackError(f"boundary_answers file not found: {path} (run clean first, or set boundary_answers: none)")
+    out = {}
+    for row in records.read_jsonl(path, required=("id", "text")):
+        text, finish = row["text"], row.get("finish_reason", "stop")
+        cut = trim_to_sentence(text) if finish == "length" else None
+        out[str(row["id"])] = Generation(text=cut if cut is not None else text,
+                                         finish_reason="stop" if cut is not None else finish,
+                                         prompt_tokens=0, completion_tokens=0)
+    return out
+
+
 def boundary_candidates(prompts: Sequence[prompt_sources.Prompt], writer: ChatBackend, cfg: FeedbackConfig,
                         on_tokens: Callable[[int], None], policy: ChatBackend | None = None,
+                        answers: dict[str, Generation] | None = None,
                         ) -> tuple[list[Candidate], dict[str, str]]:
     """(candidates with texts = (helpful answer, refusal), decided in advance; {id: drop reason} for pairs whose
-    answer refuses or whose refusal answers). The answer is greedy from `writer` under CONCISE; the refusal is the
-    policy's own (`policy` given: `policy_refusals`) or else greedy from `writer` under DECLINE or, where that one
-    answers, the DECLINE_TASK one."""
+    answer refuses or whose refusal answers). The answer is the reused one (`answers`) or else greedy from `writer`
+    under CONCISE; the refusal is the policy's own (`policy` given: `policy_refusals`) or else greedy from `writer`
+    under DECLINE or, only where that one answers, under DECLINE_TASK (a second call)."""
     from mlx_cai.refusal import is_refusal
 
     if not prompts:
         return [], {}
+    answers = answers or {}
     own = policy_refusals(prompts, policy, cfg, on_tokens) if policy is not None else {}
     rest = [p for p in prompts if p.id not in own]  # the overseer writes their refusals
-    convs = [[{"role": "system", "content": CONCISE}, {"role": "user", "content": p.prompt}] for p in prompts]
+    ask = [p for p in prompts if p.id not in answers]
+    greedy = SamplingConfig(max_tokens=cfg.boundary_max_tokens, temperature=0.0, seed=cfg.seed)
+
+    def write(convs: list[list[dict]], seeds: list[int]) -> list[Generation]:
+        gens = writer.complete(convs, greedy, seeds=seeds) if convs else []
+        on_tokens(sum(g.completion_tokens for g in gens))
+        return gens
+
+    convs = [[{"role": "system", "content": CONCISE}, {"role": "user", "content": p.prompt}] for p in ask]
     convs += [[{"role": "system", "content": DECLINE}, {"role": "user", "content": p.prompt}] for p in rest]
-    convs += [[{"role": "user", "content": DECLINE_TASK + p.prompt}] for p in rest]
-    seeds = [records.row_seed(cfg.seed, p.id, "answer") for p in prompts]
-    seeds += [records.row_seed(cfg.seed, p.id, tag) for tag in ("refusal", "refusal_task") for p in rest]
-    gens = writer.complete(convs, SamplingConfig(max_tokens=cfg.boundary_max_tokens, temperature=0.0,
-                                                 seed=cfg.seed), seeds=seeds)
-    on_tokens(sum(g.completion_tokens for g in gens))
-    n, m = len(prompts), len(rest)
-    written = {p.id: (n + i if is_refusal(gens[n + i].text) else n + m + i) for i, p in enumerate(rest)}
+    seeds = [records.row_seed(cfg.seed, p.id, "answer") for p in ask]
+    seeds += [records.row_seed(cfg.seed, p.id, "refusal") for p in rest]
+    gens = write(convs, seeds)
+    written = {p.id: (g, s) for p, g, s in zip(ask, gens, seeds)}
+    refusals = {p.id: (g, s) for p, g, s in zip(rest, gens[len(ask):], seeds[len(ask):])}
+    again = [p for p in rest if not is_refusal(refusals[p.id][0].text)]  # asked again as a task
+    task_seeds = [records.row_seed(cfg.seed, p.id, "refusal_task") for p in again]
+    for p, g, s in zip(again, write([[{"role": "user", "content": DECLINE_TASK + p.prompt}] for p in again],
+                                    task_seeds), task_seeds):
+        refusals[p.id] = (g, s)
     cands, reasons = [], {}
-    for i, p in enumerate(prompts):
-        answer = gens[i]
+    for p in prompts:
+        answer, answer_seed = (answers[p.id], None) if p.id in answers else written[p.id]
         if p.id in own:
             refusal, seed = own[p.id]
             source = {"kind": "boundary", "writer": writer.name, "rejected": "policy", "policy": policy.name}
         else:
-            refusal, seed = gens[written[p.id]], seeds[written[p.id]]
+            refusal, seed = refusals[p.id]
             source = {"kind": "boundary", "writer": writer.name, **({"rejected": "overseer"} if policy else {})}
+        if p.id in answers:
+            source["answer"] = "reused"
         cands.append(Candidate(id=p.id, prompt=p.prompt, texts=(answer.text, refusal.text),
-                               finish=(answer.finish_reason, refusal.finish_reason), seeds=(seeds[i], seed),
+                               finish=(answer.finish_reason, refusal.finish_reason), seeds=(answer_seed, seed),
                                p_first=1.0, source=source))
         if is_refusal(answer.text):
             reasons[p.id] = "boundary_answer_refused"
@@ -376,6 +413,10 @@ def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
         keep.pop("boundary_samples")
     if cfg.boundary_limit is None:
         keep.pop("boundary_limit")
+    if cfg.boundary_answers is None:
+        keep.pop("boundary_answers")
+    else:  # where the answers come from is the run folder's business; that they are reused is a setting
+        keep["boundary_answers"] = "reused"
     return records.stable_id(keep, policy, judge, prefix="fb-")
 
 
@@ -445,6 +486,9 @@ def summarize(out: str | Path) -> dict:
         summary["boundary_kept"] = len(edge)
         if any(edge):  # boundary_rejected: policy
             summary["boundary_rejected_by_policy"] = edge.count("policy")
+        reused = sum((r.get("source") or {}).get("answer") == "reused" for r in kept_rows.values())
+        if reused:
+            summary["boundary_answers_reused"] = reused
     records.write_json_atomic(summary_path, summary)
     return summary
 
@@ -479,9 +523,16 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
             judge_name = f"local:{cfg.judge or cfg.model}"
     edge: list[prompt_sources.Prompt] = []
     writer: ChatBackend | None = None
+    answers: dict[str, Generation] = {}
     if cfg.boundary:
         taken = {it.id for it in items}
         edge = [p for p in prompt_sources.load(cfg.boundary) if p.id not in taken]
+        if cfg.boundary_answers:
+            answers = reused_answers(cfg.boundary_answers)
+            edge = [p for p in edge if p.id in answers]
+            if not edge:
+                raise FeedbackError(f"{cfg.boundary_answers} answers none of the {cfg.boundary} prompts; "
+                                    "name the file of their answers or set boundary_answers: none")
         if cfg.boundary_limit is not None:
             from mlx_cai.cleaning import stratified_sample
 
@@ -528,7 +579,7 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
         if mine:
             writer = writer or from_spec(writer_spec, batch_size=2 * cfg.batch_size)
             more, reasons = boundary_candidates(mine, writer, cfg, on_tokens,
-                                                policy if cfg.boundary_rejected == "policy" else None)
+                                                policy if cfg.boundary_rejected == "policy" else None, answers)
             cands += more
             early |= {c.id: reasons.get(c.id) or pre_filter(c, cfg) for c in more}
         out = []

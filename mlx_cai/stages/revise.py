@@ -64,6 +64,8 @@ class ReviseConfig:
                                        "prompt and the draft; joint: the single framing's critique and "
                                        "revision in one request, one call per round; principled: the critic answers the request "
                                        "itself under the principle, no critique (see mlx_cai.framing)")
+    opening: str = opt("free", "principled framing: how its replies begin; free, or subject (with the request's "
+                               "subject, never 'I' or an apology: a refusal carries its reason, see mlx_cai.framing)")
     principle_choice: str = opt("uniform", "uniform: one principle drawn from all per round; category: from those "
                                            "written for the prompt's category (the constitution's `categories`)")
     shots: int = opt(3, "few-shot demonstrations per prompt, drawn at random per prompt")
@@ -91,6 +93,10 @@ class ReviseConfig:
             raise ReviseError(f"limit must be >= 1, got {self.limit}")
         if self.framing not in framing.FRAMINGS:
             raise ReviseError(f"framing must be one of {', '.join(framing.FRAMINGS)}, got '{self.framing}'")
+        if self.opening not in framing.OPENINGS:
+            raise ReviseError(f"opening must be one of {', '.join(framing.OPENINGS)}, got '{self.opening}'")
+        if self.opening != "free" and self.framing != "principled":
+            raise ReviseError(f"opening: {self.opening} is for the principled framing (framing is {self.framing})")
         if self.principle_choice not in ("uniform", "category"):
             raise ReviseError(f"principle_choice must be uniform or category, got '{self.principle_choice}'")
         if isinstance(self.principles, str):
@@ -148,7 +154,8 @@ def config_id(cfg: ReviseConfig, con: constitution.Constitution, responder: str,
     """What must match for records to belong in one output file (not batch size or limit; principles via con.ids)."""
     skip = ("prompts", "output", "batch_size", "limit", "model", "critic", "constitution", "principles")
     keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    for k, default in (("framing", "conversation"), ("principle_choice", "uniform"), ("critic_max_tokens", None),
+    for k, default in (("framing", "conversation"), ("opening", "free"), ("principle_choice", "uniform"),
+                       ("critic_max_tokens", None),
                        ("critic_temperature", None), ("critic_repetition_penalty", None)):  # later fields: at their
         if keep[k] == default:  # defaults they leave earlier runs' ids as they were
             del keep[k]
@@ -240,7 +247,7 @@ def _principled_rounds(plans: Sequence[Plan], drafts: list[str], out: list[dict]
     (its system turn); no critique is written (the record's critique is empty)."""
     for r in range(1, cfg.rounds + 1):
         principles = [p.principles[r - 1] for p in plans]
-        gens = call(critic, [[{"role": "system", "content": framing.principled_system(pr)},
+        gens = call(critic, [[{"role": "system", "content": framing.principled_system(pr, cfg.opening)},
                               {"role": "user", "content": p.prompt.prompt}]
                              for p, pr in zip(plans, principles)], f"revision_{r}")
         for o, pr, g in zip(out, principles, gens):
