@@ -137,7 +137,8 @@ def context(stage: str, name: Callable[[str], str], model: str | None = None) ->
     train_limit = fastmath.PACKED_TRAIN_SHARE * ram if on_kernels and settings().packed_train else 0.0
     return memplan.Context(stage, functools.lru_cache(maxsize=None)(shape_of), name, model,
                            train_copy_limit=train_limit,
-                           decode_copy_limit=fastllama.PACK_MEMORY_SHARE * ram if on_kernels else 0.0)
+                           decode_copy_limit=fastllama.PACK_MEMORY_SHARE * ram if on_kernels else 0.0,
+                           fused_attention=backend.default_device() == "gpu")
 
 
 def flag(field: str) -> str:

@@ -39,6 +39,7 @@ SAVED_PER_TOKEN = (5, 2, 4)  # activations kept per token and block: 5h + 2kv + 
 # tokens), plus each few-shot demo (a request, an answer, a critique and a revision: ~384 tokens).
 PROMPT_TOKENS = 256
 DEMO_TOKENS = 384
+PREFILL_ROWS = 8  # prompts are prefilled a few rows at a time (mlx-lm's BatchGenerator: prefill_batch_size 8)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class Context:
     model: str | None = None  # the run's model: the responder clean's helpful answers default to
     train_copy_limit: float = 0.0  # CPU kernels: bytes of packed weight copies training may make (0: none)
     decode_copy_limit: float = 0.0  # CPU kernels: bytes of fused/packed copies generation may make (0: none)
+    fused_attention: bool = False  # GPU: inference attention never materialises its scores
 
 
 def training(ctx: Context, cfg, sequences: int) -> Estimate | None:
@@ -152,7 +154,8 @@ def generation(ctx: Context, spec: str | None, others: dict[str, str | None], *,
     shape = ctx.shape(spec) if spec else None
     if shape is None:
         return None
-    items = generate_items(shape, batch=batch, prompt=prompt, new_tokens=new_tokens, copy_limit=ctx.decode_copy_limit)
+    items = generate_items(shape, batch=batch, prompt=prompt, new_tokens=new_tokens, copy_limit=ctx.decode_copy_limit,
+                           scores=not ctx.fused_attention)
     for role, other in others.items():
         other_shape = ctx.shape(other) if other and other != spec else None
         if other_shape is not None:
@@ -187,19 +190,20 @@ def train_items(shape: ModelShape, *, batch: int, seq: int, lora_layers: int, lo
     return items
 
 
-def generate_items(shape: ModelShape, *, batch: int, prompt: int, new_tokens: int,
-                   copy_limit: float = 0.0) -> dict[str, float]:
-    """Bytes of batched generation: weights, the KV cache of batch x (prompt + new tokens), one block's prefill
-    buffers and attention scores, the last position's logits. `copy_limit`: the CPU kernels' decode path keeps
-    packed copies of the float32 weights, and fused q/k/v and gate/up copies, when they fit in it."""
+def generate_items(shape: ModelShape, *, batch: int, prompt: int, new_tokens: int, copy_limit: float = 0.0,
+                   scores: bool = True) -> dict[str, float]:
+    """Bytes of batched generation: weights, the KV cache of batch x (prompt + new tokens), the buffers of one
+    block prefilling PREFILL_ROWS prompts (with their attention scores unless `scores` is False: fused attention),
+    the last position's logits. `copy_limit`: the CPU kernels' decode path keeps packed copies of the float32
+    weights, and fused q/k/v and gate/up copies, when they fit in it."""
     a = shape.act_bytes
     length = prompt + new_tokens
-    tokens = batch * prompt
+    rows = min(batch, PREFILL_ROWS)
     items = {
         "weights": shape.weight_bytes(),
         "kv cache": batch * length * shape.layers * 2 * shape.kv * a,
-        "prefill": tokens * (4 * shape.hidden + 3 * shape.intermediate) * a
-                   + batch * shape.heads * prompt * length * FLOAT32,
+        "prefill": rows * prompt * (4 * shape.hidden + 3 * shape.intermediate) * a
+                   + (rows * shape.heads * prompt * length * FLOAT32 if scores else 0),
         "logits": batch * shape.vocab * FLOAT32 * 2,
     }
     if shape.weight_bits == 32:
@@ -221,16 +225,22 @@ def refusal(est: Estimate, budget: float) -> str | None:
     """One line when `est` cannot fit `budget` bytes, naming the settings to lower; None when it fits."""
     if est.total <= budget:
         return None
-    head = f"{est.stage} needs ~{est.total / GB:.1f} GB of a {budget / GB:.1f} GB budget"
+    head = f"{est.stage} needs ~{gb(est.total)} GB of a {gb(budget)} GB budget"
     weights = sum(v for k, v in est.items.items() if "weights" in k)
     if weights > budget:
-        return f"{head}: the weights alone are {weights / GB:.1f} GB; use a smaller or more quantized model"
+        return f"{head}: the weights alone are {gb(weights)} GB; use a smaller or more quantized model"
     lower = " or ".join(f"{name} ({value})" for name, value in est.knobs)
     extra = "".join(f"; {n}" for n in est.notes)
     return f"{head}: lower {lower}{extra}" if lower else f"{head}{extra}"
 
 
+def gb(nbytes: float) -> str:
+    """Decimal GB with one decimal, or two significant digits below 1 GB (a tiny model's 0.0042)."""
+    v = nbytes / GB
+    return f"{v:.1f}" if v >= 0.95 else f"{v:.2g}"
+
+
 def biggest(est: Estimate, n: int = 3) -> str:
     """The n largest items, e.g. 'logits 10.5, weights 4.5, activations 1.3' (GB)."""
     top = sorted(est.items.items(), key=lambda kv: -kv[1])[:n]
-    return ", ".join(f"{k} {v / GB:.1f}" for k, v in top)
+    return ", ".join(f"{k} {gb(v)}" for k, v in top)
