@@ -63,14 +63,15 @@ class ModelShape:
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
         quant = config.get("quantization") or config.get("quantization_config")
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float16")
+        # No dtype named (a GGUF converted here): its norms are float32, so the activations are too.
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
         act = FLOAT32 if dequantize or dtype == "float32" else 2
-        if dequantize or act == FLOAT32:
+        if dequantize:
             bits = 32.0
         elif quant and "bits" in quant:
             bits = quantized_bits(int(quant["bits"]), int(quant.get("group_size", 64)))
         else:
-            bits = 16.0
+            bits = 8.0 * act
         return cls(hidden=hidden, layers=int(config["num_hidden_layers"]), heads=heads,
                    kv_heads=int(config.get("num_key_value_heads") or heads),
                    head_dim=int(config.get("head_dim") or hidden // heads),
