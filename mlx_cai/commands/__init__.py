@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 from contextlib import contextmanager
 
+BUDGET_HELP = ("GB of memory this command may use (default: the device's: Metal's recommended working set, a CUDA "
+               "device's memory, else the RAM); a config estimated above it stops before any work")
 FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space, or no quota left
 
 

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from mlx_cai.cli import app
-from mlx_cai.commands import user_errors
+from mlx_cai.commands import BUDGET_HELP, user_errors
 
 MODEL_HELP = ("smollm2-135m (embedded), qwen2.5-coder-1.5b (embedded overseer), a .gguf path, an MLX folder, "
               "or a Hub repo id")
+
+
+def _preflight(command: str, model: str, batch: int, max_tokens: int, dequantize: bool | None,
+               memory_budget: float | None) -> None:
+    """Stop with one line when generating `batch` rows of `max_tokens` cannot fit the memory budget."""
+    from functools import partial
+
+    from mlx_cai import memcheck, memplan
+
+    ctx = memcheck.context(command, memcheck.flag, model)
+    ctx = dataclasses.replace(ctx, shape=partial(memcheck.shape_of, dequantize=dequantize))
+    est = memplan.generation(ctx, model, {}, batch=batch, prompt=memplan.PROMPT_TOKENS, new_tokens=max_tokens,
+                             knobs={"batch_size": batch, "max_tokens": max_tokens} if batch > 1
+                             else {"max_tokens": max_tokens})
+    memcheck.check([(command, est)], memcheck.budget(memory_budget))
 
 
 @app.command()
@@ -50,6 +66,7 @@ def chat(
     top_p: float = typer.Option(0.95),
     repetition_penalty: float = typer.Option(1.1),
     system: Optional[str] = typer.Option(None, help="system prompt"),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
 ) -> None:
     """Chat with a model in the terminal (streaming, multi-turn). Empty line or Ctrl-D quits; /reset clears."""
     from mlx_cai import models, ui
@@ -57,6 +74,7 @@ def chat(
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     with user_errors():
+        _preflight("chat", model, 1, max_tokens, None, memory_budget)
         m, tok = models.load(model, adapter)
     sampler = make_sampler(temp=temperature, top_p=top_p)
     procs = make_logits_processors(repetition_penalty=repetition_penalty if repetition_penalty != 1 else None)
@@ -97,6 +115,7 @@ def generate(
     seed: int = typer.Option(0),
     dequantize: Optional[bool] = typer.Option(None, "--dequantize/--keep-quantized",
                                               help="default: dequantize to float32 on CPU, keep quantized on GPU"),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
 ) -> None:
     """Generate a response for every prompt into OUTPUT (one JSON object per line: id, prompt, response,
     finish_reason, prompt_tokens, completion_tokens). Resumable: rerun after a kill to continue."""
@@ -108,6 +127,7 @@ def generate(
         cfg = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                              repetition_penalty=repetition_penalty, seed=seed)
         items = promptfile.read_prompts(prompts)
+        _preflight("generate", model, batch_size, max_tokens, dequantize, memory_budget)
         with runlock.hold(output, "generate"):  # one writer per output file
             todo, done = promptfile.pending(items, output)
             if not todo:

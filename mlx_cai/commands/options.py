@@ -18,7 +18,7 @@ from typing import Callable, List, Optional
 import typer
 
 from mlx_cai.cli import app
-from mlx_cai.commands import user_errors
+from mlx_cai.commands import BUDGET_HELP, user_errors
 
 SHORT = {"output": ("--output", "-o"), "model": ("--model", "-m")}
 
@@ -88,6 +88,14 @@ def build(cls, given: dict, config_file: Path | None):
     return config.build_config(cls, layers, **given)
 
 
+def preflight(stage: str, cfg, memory_budget: float | None) -> None:
+    """Stop with one line (MemoryBudgetError) when the stage's estimated peak exceeds the budget."""
+    from mlx_cai import memcheck
+
+    ctx = memcheck.context(stage, memcheck.flag, getattr(cfg, "model", None))
+    memcheck.check([(stage, memcheck.stage_estimate(cfg, ctx))], memcheck.budget(memory_budget))
+
+
 def stage_command(name: str, cls, run: Callable, *, positional: tuple[str, ...] = (),
                   render: Callable | None = None, doc: str = "") -> None:
     """Register `mlx-cai NAME`: build the config from the options, run the stage with progress bars while holding
@@ -99,8 +107,11 @@ def stage_command(name: str, cls, run: Callable, *, positional: tuple[str, ...] 
         from mlx_cai import distributed, runlock, ui
 
         config_file = kw.pop("config")
+        memory_budget = kw.pop("memory_budget", None)
         with user_errors():
             cfg = build(cls, kw, config_file)
+            if hasattr(cls, "memory"):  # before the lock and any output: a config that cannot fit writes nothing
+                preflight(name, cfg, memory_budget)
             output = getattr(cfg, "output", None)
             with runlock.hold(output, name) if output else nullcontext():  # one writer per output
                 with ui.StageProgress() as bars:
@@ -112,6 +123,9 @@ def stage_command(name: str, cls, run: Callable, *, positional: tuple[str, ...] 
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                     default=typer.Option(None, "--config", "-c", help="YAML file of settings "
                                                          "(command-line options override it)")))
+    if hasattr(cls, "memory"):
+        params.append(inspect.Parameter("memory_budget", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[float],
+                                        default=typer.Option(None, "--memory-budget", help=BUDGET_HELP)))
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = doc
     command.__name__ = name.replace("-", "_")

@@ -10,9 +10,17 @@ from typing import List, Optional
 import typer
 
 from mlx_cai.cli import app
-from mlx_cai.commands import user_errors
+from mlx_cai.commands import BUDGET_HELP, user_errors
 
 ASSUMED_TOK_S = {"cpu": 100.0, "gpu": 400.0}  # used by --dry-run when no run has measured this model yet
+
+
+def _stages_in(cfg, start: str | None, until: str | None) -> list[str]:
+    """The enabled stages from `start` (or the first) to `until` (or the last): those this command may run."""
+    stages = cfg.enabled()
+    lo = stages.index(start) if start in stages else 0
+    hi = stages.index(until) + 1 if until in stages else len(stages)
+    return stages[lo:hi]
 
 
 def _parse_set(values: list[str]) -> dict:
@@ -130,10 +138,11 @@ def run(
     until: Optional[str] = typer.Option(None, help="stop after this stage"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the config and print the plan; run nothing"),
     set_: List[str] = typer.Option([], "--set", help="override a setting, e.g. --set sft.iters=50"),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
 ) -> None:
     """Run revise -> clean -> sft -> feedback -> dpo -> eval (base, sft, dpo) -> report into runs/NAME.
     Rerun the same command after a kill: finished stages are skipped and a partial one continues."""
-    from mlx_cai import pipeline, ui
+    from mlx_cai import memcheck, memplan, pipeline, ui
 
     with user_errors():
         overrides = _parse_set(set_)
@@ -144,6 +153,12 @@ def run(
             if s and s not in pipeline.STAGES:
                 raise pipeline.PipelineError(f"unknown stage '{s}' (stages: {', '.join(pipeline.STAGES)})")
         ui.out.print(ui.table(f"plan: runs/{cfg.name}", ["stage", "model", "data", "estimate"], plan_rows(cfg)))
+        limit = memcheck.budget(memory_budget)
+        estimates = memcheck.run_estimates(cfg, _stages_in(cfg, from_stage, until))
+        ui.out.print(ui.table(f"memory: estimated peak per stage, budget {limit / memplan.GB:.1f} GB",
+                              ["stage", "peak", "of budget", "largest items (GB)", "fits"],
+                              memcheck.rows(estimates, limit)))
+        memcheck.check(estimates, limit)  # before any work: nothing is written when a stage cannot fit
         if dry_run:
             ui.note("config is valid (dry run: nothing was run)")
             return

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mlx_cai import constitution
-from mlx_cai import metrics, records
+from mlx_cai import memplan, metrics, records
 from mlx_cai import prompts as prompt_sources
 from mlx_cai.chat import ChatBackend, from_spec
 from mlx_cai.sampling import SamplingConfig
@@ -100,6 +100,15 @@ class CleanConfig:
             raise CleanError(f"max_same_opening must be >= 1 (or none), got {self.max_same_opening}")
         if self.helpful_ratio < 0:
             raise CleanError(f"helpful_ratio must be >= 0, got {self.helpful_ratio}")
+
+    def memory(self, ctx: memplan.Context) -> memplan.Estimate | None:
+        """Peak memory when a local model writes helpful answers (helpful_model, else the run's responder;
+        an answered helpful file needs none) and a local repair model is held beside it."""
+        writer = (self.helpful_model or ctx.model) if self.helpful and self.helpful_ratio > 0 else None
+        return memplan.generation(ctx, writer or self.repair, {"repair": self.repair}, batch=self.batch_size,
+                                  prompt=memplan.PROMPT_TOKENS,
+                                  new_tokens=max(self.helpful_max_tokens, self.repair_max_tokens),
+                                  knobs={"batch_size": self.batch_size, "helpful_max_tokens": self.helpful_max_tokens})
 
 
 # --------------------------------------------------------------------------------------------- model calls

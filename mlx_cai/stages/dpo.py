@@ -56,6 +56,8 @@ _HH_TAIL = re.compile(r"\n\nAssistant:\s*$")  # Anthropic HH raw transcript endi
 class DPOConfig(TrainConfig):
     """DPO settings; see TrainConfig for the shared ones (LoRA fields apply only without --adapter)."""
 
+    sequences_per_example = 2  # chosen and rejected run as one (2B, L) batch
+
     pairs: str = opt("", "preference pairs JSONL (prompt, chosen, rejected)")
     adapter: str | None = opt(None, "SFT adapter: the reference model and the policy's starting point; "
                                     "none = the base model, with fresh LoRA layers")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mlx_cai import distributed
-from mlx_cai import evalsets, metrics, records, stats
+from mlx_cai import evalsets, memplan, metrics, records, stats
 from mlx_cai.chat import BackendError
 from mlx_cai.config import check_unchanged, opt
 from mlx_cai.progress import Event, Progress, emitter
@@ -85,6 +85,13 @@ class EvalConfig:
         """(what it reads, tokens it generates) for `mlx-cai run --dry-run`."""
         n = (self.limit or 150) * len(self.suites)
         return f"suites {','.join(self.suites)}, split {self.split}, limit {self.limit or 'all'}", n * self.max_tokens
+
+    def memory(self, ctx: memplan.Context) -> memplan.Estimate | None:
+        """Peak memory: the model generating a batch, and a local LLM judge held beside it."""
+        judge = None if self.judge == "keyword" else self.judge
+        return memplan.generation(ctx, self.model, {"judge": judge}, batch=self.batch_size,
+                                  prompt=memplan.PROMPT_TOKENS, new_tokens=self.max_tokens,
+                                  knobs={"batch_size": self.batch_size, "max_tokens": self.max_tokens})
 
     @staticmethod
     def work_units(settings: dict) -> float | None:

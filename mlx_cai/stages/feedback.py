@@ -48,7 +48,7 @@ from mlx_cai import backend  # noqa: F401
 import mlx.core as mx
 
 from mlx_cai import distributed
-from mlx_cai import metrics, records
+from mlx_cai import memplan, metrics, records
 from mlx_cai import prompts as prompt_sources
 from mlx_cai.config import opt
 from mlx_cai.progress import Event, Progress, emitter
@@ -143,6 +143,17 @@ class FeedbackConfig:
         n = self.limit or 0
         tokens = 0 if self.mode == "revision" else n * self.max_tokens * 2
         return f"{n or '?'} prompts, mode {self.mode}, judge {self.judge or self.model}", tokens
+
+    def memory(self, ctx: memplan.Context) -> memplan.Estimate | None:
+        """Peak memory: the policy sampling two responses per prompt of a chunk, with a local feedback model
+        (logprob mode: the model again, without the adapter, unless judge names another) and boundary writer."""
+        judge = (self.judge or self.model) if self.mode == "logprob" else self.judge
+        others = {"judge": judge, "boundary": self.boundary_model if self.boundary else None}
+        if self.mode == "revision":
+            return None
+        return memplan.generation(ctx, self.model, others, batch=2 * self.batch_size, prompt=memplan.PROMPT_TOKENS,
+                                  new_tokens=self.max_tokens,
+                                  knobs={"batch_size": self.batch_size, "max_tokens": self.max_tokens})
 
     def sampling(self) -> SamplingConfig:
         try:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mlx_cai import constitution
+from mlx_cai import constitution, memplan
 from mlx_cai import distributed
 from mlx_cai import framing
 from mlx_cai import prompts as prompt_sources
@@ -110,6 +110,14 @@ class ReviseConfig:
         critic_tokens = self.critic_max_tokens or self.max_tokens
         return (f"{n or '?'} prompts x {turns} turns ({self.prompts})",
                 n * (self.max_tokens + calls * self.rounds * critic_tokens))
+
+    def memory(self, ctx: memplan.Context) -> memplan.Estimate | None:
+        """Peak memory: the responder (or the critic) generating a batch with the few-shot demos in its prompt,
+        both models held when the critic is another local one."""
+        new = max(self.max_tokens, self.critic_max_tokens or 0)
+        prompt = memplan.PROMPT_TOKENS + self.shots * memplan.DEMO_TOKENS + 2 * self.rounds * new
+        return memplan.generation(ctx, self.model, {"critic": self.critic}, batch=self.batch_size, prompt=prompt,
+                                  new_tokens=new, knobs={"batch_size": self.batch_size, "max_tokens": self.max_tokens})
 
     @staticmethod
     def work_units(settings: dict) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlx_cai import memplan
 from mlx_cai.config import ConfigError, opt
 from mlx_cai.train.schedule import SCHEDULES
 
@@ -21,6 +22,8 @@ class NonFiniteLoss(TrainingError):
 class TrainConfig:
     """What `sft` and `dpo` share: the model, LoRA, optimizer, schedule, checkpoints. The resumable settings
     may change on --resume (they do not change the trained weights)."""
+
+    sequences_per_example = 1  # sequences a batch row puts through the model (DPO: chosen and rejected)
 
     model: str = opt("smollm2-135m", "base model: smollm2-135m (embedded), a .gguf, an MLX folder or a Hub id")
     output: str = opt("", "run folder: adapters, checkpoints, metrics.jsonl, config.yaml")
@@ -54,6 +57,10 @@ class TrainConfig:
     def plan(self) -> tuple[str, int]:
         """(what it does, tokens it generates) for `mlx-cai run --dry-run`."""
         return f"{self.iters} steps x batch {self.batch_size}", 0
+
+    def memory(self, ctx: memplan.Context) -> memplan.Estimate | None:
+        """Peak memory of a training step on the longest batch (mlx_cai.memplan)."""
+        return memplan.training(ctx, self, self.sequences_per_example)
 
     @staticmethod
     def work_units(settings: dict) -> float | None:
