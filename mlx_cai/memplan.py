@@ -149,19 +149,30 @@ def training(ctx: Context, cfg, sequences: int) -> Estimate | None:
 
 def generation(ctx: Context, spec: str | None, others: dict[str, str | None], *, batch: int, prompt: int,
                new_tokens: int, knobs: dict[str, object]) -> Estimate | None:
-    """The peak of a stage that generates with `spec` (batch rows at once) while holding the `others` (role ->
-    spec; API backends and repeats of `spec` cost nothing); `knobs`: the settings (field -> value) that lower it.
-    None when no local model generates."""
-    shape = ctx.shape(spec) if spec else None
-    if shape is None:
+    """The peak of a stage that generates with `spec` and the `others` (role -> spec: a critic, judge or writer,
+    which generate in turn; API backends and repeats of `spec` cost nothing), batch rows at once; `knobs`: the
+    settings (field -> value) that lower it. Each local model generates while the others stay loaded (with their
+    CPU kernel copies): the peak is the largest such moment. None when no local model generates."""
+    roles = {"": spec, **{role: other for role, other in others.items() if other and other != spec}}
+    shapes = {role: ctx.shape(s) for role, s in roles.items() if s}
+    shapes = {role: shape for role, shape in shapes.items() if shape is not None}
+    if not shapes:
         return None
-    items = generate_items(shape, batch=batch, prompt=prompt, new_tokens=new_tokens, copy_limit=ctx.decode_copy_limit,
-                           scores=not ctx.fused_attention)
-    for role, other in others.items():
-        other_shape = ctx.shape(other) if other and other != spec else None
-        if other_shape is not None:
-            items.update(second_model(other_shape, role))
+
+    def moment(active: str) -> dict[str, float]:
+        items = _named(active, generate_items(shapes[active], batch=batch, prompt=prompt, new_tokens=new_tokens,
+                                              copy_limit=ctx.decode_copy_limit, scores=not ctx.fused_attention))
+        for role, shape in shapes.items():
+            if role != active:
+                items.update(held_model(shape, role or "model", ctx.decode_copy_limit))
+        return items
+
+    items = max((moment(role) for role in shapes), key=lambda it: sum(it.values()))
     return Estimate(ctx.stage, items, tuple((ctx.name(k), v) for k, v in knobs.items()))
+
+
+def _named(role: str, items: dict[str, float]) -> dict[str, float]:
+    return {f"{role} {k}" if role else k: v for k, v in items.items()}
 
 
 def train_items(shape: ModelShape, *, batch: int, seq: int, lora_layers: int, lora_rank: int,
@@ -217,9 +228,11 @@ def generate_items(shape: ModelShape, *, batch: int, prompt: int, new_tokens: in
     return items
 
 
-def second_model(shape: ModelShape, role: str) -> dict[str, float]:
-    """The weights of another model a stage holds at the same time (critic, judge, helpful answers)."""
-    return {f"{role} weights": shape.weight_bytes()}
+def held_model(shape: ModelShape, role: str, copy_limit: float = 0.0) -> dict[str, float]:
+    """Another model a stage holds while one generates: its weights and, on the CPU, the packed copies its
+    decode path built (a critic, judge or helpful-answer writer)."""
+    items = generate_items(shape, batch=0, prompt=0, new_tokens=0, copy_limit=copy_limit)
+    return {f"{role} {k}": items[k] for k in ("weights", "cpu kernel copies") if k in items}
 
 
 def refusal(est: Estimate, budget: float) -> str | None:

@@ -107,6 +107,20 @@ def test_generation_counts_the_kv_cache_and_a_second_model():
     assert with_local.items["judge weights"] == pytest.approx(4.517e9, rel=1e-3)
 
 
+def test_the_peak_is_the_largest_model_generating_beside_the_others():
+    small = memplan.ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, intermediate=1536,
+                               vocab=49152, tied=True, weight_bits=32, act_bytes=4)  # SmolLM2-135M
+    big = memplan.ModelShape(hidden=1536, layers=28, heads=12, kv_heads=2, head_dim=128, intermediate=8960,
+                             vocab=151936, tied=True, weight_bits=32, act_bytes=4)  # Qwen2.5-1.5B
+    ctx = memplan.Context("revise", {"smol": small, "qwen": big}.get, lambda f: f"revise.{f}")
+    est = memplan.generation(ctx, "smol", {"critic": "qwen"}, batch=48, prompt=256, new_tokens=160, knobs={})
+    # the critic generating: its KV cache is 48 x 416 positions x 28 layers x 2 x 256 x 4 B = 1.14 GB, beside
+    # the responder's weights (the critic's are ~1.54e9 params x 4 B = 6.2 GB, the responder's 0.54 GB)
+    assert est.items["critic kv cache"] == pytest.approx(48 * 416 * 28 * 2 * 256 * 4)
+    assert est.items["critic weights"] == pytest.approx(6.17e9, rel=0.02)
+    assert est.items["model weights"] == pytest.approx(0.54e9, rel=0.05) and "kv cache" not in est.items
+
+
 def test_weights_over_the_budget_say_so():
     line = memplan.refusal(qlora(batch_size=1).memory(llama_ctx()), 4 * GB)
     assert "the weights alone are 4.5 GB" in line

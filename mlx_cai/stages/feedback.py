@@ -149,8 +149,15 @@ class FeedbackConfig:
         (logprob mode: the model again, without the adapter, unless judge names another) and boundary writer."""
         judge = (self.judge or self.model) if self.mode == "logprob" else self.judge
         others = {"judge": judge, "boundary": self.boundary_model if self.boundary else None}
-        if self.mode == "revision":
-            return None
+        if self.mode == "revision":  # no sampling; the boundary writer (and, for policy refusals, the policy) may
+            if not self.boundary:
+                return None
+            policy = self.model if self.boundary_rejected == "policy" else None
+            return memplan.generation(ctx, self.boundary_model or self.judge or self.model, {"policy": policy},
+                                      batch=2 * self.batch_size, prompt=memplan.PROMPT_TOKENS,
+                                      new_tokens=self.boundary_max_tokens,
+                                      knobs={"batch_size": self.batch_size,
+                                             "boundary_max_tokens": self.boundary_max_tokens})
         return memplan.generation(ctx, self.model, others, batch=2 * self.batch_size, prompt=memplan.PROMPT_TOKENS,
                                   new_tokens=self.max_tokens,
                                   knobs={"batch_size": self.batch_size, "max_tokens": self.max_tokens})
