@@ -22,7 +22,8 @@ def _register() -> None:
         importlib.import_module(f"mlx_cai.commands.{mod}")
 
 
-_register()
+if __name__ != "__main__":  # run as `python -m mlx_cai.cli`, the commands register on the imported module below
+    _register()
 
 
 def main() -> None:
@@ -35,4 +36,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mlx_cai.cli import main as registered  # the commands add themselves to that module's `app`, not to this copy
+
+    registered()

@@ -124,3 +124,12 @@ def test_keep_quantized_flag(tmp_path, monkeypatch):
         assert r.exit_code == 0, r.output
         [rec] = lines(out)
         assert rec["dequantized"] is (flag == "--dequantize")
+
+
+def test_the_command_runs_as_a_module_too():
+    import subprocess
+    import sys
+
+    for module in ("mlx_cai", "mlx_cai.cli"):  # `python -m mlx_cai.cli` once failed on a circular import
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "revise" in r.stdout and "Usage" in r.stdout, r.stderr[-500:]

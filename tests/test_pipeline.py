@@ -98,7 +98,7 @@ def test_a_setting_naming_a_stage_gets_that_stages_output_and_a_path_is_still_re
 
 
 def test_shipped_configs_pass_dry_run():
-    for path in ("configs/demo.yaml", "configs/llama3-8b.yaml"):
+    for path in ("configs/demo.yaml", "configs/self-critic.yaml", "configs/llama3-8b.yaml"):
         r = CliRunner().invoke(app, ["run", path, "--dry-run"])
         assert r.exit_code == 0, r.output
         assert "config is valid" in r.output and "eval-dpo" in r.output
