@@ -577,6 +577,7 @@ class FastRunner:
             with backend.blas_threads_set(1 if len(runs) > 1 else backend.blas_threads()):
                 out = self._run([self.fast.prefill_steps(p.prompts[a:b], prefix, p.caches, self.slot, row0=a,
                                                          shared=shared, reuse=p.reuse[a:b]) for a, b in runs])
+            p.reuse = None  # the store may drop those entries now; the part holds their copies in its cache
             logits.append(mx.concatenate(out) if len(out) > 1 else out[0])
         return mx.concatenate(logits) if len(logits) > 1 else logits[0]
 

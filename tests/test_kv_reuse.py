@@ -89,8 +89,8 @@ def test_reused_prefill_and_decode_steps_match_the_model_logits(model, paths, re
     new = extend + cut + fresh
     fast.counts.update(prefilled=0, reused=0)
     runner = FastRunner(fast, new, 3)
-    logits = [runner.prefill()]
     reused = [r[1] if r else 0 for p in runner.parts for r in p.reuse]
+    logits = [runner.prefill()]
     assert all(n >= REUSE_MIN for n in reused[:6]) and reused[6:] == [0, 0] and len(set(reused[:6])) > 2
     assert fast.counts["reused"] > 0 and fast.counts["prefilled"] + fast.counts["reused"] == sum(len(p) for p in new) \
         - (len(new) - 1) * fastllama.shared_prefix(new) * (len(runner.parts) == 1)
