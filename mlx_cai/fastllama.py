@@ -570,7 +570,9 @@ class FastRunner:
             sizes = [len(q) - d for q, d in zip(p.prompts, done)]  # tokens left to prefill
             self.fast.counts["prefilled"] += prefix + sum(sizes)
             self.fast.counts["reused"] += sum(done) - prefix * len(done)
-            runs = _token_halves(sizes) if two else [(0, len(sizes))]
+            # balanced by each row's tokens less those reused (without reuse: its length, as before reuse)
+            balance = [s + prefix for s in sizes]
+            runs = _token_halves(balance) if two else [(0, len(sizes))]
             shared = None
             if len(runs) > 1:  # the shared prefix once, with all threads
                 shared = self._run([self.fast.prefix_steps(p.prompts[0][:prefix])])[0]
@@ -646,8 +648,8 @@ PREFILL_SPLIT_ROWS = 8
 
 
 def _token_halves(sizes: list[int]) -> list[tuple[int, int]]:
-    """[(0, k), (k, n)] splitting the rows where the token counts (`sizes`, the rows' tokens to prefill) before
-    and after are closest (one range for fewer than PREFILL_SPLIT_ROWS rows)."""
+    """[(0, k), (k, n)] splitting the rows where the token counts (`sizes`, one per row) before and after are
+    closest (one range for fewer than PREFILL_SPLIT_ROWS rows)."""
     n = len(sizes)
     if n < PREFILL_SPLIT_ROWS:
         return [(0, n)]
