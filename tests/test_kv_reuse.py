@@ -48,9 +48,9 @@ def paths(monkeypatch, request):
         monkeypatch.setenv("MLX_CAI_KERNELS", "0")
 
 
-def _kv(n: int, fill: float = 0.0) -> mx.array:
-    """A stand-in K/V block of n positions (2 layers, 2 heads, 8 dims): 256 bytes per position."""
-    return mx.full((2, 2, 2, n, 8), fill)
+def _kv(n: int, fill: float = 0.0) -> list:
+    """Stand-in K/V of n positions (2 layers, 2 heads, 8 dims): 256 bytes per position."""
+    return [(mx.full((2, n, 8), fill), mx.full((2, n, 8), fill)) for _ in range(2)]
 
 
 def test_store_matches_the_longest_token_prefix_within_its_budget(monkeypatch):
@@ -59,7 +59,7 @@ def test_store_matches_the_longest_token_prefix_within_its_budget(monkeypatch):
     store.add([1, 2, 3, 4, 5, 6], _kv(6, 1))
     store.add([1, 2, 3, 9, 9], _kv(5, 2))
     kv, n = store.match([1, 2, 3, 4, 5, 7, 7], least=2)
-    assert n == 5 and float(kv[0, 0, 0, 0, 0]) == 1  # the longest shared prefix, partial
+    assert n == 5 and float(kv[0][0][0, 0, 0]) == 1  # the longest shared prefix, partial
     assert store.match([1, 2, 3, 4, 5, 6], least=2)[1] == 5  # the prompt's last token is always prefilled
     assert store.match([1, 2, 3, 9, 9, 9], least=2)[1] == 5
     assert store.match([1, 2, 3, 9], least=4) is None  # below the least worth reusing
