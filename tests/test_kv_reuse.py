@@ -75,7 +75,8 @@ def test_store_matches_the_longest_token_prefix_within_its_budget(monkeypatch):
 
 def test_reused_prefill_and_decode_steps_match_the_model_logits(model, paths, reuse):
     """Row by row against mlx-lm's own forward pass: rows extending stored ones by varied amounts, cut inside
-    a stored entry (partial matches), and rows with no match, in one batch."""
+    a stored entry (partial matches), a prompt asked again (all but its last token reused), and rows with no
+    match, in one batch."""
     model, tok = model
     fast = FastLlama.build(model)
     prompts = sorted([encode(tok, c) for c in convs(TEXTS)], key=len, reverse=True)
@@ -86,12 +87,13 @@ def test_reused_prefill_and_decode_steps_match_the_model_logits(model, paths, re
     extend = [(h + [(7 * i + 3) % 250 for i in range(3 + 5 * k)]) for k, h in enumerate(held[:4])]
     cut = [h[: len(h) - 4] + [11, 12] for h in held[4:6]]
     fresh = [encode(tok, [{"role": "user", "content": t}]) for t in ("a new question with no system turn", "q")]
-    new = extend + cut + fresh
+    new = extend + cut + [prompts[6]] + fresh
     fast.counts.update(prefilled=0, reused=0)
     runner = FastRunner(fast, new, 3)
     reused = [r[1] if r else 0 for p in runner.parts for r in p.reuse]
     logits = [runner.prefill()]
-    assert all(n >= REUSE_MIN for n in reused[:6]) and reused[6:] == [0, 0] and len(set(reused[:6])) > 2
+    assert all(n >= REUSE_MIN for n in reused[:6]) and reused[6] == len(prompts[6]) - 1 and reused[7:] == [0, 0]
+    assert len(set(reused[:6])) > 2
     assert fast.counts["reused"] > 0 and fast.counts["prefilled"] + fast.counts["reused"] == sum(len(p) for p in new) \
         - (len(new) - 1) * fastllama.shared_prefix(new) * (len(runner.parts) == 1)
     ys = [mx.array([(37 * i + 5 + 11 * s) % 250 for i in range(len(new))]) for s in range(2)]
