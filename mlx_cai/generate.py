@@ -69,6 +69,9 @@ class GenericRunner:
     def step(self, y: mx.array) -> mx.array:
         return self.model(y[:, None], cache=self.cache)[:, -1, :]
 
+    def retire(self, rows: list[int], tokens: list[list[int]]) -> None:
+        """Nothing: mlx-lm's cache is not kept for later prompts (FastRunner.retire is)."""
+
     def keep(self, idx: mx.array) -> None:
         for c in self.cache:
             c.filter(idx)
@@ -80,7 +83,8 @@ def _decode_batch(runner, prompts: list[list[int]], seeds: list[int], cfg: Sampl
 
     The next step is queued (async_eval) before the host reads the current tokens. Finished rows keep
     decoding (their tokens are ignored) until at most half the batch is live, then the batch is compacted:
-    few distinct shapes for the compiled path, little wasted work for the generic one.
+    few distinct shapes for the compiled path, little wasted work for the generic one. Rows leaving the batch
+    (compacted away, or at its end) are handed to `runner.retire` with the tokens their cache holds.
     """
     B = len(prompts)
     sampler = sampling.Sampler(cfg, seeds, prompts)
@@ -88,6 +92,11 @@ def _decode_batch(runner, prompts: list[list[int]], seeds: list[int], cfg: Sampl
     live = [True] * B
     out: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
+    ends: dict[int, int] = {}  # row -> its end token (generated and fed back like the others)
+    fed = 0  # decode steps run: generated tokens whose K/V every row's cache holds
+
+    def held(row: int) -> list[int]:
+        return (prompts[row] + out[row] + ([ends[row]] if row in ends else []))[: len(prompts[row]) + fed]
 
     y = sampler(runner.prefill())
     mx.async_eval(y)
@@ -96,6 +105,7 @@ def _decode_batch(runner, prompts: list[list[int]], seeds: list[int], cfg: Sampl
         if n + 1 < cfg.max_tokens:
             sampler.push(y)
             next_y = sampler(runner.step(y))
+            fed += 1
             mx.async_eval(next_y)
         new = 0
         for pos, tok in enumerate(y.tolist()):
@@ -103,6 +113,7 @@ def _decode_batch(runner, prompts: list[list[int]], seeds: list[int], cfg: Sampl
                 continue
             if tok in eos:
                 reasons[rows[pos]] = "stop"
+                ends[rows[pos]] = tok
                 live[pos] = False
             else:
                 out[rows[pos]].append(tok)
@@ -114,6 +125,8 @@ def _decode_batch(runner, prompts: list[list[int]], seeds: list[int], cfg: Sampl
             break
         if n_live <= len(rows) // 2:
             keep = [p for p in range(len(rows)) if live[p]]
+            gone = [p for p in range(len(rows)) if not live[p]]
+            runner.retire(gone, [held(rows[p]) for p in gone])
             idx = mx.array(keep)
             runner.keep(idx)
             sampler.filter(keep)
@@ -121,6 +134,7 @@ def _decode_batch(runner, prompts: list[list[int]], seeds: list[int], cfg: Sampl
             rows = [rows[p] for p in keep]
             live = [True] * len(keep)
         y = next_y
+    runner.retire(list(range(len(rows))), [held(r) for r in rows])
     return out, reasons
 
 

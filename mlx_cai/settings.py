@@ -95,6 +95,9 @@ class Settings:
     stream_rows: int = field(default=16, metadata=_var(
         "MLX_CAI_STREAM_ROWS", "16", "fewest rows per CPU stream when generation splits decode steps over streams "
         "(MLX ops only)", _whole))
+    kv_reuse_mb: int = field(default=2048, metadata=_var(
+        "MLX_CAI_KV_REUSE_MB", "2048", "MiB of finished rows' K/V the compiled generation path keeps per model, so a "
+        "later prompt that extends one (a revision after its critique) prefills only what is new; 0: off", _count))
     train_streams: int | None = field(default=None, metadata=_var(
         "MLX_CAI_TRAIN_STREAMS", "auto", "CPU streams a training step splits its batch over (auto: one per BLAS "
         "thread on the CPU, 1 on a GPU)", _whole))

@@ -13,6 +13,9 @@ if "MLX_CAI_HOME" not in os.environ:
     os.environ["MLX_CAI_HOME"] = _home
     atexit.register(shutil.rmtree, _home, ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Generation prefills every prompt from scratch (the tests compare batched with alone, fast with generic paths);
+# the prefix-reuse tests (test_kv_reuse.py) turn the K/V store on themselves.
+os.environ.setdefault("MLX_CAI_KV_REUSE_MB", "0")
 
 
 import pytest  # noqa: E402

@@ -164,7 +164,7 @@ def test_prefill_in_two_runs_and_a_decode_step_match_the_model_logits(tiny, two_
 
     model, tok = tiny
     prompts = sorted([encode(tok, c) for c in convs(TEXTS)], key=len, reverse=True)
-    assert len(fastllama._token_halves(prompts)) == 2 and fastllama.shared_prefix(prompts) > 0
+    assert len(fastllama._token_halves([len(p) for p in prompts])) == 2 and fastllama.shared_prefix(prompts) > 0
     runner = FastRunner(FastLlama.build(model), prompts, 4)
     first = runner.prefill()
     y = mx.array([(37 * i + 5) % 250 for i in range(len(prompts))])

@@ -107,7 +107,7 @@ def test_qwen2_prefill_and_decode_steps_match_the_model_logits(qwen, paths):
 
     model, tok = qwen
     prompts = sorted([encode(tok, c) for c in convs(TEXTS)], key=len, reverse=True)
-    assert len(fastllama._token_halves(prompts)) == 2 and fastllama.shared_prefix(prompts) > 0
+    assert len(fastllama._token_halves([len(p) for p in prompts])) == 2 and fastllama.shared_prefix(prompts) > 0
     fast = FastLlama.build(model)
     packed = paths == "kernels"
     assert (fast.head_packed is not None) == packed and all((lyr.packed is not None) == packed for lyr in fast.layers)

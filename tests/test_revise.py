@@ -229,6 +229,30 @@ def test_deterministic_per_seed(tiny, tmp_path: Path) -> None:
     assert [r["shots"] for r in a] != [r["shots"] for r in c] or [r["initial"] for r in a] != [r["initial"] for r in c]
 
 
+def test_conversation_framing_reuses_the_critique_calls_kv(tiny, tmp_path: Path, monkeypatch) -> None:
+    """Each revision request extends its critique conversation (and round 2's critique the revision's): with the
+    K/V store on, those calls take the earlier calls' K/V from it and prefill far fewer tokens, and every record
+    is the same as without the store."""
+    from mlx_cai.fastllama import FastLlama
+
+    fast = FastLlama.for_model(tiny[0])
+    assert fast is not None  # the compiled path, where the store lives
+
+    def run(name: str, reuse_mb: str) -> tuple[list[dict], dict]:
+        monkeypatch.setenv("MLX_CAI_KV_REUSE_MB", reuse_mb)
+        fast.store.entries.clear()
+        fast.counts.update(prefilled=0, reused=0)
+        settings = cfg(shots=2, rounds=2, batch_size=6, temperature=0.0, max_tokens=8)
+        out = R.run(replace(settings, output=str(tmp_path / f"{name}.jsonl")), prompts=PROMPTS, responder=Tiny(tiny))
+        return read(out), dict(fast.counts)
+
+    on, with_store = run("on", "256")
+    off, without = run("off", "0")
+    assert on == off
+    assert without["reused"] == 0 and with_store["prefilled"] + with_store["reused"] == without["prefilled"]
+    assert with_store["reused"] > without["prefilled"] / 2, (with_store, without)  # measured: 11706 of 16522
+
+
 def test_resume_after_kill_mid_record(tiny, tmp_path: Path) -> None:
     full = R.run(replace(cfg(), output=str(tmp_path / "full.jsonl")), prompts=PROMPTS, responder=Tiny(tiny))
     data = full.read_bytes()

@@ -27,7 +27,7 @@ def test_defaults_when_nothing_is_set(clean_env):
     assert s == Settings()
     assert (s.kernels, s.fast_ops, s.packed_train, s.no_openblas) == (True, True, True, False)
     assert (s.blas_threads, s.train_streams, s.dequantize) == (None, None, None)
-    assert (s.stream_rows, s.progress_every) == (16, 30.0)
+    assert (s.stream_rows, s.progress_every, s.kv_reuse_mb) == (16, 30.0, 2048)
     assert s.home == Path.home() / ".cache" / "mlx-cai"
 
 
@@ -87,7 +87,7 @@ def test_settings_are_frozen_and_parse_a_given_mapping():
 
 def test_one_table_row_per_field_and_readme_shows_the_table():
     assert [row[0] for row in TABLE] == list(VARIABLES) == [f.metadata["env"] for f in fields(Settings)]
-    assert len(set(VARIABLES)) == len(fields(Settings)) == 13
+    assert len(set(VARIABLES)) == len(fields(Settings)) == 14
     assert all(name.startswith("MLX_CAI_") and meaning for name, _, meaning in TABLE)
     assert markdown_table() in (ROOT / "README.md").read_text(), "README's table is stale: paste markdown_table()"
 
@@ -107,6 +107,11 @@ def test_call_sites_follow_the_environment(clean_env, tmp_path):
     assert not kernels.enabled() and kernels.status() == "built, off (MLX_CAI_KERNELS=0)"
     clean_env.setenv("MLX_CAI_HOME", str(tmp_path / "home"))
     assert backend.cache_dir() == tmp_path / "home"
+    from mlx_cai.fastllama import PrefixStore
+
+    assert PrefixStore.budget() == 2048 * 2**20
+    clean_env.setenv("MLX_CAI_KV_REUSE_MB", "0")
+    assert PrefixStore.budget() == 0
 
 
 def test_a_bad_value_is_one_red_line_in_the_cli(clean_env, tiny_gguf, tmp_path):
