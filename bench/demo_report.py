@@ -20,7 +20,7 @@ from mlx_cai.refusal import is_refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = "## The demo run: stage wall time and result (bench/demo_report.py)"
-DATA = "## SL-CAI data on the embedded model (bench/demo_report.py)"
+DATA = "## SL-CAI data of the demo (bench/demo_report.py)"
 STAGES = ("revise", "clean", "sft", "feedback", "dpo", "eval-base", "eval-sft", "eval-dpo", "report")
 
 
@@ -104,11 +104,7 @@ def demo_section(runs: list[Path]) -> str:
         f"(config `{demo / 'config.yaml'}`). Machine: {backend.cpu_model()}, {_cores()} cores; {load}.",
         "Command: `make demo` (= `mlx-cai run configs/demo.yaml --name demo`).", "",
         md_table(["stage", "minutes", "share", "finished"], stage_rows), "",
-        *([f"revise dominates ({ms['revise']['seconds'] / total:.0%}): every critique and revision call prefills its "
-           "row's conversation again (the few-shot demonstrations, shared by all rows of a batch, are prefilled "
-           "once per batch), so it generates far fewer tokens per second than plain decoding; reusing the "
-           "critique call's KV cache for the revision call would remove much of what is left.", ""]
-          if "revise" in ms and ms["revise"]["seconds"] == max(m["seconds"] for m in ms.values()) else []),
+        *([bound_by(demo, ms, total), ""] if ms else []),
         f"Targets of the final model ({final[0]}) against the base model, shipped eval splits, keyword judge:", "",
         md_table(["criterion", "base", final[0], "target", "verdict"], targets.rows(checks)) if checks else "(no eval)",
         "",
@@ -117,6 +113,26 @@ def demo_section(runs: list[Path]) -> str:
         md_table(header, rows), "",
         *[f"- `{run.name}`: {overrides(run, demo)} (earlier stages' outputs reused from `{demo.name}`)"
           for run in runs[1:]], ""])
+
+
+def bound_by(run: Path, ms: dict[str, dict], total: float) -> str:
+    """Which model the largest stage waits on, and the share of the run the overseer's stages take."""
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    model = cfg.get("model")
+    roles = {"revise": cfg.get("revise", {}).get("critic"), "clean": cfg.get("clean", {}).get("helpful_model"),
+             "feedback": cfg.get("feedback", {}).get("boundary_model")}
+    big = max(ms, key=lambda s: ms[s]["seconds"])
+    other = {s: m for s, m in roles.items() if m and m != model and s in ms}
+    if not other:
+        return (f"{big} is the largest stage ({ms[big]['seconds'] / total:.0%}); {model} plays every role, so "
+                "generation by the responder bounds it.")
+    names = sorted(set(other.values()))
+    share = sum(ms[s]["seconds"] for s in other) / total
+    return (f"{big} is the largest stage ({ms[big]['seconds'] / total:.0%}). The stages where {', '.join(names)} "
+            f"writes ({', '.join(other)}) take {share:.0%} of the run: on a CPU its prefill and decode "
+            f"(~3 GFLOP per token) bound them, not the {model} responder or training.")
 
 
 def overrides(run: Path, demo: Path) -> str:
@@ -158,9 +174,11 @@ def data_section(run: Path) -> str:
     return "\n".join([
         DATA, "",
         f"From `{run}`: {len(recs)} shipped `train` harmful prompts, {cfg.get('rounds')} round, {cfg.get('shots')} "
-        f"shots, max_tokens {cfg.get('max_tokens')}, repetition penalty {cfg.get('repetition_penalty')}, greedy, "
-        f"batch {cfg.get('batch_size')}, critic = the model itself. Machine: {backend.cpu_model()}, {_cores()} cores.",
-        (f"Revise: {secs / 60:.1f} min = **{len(recs) / secs * 60:.1f} revisions/min** (initial answer, critique and "
+        f"shots, framing {cfg.get('framing', 'conversation')}, max_tokens {cfg.get('max_tokens')}, temperature "
+        f"{cfg.get('temperature') or 'greedy'}, repetition penalty {cfg.get('repetition_penalty')}, batch "
+        f"{cfg.get('batch_size')}, critic {cfg.get('critic') or 'the responder itself'}. "
+        f"Machine: {backend.cpu_model()}, {_cores()} cores.",
+        (f"Revise: {secs / 60:.1f} min = **{len(recs) / secs * 60:.1f} revisions/min** (initial answer and "
          "revision per prompt)." if secs else "Revise time not recorded."), "",
         f"Kept by `clean`: **{s['kept']}/{s['records']} = {s['kept_share']:.1%}**. Records failing each rule "
         "(a record can fail several):", "",
