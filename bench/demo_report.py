@@ -46,6 +46,16 @@ def final_eval(run: Path) -> tuple[str, dict | None]:
     return "-", None
 
 
+TIMING = ("gen_seconds", "tok_per_s", "seconds", "judge_seconds", "finished", "started", "written")
+
+
+def untimed(x):
+    """A summary without its timing fields: two evaluations of the same model and prompts then compare equal."""
+    if isinstance(x, dict):
+        return {k: untimed(v) for k, v in x.items() if k not in TIMING}
+    return [untimed(v) for v in x] if isinstance(x, list) else x
+
+
 def pct(est: dict | None) -> str:
     if not est or est.get("value") is None:
         return "–"
@@ -93,7 +103,7 @@ def demo_section(runs: list[Path]) -> str:
     stage_rows.append(["total", f"{total / 60:.1f}", "100%", ""])
     header = ["run", "model", "ASR (keyword, harm eval)", "over-refusal benign", "over-refusal borderline",
               "phrase repeat", "non-termination", "seq_rep_4", "distinct-2", "mean words", "targets vs base"]
-    same_base = lambda run: summary(run, "base") == summary(demo, "base")  # noqa: E731  (ablations reuse it)
+    same_base = lambda run: untimed(summary(run, "base")) == untimed(summary(demo, "base"))  # noqa: E731
     rows = [r for i, run in enumerate(runs) for r in result_rows(run, skip_base=i > 0 and same_base(run))]
     base, final = summary(demo, "base"), final_eval(demo)
     checks = targets.check(base, final[1]) if base and final[1] else []
