@@ -161,3 +161,20 @@ def test_run_refuses_before_any_work_and_dry_run_prints_the_table(tiny_gguf, tmp
     assert r.output.strip().splitlines()[-1].startswith("error: revise needs ~")
     assert "revise.batch_size (4)" in r.output
     assert not (tmp_path / "runs").exists()  # nothing written: not even the run folder
+
+
+def test_a_finished_stage_needs_no_memory_on_a_rerun(tiny_gguf, tmp_path):
+    from tests.test_pipeline import tiny_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, str(tiny_gguf))))
+    r = CliRunner().invoke(app, ["run", str(path), "--until", "revise"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["run", str(path), "--until", "revise", "--memory-budget", "0.01"])
+    assert r.exit_code == 0, r.output  # revise is done: the rerun skips it, whatever the budget
+    r = CliRunner().invoke(app, ["run", str(path), "--until", "clean", "--memory-budget", "0.01"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith("error: clean needs ~")
+    r = CliRunner().invoke(app, ["run", str(path), "--from", "revise", "--until", "revise", "--memory-budget", "0.01"],
+                           env={"COLUMNS": "200"})
+    assert r.exit_code == 1 and "error: revise needs ~" in r.output  # --from redoes it: checked again

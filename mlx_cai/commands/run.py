@@ -23,6 +23,20 @@ def _stages_in(cfg, start: str | None, until: str | None) -> list[str]:
     return stages[lo:hi]
 
 
+def _to_run(cfg, start: str | None, until: str | None) -> list[str]:
+    """Of those, the stages this command will run: without --from, a finished stage is skipped (and needs no
+    memory). A marker the run would refuse counts as to run: the run itself says why."""
+    from mlx_cai import pipeline
+
+    def finished(stage: str) -> bool:
+        try:
+            return start is None and pipeline.is_done(cfg, stage)
+        except pipeline.PipelineError:
+            return False
+
+    return [s for s in _stages_in(cfg, start, until) if not finished(s)]
+
+
 def _parse_set(values: list[str]) -> dict:
     import yaml
 
@@ -158,7 +172,8 @@ def run(
         ui.out.print(ui.table(f"memory: estimated peak per stage, budget {limit / memplan.GB:.1f} GB",
                               ["stage", "peak", "of budget", "largest items (GB)", "fits"],
                               memcheck.rows(estimates, limit)))
-        memcheck.check(estimates, limit)  # before any work: nothing is written when a stage cannot fit
+        todo = set(_to_run(cfg, from_stage, until))
+        memcheck.check([e for e in estimates if e[0] in todo], limit)  # before any work: nothing is written
         if dry_run:
             ui.note("config is valid (dry run: nothing was run)")
             return
