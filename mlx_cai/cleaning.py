@@ -259,6 +259,13 @@ def trim_to_sentence(text: str, min_share: float = 0.5) -> str | None:
     return text[: ends[-1]]
 
 
+def end_cut(text: str, finish: str) -> tuple[str, str]:
+    """(text, finish reason) of an answer as it is trained on: one cut at max tokens ("length") ends at its last full
+    sentence and counts as stopped; one that cannot be (trim_to_sentence gives None), or was not cut, is unchanged."""
+    cut = trim_to_sentence(text) if finish == "length" else None
+    return (text, finish) if cut is None else (cut, "stop")
+
+
 def stratified_sample(pools: Sequence[Sequence[Any]], want: int, rng) -> list[Any]:
     """`want` items drawn without replacement in equal shares from each pool (a pool too small gives all it has
     and the others make up the rest): so a small source (32 borderline prompts beside 198 benign

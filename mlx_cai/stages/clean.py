@@ -36,7 +36,7 @@ from mlx_cai.sampling import SamplingConfig
 from mlx_cai.config import opt
 from mlx_cai.progress import Event, Progress, emitter
 from mlx_cai.cleaning import (FORM_RULES, RULES, Context, Example, active_rules, cap_openings, check, copy_sources,
-                              normalize, opening, stratified_sample, trim_to_sentence)
+                              end_cut, normalize, opening, stratified_sample)
 from mlx_cai.refusal import is_refusal
 
 STAGE = "clean/1"
@@ -313,9 +313,9 @@ def _helpful(cfg: CleanConfig, n_kept: int, recs: list[dict], ctx: Context, out:
     trimmed = 0
     if cfg.helpful_trim:  # an answer cut at max tokens, ended at its last full sentence, is still a good answer
         for k, (i, q, a, f) in enumerate(chosen):
-            cut = trim_to_sentence(a) if f == "length" else None
-            if cut is not None:
-                chosen[k], trimmed = (i, q, cut, "stop"), trimmed + 1
+            a2, f2 = end_cut(a, f)
+            if f2 != f:
+                chosen[k], trimmed = (i, q, a2, f2), trimmed + 1
     used = [sft_example(q, a) for _, q, a, f in chosen if not check(Example(q, a, f, False), ctx, FORM_RULES)]
     return used, {"source": str(source), "selected": len(chosen), "used": len(used), "trimmed": trimmed,
                   "dropped": len(chosen) - len(used)}

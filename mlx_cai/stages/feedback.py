@@ -147,8 +147,6 @@ class FeedbackConfig:
     def memory(self, ctx: memplan.Context) -> memplan.Estimate | None:
         """Peak memory: the policy sampling two responses per prompt of a chunk, with a local feedback model
         (logprob mode: the model again, without the adapter, unless judge names another) and boundary writer."""
-        judge = (self.judge or self.model) if self.mode == "logprob" else self.judge
-        others = {"judge": judge, "boundary": self.boundary_model if self.boundary else None}
         if self.mode == "revision":  # no sampling; the boundary writer (and, for policy refusals, the policy) may
             if not self.boundary:
                 return None
@@ -158,6 +156,8 @@ class FeedbackConfig:
                                       new_tokens=self.boundary_max_tokens,
                                       knobs={"batch_size": self.batch_size,
                                              "boundary_max_tokens": self.boundary_max_tokens})
+        judge = (self.judge or self.model) if self.mode == "logprob" else self.judge
+        others = {"judge": judge, "boundary": self.boundary_model if self.boundary else None}
         return memplan.generation(ctx, self.model, others, batch=2 * self.batch_size, prompt=memplan.PROMPT_TOKENS,
                                   new_tokens=self.max_tokens,
                                   knobs={"batch_size": self.batch_size, "max_tokens": self.max_tokens})
@@ -331,17 +331,14 @@ def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBacken
 def reused_answers(path: str | Path) -> dict[str, Generation]:
     """{id: answer} from a JSONL of {id, text, finish_reason} (clean's helpful.jsonl). An answer cut at max tokens is
     ended at its last full sentence, as clean trains on it; one that cannot be is kept as it is."""
-    from mlx_cai.cleaning import trim_to_sentence
+    from mlx_cai.cleaning import end_cut
 
     if not Path(path).is_file():
         raise FeedbackError(f"boundary_answers file not found: {path} (run clean first, or set boundary_answers: none)")
     out = {}
     for row in records.read_jsonl(path, required=("id", "text")):
-        text, finish = row["text"], row.get("finish_reason", "stop")
-        cut = trim_to_sentence(text) if finish == "length" else None
-        out[str(row["id"])] = Generation(text=cut if cut is not None else text,
-                                         finish_reason="stop" if cut is not None else finish,
-                                         prompt_tokens=0, completion_tokens=0)
+        text, finish = end_cut(row["text"], row.get("finish_reason", "stop"))
+        out[str(row["id"])] = Generation(text=text, finish_reason=finish, prompt_tokens=0, completion_tokens=0)
     return out
 
 
