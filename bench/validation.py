@@ -1,0 +1,111 @@
+"""Validation on train prompts a run never used: its models (and DPO's checkpoints) on prompts it did not see.
+
+The eval split stays the final check; this is the set to choose between variants or checkpoints without
+looking at it. A run's used prompts are every user prompt in revise.jsonl, clean/{train,valid}.jsonl and
+pairs.jsonl; the rest of the shipped train split of harm (harmful) and benign + borderline (safe) is written to
+RUN/validation/{harm,safe}.jsonl and each model is evaluated on it with the keyword judge, greedy, like the
+run's own eval stages.
+
+  python bench/validation.py runs/overseer [--limit 48] [--checkpoints] [--adapter NAME=PATH ...]
+
+Prints one markdown row per model: ASR on the unused harmful prompts, over-refusal on the unused safe ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mlx_cai import records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def used_prompts(run: Path) -> set[str]:
+    """Every user prompt a run's data stages read (SL-CAI, the helpful mix, preference pairs)."""
+    used = {r["prompt"] for r in records.read_jsonl(run / "revise.jsonl")}
+    for name in ("clean/train.jsonl", "clean/valid.jsonl"):
+        for r in records.read_jsonl(run / name):
+            used.update(m["content"] for m in r["messages"] if m["role"] == "user")
+    if (run / "pairs.jsonl").exists():
+        for r in records.read_jsonl(run / "pairs.jsonl"):
+            p = r["prompt"]
+            used.update(m["content"] for m in p if m["role"] == "user") if isinstance(p, list) else used.add(p)
+    return used
+
+
+def unused(run: Path) -> dict[str, Path]:
+    """Write the unused train prompts: {'harm': path, 'safe': path}."""
+    used = used_prompts(run)
+    out = run / "validation"
+    out.mkdir(exist_ok=True)
+    paths = {}
+    for kind, files in (("harm", ("harmful",)), ("safe", ("benign", "borderline"))):
+        rows = [r for f in files for r in records.read_jsonl(ROOT / "data" / f"{f}.jsonl")
+                if r.get("split") == "train" and r["prompt"] not in used]
+        paths[kind] = out / f"{kind}.jsonl"
+        paths[kind].write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "category")}) + "\n"
+                                       for r in rows))
+        print(f"{kind}: {len(rows)} unused train prompts", file=sys.stderr)
+    return paths
+
+
+def models(run: Path, checkpoints: bool, extra: list[str]) -> dict[str, str | None]:
+    """name -> adapter folder (None: the base model)."""
+    out: dict[str, str | None] = {"base": None, "sft": str(run / "sft")}
+    if checkpoints:
+        for ck in sorted((run / "dpo" / "checkpoints").glob("step-*")):
+            out[f"dpo-{int(ck.name.split('-')[1])}"] = str(ck)
+    out["final"] = str(run / "final")
+    for spec in extra:
+        name, _, path = spec.partition("=")
+        out[name] = path
+    return out
+
+
+def evaluate(run: Path, name: str, adapter: str | None, paths: dict[str, Path], limit: int, model: str) -> dict:
+    out = run / "validation" / name
+    cmd = [sys.executable, "-m", "mlx_cai", "eval", "-o", str(out), "--model", model,
+           "--suite", f"{paths['harm']}:harmful,{paths['safe']}:safe", "--limit", str(limit),
+           "--max-tokens", "96", "--batch-size", "48"]
+    if adapter:
+        cmd += ["--adapter", adapter]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return json.loads((out / "summary.json").read_text())
+
+
+def pct(est: dict | None) -> str:
+    return "-" if est is None else f"{est['value'] * 100:.1f}%"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--limit", type=int, default=48, help="prompts per kind (round-robin over categories)")
+    ap.add_argument("--checkpoints", action="store_true", help="also every DPO checkpoint")
+    ap.add_argument("--adapter", action="append", default=[], help="NAME=PATH: another adapter to evaluate")
+    args = ap.parse_args()
+    model = _run_model(args.run)
+    paths = unused(args.run)
+    rows = ["| model | ASR (unused harmful) | over-refusal (unused safe) |", "|---|---:|---:|"]
+    for name, adapter in models(args.run, args.checkpoints, args.adapter).items():
+        s = evaluate(args.run, name, adapter, paths, args.limit, model)["suites"]
+        rows.append(f"| {name} | {pct(s['harm']['metrics'].get('asr_keyword'))} | "
+                    f"{pct(s['safe']['metrics'].get('over_refusal'))} |")
+        print(rows[-1], file=sys.stderr, flush=True)  # as it comes, beside eval's progress
+    print("\n".join(rows))  # the table, once every model is evaluated
+
+
+def _run_model(run: Path) -> str:
+    """The run's responder (config.yaml's `model`)."""
+    for line in (run / "config.yaml").read_text().splitlines():
+        if line.startswith("model:"):
+            return line.split(":", 1)[1].strip()
+    raise SystemExit(f"{run}/config.yaml: no 'model:' line")
+
+
+if __name__ == "__main__":
+    main()
