@@ -1086,11 +1086,11 @@ constexpr int Q_NC = 16;  // output rows of w per panel of a quantized pack
 // Rows [0, MB) of y[:, c0:c0+CB] (y at the panel's first output) over the whole K; `nvalid` outputs of the
 // panel exist (the last panel of an N that is no multiple of 16 has zero padding). `next` (or null): bytes
 // [pf_lo, pf_hi) of every group block of the next panel are fetched into cache meanwhile.
-template <int BITS, int MB, int CB>
-inline void qlinear_tile(const float* __restrict x, int64_t K, const uint32_t* __restrict panel, int64_t G,
-                         int64_t gs, int c0, float* __restrict y, int64_t N, int64_t nvalid, const char* next,
-                         int64_t pf_lo, int64_t pf_hi) {
-  const int64_t wpg = gs * BITS / 32, W = Q_NC * (2 + wpg);
+template <int BITS, int GS, int MB, int CB>
+inline void qlinear_tile(const float* __restrict x, int64_t K, const uint32_t* __restrict panel, int64_t G, int c0,
+                         float* __restrict y, int64_t N, int64_t nvalid, const char* next, int64_t pf_lo,
+                         int64_t pf_hi) {
+  constexpr int64_t gs = GS, wpg = GS * BITS / 32, W = Q_NC * (2 + wpg);
   const __m512i shifts = _mm512_set_epi64(28, 24, 20, 16, 12, 8, 4, 0);
   const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   __m512 acc[MB][CB];
@@ -1114,6 +1114,8 @@ inline void qlinear_tile(const float* __restrict x, int64_t K, const uint32_t* _
       __m512 xv[MB];
       for (int m = 0; m < MB; ++m) {
         xv[m] = _mm512_loadu_ps(xg + m * K + ch * 16);
+        // x stays in a register for the CB outputs: GCC would fold the load into each FMA instead (CB loads per
+        // vector of x), which was ~25% slower at 8 and 32 rows
         asm("" : "+v"(xv[m]));
       }
       for (int c = 0; c < CB; ++c) {
@@ -1134,27 +1136,37 @@ inline void qlinear_tile(const float* __restrict x, int64_t K, const uint32_t* _
     for (int c = 0; c < CB && c0 + c < nvalid; ++c) y[m * N + c0 + c] = _mm512_reduce_add_ps(acc[m][c]);
 }
 
-// Rows [0, MB) of one panel: its 16 outputs in tiles of CB (as many accumulators as the registers hold), the
-// prefetch of the next panel spread evenly over the tiles.
-template <int BITS, int MB>
-void qlinear_panel(const float* x, int64_t K, const uint32_t* panel, int64_t G, int64_t gs, float* y, int64_t N,
+// Rows [0, MB) of one panel: its 16 outputs in tiles of CB (MB * CB accumulators and MB vectors of x fill the 32
+// registers; more rows per tile dequantize each weight vector for more FMAs), the prefetch of the next panel
+// spread evenly over the tiles.
+template <int BITS, int GS, int MB>
+void qlinear_panel(const float* x, int64_t K, const uint32_t* panel, int64_t G, float* y, int64_t N,
                    int64_t nvalid, const char* next) {
   constexpr int CB = MB >= 8 ? 2 : MB >= 4 ? 4 : 8;
   constexpr int T = Q_NC / CB;
-  const int64_t bytes = Q_NC * (2 + gs * BITS / 32) * 4;
+  constexpr int64_t bytes = Q_NC * (2 + GS * BITS / 32) * 4;
   for (int t = 0; t < T; ++t)
-    qlinear_tile<BITS, MB, CB>(x, K, panel, G, gs, t * CB, y, N, nvalid, next, bytes * t / T / 64 * 64,
+    qlinear_tile<BITS, GS, MB, CB>(x, K, panel, G, t * CB, y, N, nvalid, next, bytes * t / T / 64 * 64,
                                t + 1 == T ? bytes : bytes * (t + 1) / T / 64 * 64);
+}
+
+template <int BITS, int GS>
+void qlinear_rows_gs(const float* x, int64_t M, int64_t K, const uint32_t* panel, int64_t G, float* y, int64_t N,
+                     int64_t nvalid, const char* next) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8, next = nullptr) qlinear_panel<BITS, GS, 8>(x + m * K, K, panel, G, y + m * N, N, nvalid, next);
+  if (m + 4 <= M) qlinear_panel<BITS, GS, 4>(x + m * K, K, panel, G, y + m * N, N, nvalid, next), m += 4, next = nullptr;
+  if (m + 2 <= M) qlinear_panel<BITS, GS, 2>(x + m * K, K, panel, G, y + m * N, N, nvalid, next), m += 2, next = nullptr;
+  if (m < M) qlinear_panel<BITS, GS, 1>(x + m * K, K, panel, G, y + m * N, N, nvalid, next);
 }
 
 template <int BITS>
 void qlinear_rows(const float* x, int64_t M, int64_t K, const uint32_t* panel, int64_t G, int64_t gs, float* y,
                   int64_t N, int64_t nvalid, const char* next) {
-  int64_t m = 0;
-  for (; m + 8 <= M; m += 8, next = nullptr) qlinear_panel<BITS, 8>(x + m * K, K, panel, G, gs, y + m * N, N, nvalid, next);
-  if (m + 4 <= M) qlinear_panel<BITS, 4>(x + m * K, K, panel, G, gs, y + m * N, N, nvalid, next), m += 4, next = nullptr;
-  if (m + 2 <= M) qlinear_panel<BITS, 2>(x + m * K, K, panel, G, gs, y + m * N, N, nvalid, next), m += 2, next = nullptr;
-  if (m < M) qlinear_panel<BITS, 1>(x + m * K, K, panel, G, gs, y + m * N, N, nvalid, next);
+  // the group size as a constant: a group's few 16-element steps unroll, its table setup is straight-line code
+  if (gs == 32) qlinear_rows_gs<BITS, 32>(x, M, K, panel, G, y, N, nvalid, next);
+  else if (gs == 64) qlinear_rows_gs<BITS, 64>(x, M, K, panel, G, y, N, nvalid, next);
+  else qlinear_rows_gs<BITS, 128>(x, M, K, panel, G, y, N, nvalid, next);
 }
 #else
 // Portable form (no AVX-512): per group, scale * (x . q) + bias * sum(x), the same value to rounding.
