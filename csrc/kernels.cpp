@@ -1073,7 +1073,7 @@ array silu_mul(const array& g, const std::optional<array>& u, int threads) {
 // are broadcast to the 8 lane pairs and pair j shifted right by 4j, which leaves element 2j's nibble in the low
 // bits of lane 2j and element 2j + 1's in lane 2j + 1 (hence the pack's order); those low bits index the group's
 // table scale * [0..15] + bias (vpermps reads only them): one shift and one shuffle, no conversion. (vpmultishiftqb
-// on mx.quantize's own order needs no reordering but took twice the time per vector on Zen 4.) With 8 bits, 16
+// on mx.quantize's own order needs no reordering but was ~12% slower at one row on Zen 4.) With 8 bits, 16
 // bytes widen to integers and convert (scale * q + bias, one FMA). That vector then takes one FMA per token row
 // against x[m, k:k+16], with lanes along k: each (row, output) accumulator is summed across lanes at the end.
 

@@ -16,6 +16,10 @@ that module imports, the default device is the CPU and MLX_CAI_KERNELS is not 0 
   each streamed from memory once per call while the next is prefetched (OpenBLAS packs the whole weight on
   every call: at 32 rows that copy was a fifth of the generation benchmark's samples). Decode steps use it,
   and training for frozen layers (`packed_t`: the input gradient over w.T packed).
+- `linear_rows_q(x, packed, n)`: the same for weights in MLX's affine quantization (`mx.quantize`, 4 or 8 bits,
+  groups of 32/64/128; GGUF Q4_1 and Q8_0 map onto 4- and 8-bit groups of 32), packed by `pack_quantized` into
+  16-row panels that carry group size and bits in their shape; weights are dequantized in registers, never
+  materialized (forward only: decoding). At one row a 4-bit weight reads ~1/6 of float32's bytes.
 - `decode_attention`, `rope_cache`, `silu_mul`: the rest of a decode step (attention over the KV cache read
   in place, rotary embedding with the cache write in place, the SwiGLU gate), each one pass split over the
   threads; `silu_mul` is differentiable and serves training too.
