@@ -27,6 +27,12 @@ array attention_softmax(const array& scores, float scale, bool causal, const std
 // With packed_t (w.T packed the same way, (ceil(K / 32), N, 32)) it is differentiable in x: d x = d y @ w.
 array linear_rows(const array& x, const array& packed, int n_out, int threads, const std::optional<array>& packed_t);
 
+// y (..., N) = x (..., K) @ w.T for w in MLX's affine quantization (mx.quantize: 4 or 8 bits, group size 32, 64
+// or 128), float32, from the pack of mlx_cai.kernels.pack_quantized: uint32 (ceil(N / 16), K / group_size,
+// 16 * (2 + group_size * bits / 32)), which carries group size and bits in its shape. Dequantized in registers,
+// each panel of 16 outputs streamed once per call. Forward only (decoding).
+array linear_rows_q(const array& x, const array& packed, int n_out, int threads);
+
 // One decode step of grouped-query attention: q (B, H, D) against K/V caches (B, KVH, S, D) at slots
 // [0, min(end, slot + 1)), batch row b skipping slots [holes[b, 0], holes[b, 1]) but `slot` itself
 // (left padding). -> (B, H, D) float32. Inference only.

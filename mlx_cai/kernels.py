@@ -16,6 +16,10 @@ that module imports, the default device is the CPU and MLX_CAI_KERNELS is not 0 
   each streamed from memory once per call while the next is prefetched (OpenBLAS packs the whole weight on
   every call: at 32 rows that copy was a fifth of the generation benchmark's samples). Decode steps use it,
   and training for frozen layers (`packed_t`: the input gradient over w.T packed).
+- `linear_rows_q(x, packed, n)`: the same for weights in MLX's affine quantization (`mx.quantize`, 4 or 8 bits,
+  groups of 32/64/128; GGUF Q4_1 and Q8_0 map onto 4- and 8-bit groups of 32), packed by `pack_quantized` into
+  16-row panels that carry group size and bits in their shape; weights are dequantized in registers, never
+  materialized (forward only: decoding). At one row a 4-bit weight reads ~1/6 of float32's bytes.
 - `decode_attention`, `rope_cache`, `silu_mul`: the rest of a decode step (attention over the KV cache read
   in place, rotary embedding with the cache write in place, the SwiGLU gate), each one pass split over the
   threads; `silu_mul` is differentiable and serves training too.
@@ -170,3 +174,73 @@ def linear_rows(x: mx.array, packed: mx.array, n_out: int, packed_t: mx.array | 
     P, K, _ = packed.shape
     w = packed.transpose(0, 2, 1).reshape(P * PANEL, K)[:n_out]
     return x.astype(mx.float32) @ mx.stop_gradient(w).T
+
+
+QPANEL = 16  # output rows per panel of a quantized pack (csrc/kernels.cpp Q_NC)
+
+
+def pack_quantized(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
+    """The layout `linear_rows_q` reads, from `mx.quantize(W, group_size, bits)`'s w (N, K * bits / 32) uint32,
+    scales and biases (N, K / group_size) (any float dtype: stored as float32). uint32 (ceil(N / 16), G, W):
+    panels of 16 rows of W (zero past N), G = K / group_size groups, per (panel, group) W = 16 * (2 +
+    group_size * bits / 32) words: the 16 scales, the 16 biases (float32 bits), then each row's words of the
+    group: 8 bits as mx.quantize packs them, 4 bits with each 16 elements' nibbles reordered (even elements in the
+    first word, odd in the second: csrc/kernels.cpp says why). The shape carries group size (K / G) and bits, so
+    the pack is all the kernel needs; bits 4 or 8, group sizes 32, 64, 128."""
+    if bits not in (4, 8) or group_size not in (32, 64, 128):
+        raise ValueError(f"pack_quantized: bits 4 or 8 and group size 32, 64 or 128, not {bits} and {group_size}")
+    N, G = scales.shape
+    wpg = group_size * bits // 32
+    if w.dtype != mx.uint32 or w.shape != (N, G * wpg) or biases.shape != (N, G):
+        raise ValueError(f"pack_quantized: w {w.shape} {w.dtype}, scales {scales.shape} and biases {biases.shape} "
+                         f"are no mx.quantize(..., {group_size}, {bits}) output")
+    P = -(-N // QPANEL)
+
+    def panels(a, cols):  # (N, G * cols) -> (P, G, 16 * cols), rows padded with zeros
+        if P * QPANEL > N:
+            a = mx.concatenate([a, mx.zeros((P * QPANEL - N, a.shape[1]), a.dtype)])
+        return a.reshape(P, QPANEL, G, cols).transpose(0, 2, 1, 3).reshape(P, G, QPANEL * cols)
+
+    if bits == 4:
+        w = _reorder_nibbles(w, to_pack=True)
+    sb = [panels(a.astype(mx.float32), 1).view(mx.uint32) for a in (scales, biases)]
+    return mx.contiguous(mx.concatenate(sb + [panels(w, wpg)], axis=-1))
+
+
+def unpack_quantized(packed: mx.array, K: int, n_out: int) -> tuple[mx.array, mx.array, mx.array, int, int]:
+    """(w, scales, biases, group_size, bits) in mx.quantize's layout (float32 scales and biases) from a pack of
+    `pack_quantized` for n_out rows of K columns."""
+    P, G, W = packed.shape
+    group_size, wpg = K // G, W // QPANEL - 2
+    bits = 32 * wpg // group_size
+
+    def rows(a, cols):  # (P, G, 16 * cols) -> (n_out, G * cols)
+        return a.reshape(P, G, QPANEL, cols).transpose(0, 2, 1, 3).reshape(P * QPANEL, G * cols)[:n_out]
+
+    scales = rows(packed[..., :QPANEL].view(mx.float32), 1)
+    biases = rows(packed[..., QPANEL : 2 * QPANEL].view(mx.float32), 1)
+    w = rows(packed[..., 2 * QPANEL :], wpg)
+    return _reorder_nibbles(w, to_pack=False) if bits == 4 else w, scales, biases, group_size, bits
+
+
+def _reorder_nibbles(w: mx.array, to_pack: bool) -> mx.array:
+    """4-bit codes (N, K / 8) uint32, per 16 elements (two words): mx.quantize's order (element i in nibble i)
+    to the pack's (elements 0, 2, .., 14 in the first word, 1, 3, .., 15 in the second), or back."""
+    N = w.shape[0]
+    shifts = mx.arange(0, 32, 4, dtype=mx.uint32)
+    nib = (w.reshape(N, -1, 2, 1) >> shifts) & 15  # (N, K / 16, word, nibble)
+    # mx.quantize's element 8 * word + nibble is the pack's element 2 * nibble + word: a transpose either way
+    nib = nib.reshape(N, -1, 8, 2).swapaxes(-1, -2) if to_pack else nib.swapaxes(-1, -2).reshape(N, -1, 2, 8)
+    return (nib << shifts).sum(axis=-1).astype(mx.uint32).reshape(N, -1)
+
+
+def linear_rows_q(x: mx.array, packed: mx.array, n_out: int) -> mx.array:
+    """x (..., K) @ W.T, float32, for W (n_out, K) quantized by mx.quantize and packed by `pack_quantized`: equal
+    to x @ mx.dequantize(...).T to float32 rounding. For decode rows (up to ~64): every weight is read once
+    per call and dequantized in registers, so a 4-bit weight costs ~1/6 of the memory traffic of its float32
+    linear_rows (mx.quantized_matmul on the CPU runs single-threaded, ~0.5 GB/s). Forward only."""
+    if enabled():
+        return _ext.linear_rows_q(x, packed, n_out, backend.cpu_threads())
+    w, scales, biases, group_size, bits = unpack_quantized(packed, x.shape[-1], n_out)
+    return mx.quantized_matmul(x.astype(mx.float32), w, scales, biases, transpose=True, group_size=group_size,
+                               bits=bits)

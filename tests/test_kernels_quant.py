@@ -1,0 +1,147 @@
+"""kernels.linear_rows_q (x @ w.T over mx.quantize's affine 4/8-bit weights, dequantized in registers) against
+x @ mx.dequantize(...).T, and its MLX fallback against the kernel."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_cai import kernels
+
+built = pytest.mark.skipif(kernels._ext is None, reason=f"kernels not built: {kernels._ERROR}")
+
+
+def quantized(N, K, group_size, bits, seed=0, dtype=mx.float32):
+    """mx.quantize of a random (N, K) weight whose rows differ in scale and offset (groups get distinct scales
+    and biases), in `dtype` (the scales and biases come out in it)."""
+    k1, k2, k3 = mx.random.split(mx.random.key(seed), 3)
+    w = mx.random.normal((N, K), key=k1) * mx.random.uniform(0.01, 1.0, (N, 1), key=k2)
+    w = w + mx.random.normal((N, 1), key=k3) * 0.1
+    return mx.quantize(w.astype(dtype), group_size, bits)
+
+
+def reference(x, q, s, b, group_size, bits):
+    # half-precision scales dequantize in float32, as the pack stores them (mx.dequantize would round the weights
+    # to the scales' dtype)
+    w = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size, bits)
+    return x.astype(mx.float32) @ w.T
+
+
+def check(got, want, K):
+    # float32 sums of K products in another order: relative to the size of the terms, not of the result
+    scale = float(mx.abs(want).max()) + 1.0
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=4e-7 * np.sqrt(K) * scale)
+
+
+@built
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("M", [1, 3, 32, 64])
+def test_linear_rows_q_matches_dequantize_matmul(bits, group_size, M):
+    """Outputs no multiple of the 16-row panels (the last panel padded), every row-tile mix (64 = 8 * 8, 3 = 2 + 1)."""
+    N, K = 200 + 7, 384
+    q, s, b = quantized(N, K, group_size, bits, seed=bits + group_size)
+    packed = kernels.pack_quantized(q, s, b, group_size, bits)
+    assert packed.dtype == mx.uint32 and packed.shape == (13, K // group_size, 16 * (2 + group_size * bits // 32))
+    x = mx.random.normal((M, K), key=mx.random.key(M))
+    for threads in (1, 2):
+        got = kernels._ext.linear_rows_q(x, packed, N, threads)
+        assert got.shape == (M, N) and got.dtype == mx.float32
+        check(got, reference(x, q, s, b, group_size, bits), K)
+
+
+@built
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 32), (4, 64)])
+def test_linear_rows_q_vocab_sized_and_leading_axes(bits, group_size):
+    """A 49152-token head (many panels over 2 threads, each prefetching the next) and x with leading axes."""
+    N, K = 49152, 64
+    q, s, b = quantized(N, K, group_size, bits, seed=3)
+    x = mx.random.normal((2, 3, K), key=mx.random.key(4))
+    got = kernels._ext.linear_rows_q(x, kernels.pack_quantized(q, s, b, group_size, bits), N, 2)
+    assert got.shape == (2, 3, N)
+    check(got, reference(x, q, s, b, group_size, bits), K)
+
+
+@built
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_half_precision_scales_are_packed_as_float32(dtype, bits):
+    N, K, gs = 50, 256, 64
+    q, s, b = quantized(N, K, gs, bits, seed=5, dtype=dtype)
+    assert s.dtype == dtype
+    x = mx.random.normal((5, K), key=mx.random.key(6)).astype(dtype)  # x converts too
+    got = kernels.linear_rows_q(x, kernels.pack_quantized(q, s, b, gs, bits), N)
+    check(got, reference(x, q, s, b, gs, bits), K)
+
+
+@built
+def test_linear_rows_q_inside_compile_and_its_threads():
+    """A compiled decode-like step (the pack a captured constant, as fastllama holds its weights), retraced for
+    another row count, and two linears of one shape that must not be merged."""
+    N, K = 96, 128
+    packs, refs = [], []
+    for seed in (7, 8):
+        q, s, b = quantized(N, K, 32, 4, seed=seed)
+        packs.append(kernels.pack_quantized(q, s, b, 32, 4))
+        refs.append((q, s, b))
+    step = mx.compile(lambda x: kernels.linear_rows_q(mx.tanh(x), packs[0], N) + kernels.linear_rows_q(x, packs[1], N))
+    for M in (1, 9):
+        x = mx.random.normal((M, K), key=mx.random.key(M))
+        want = reference(mx.tanh(x), *refs[0], 32, 4) + reference(x, *refs[1], 32, 4)
+        check(step(x), want, K)
+
+
+@built
+def test_fallback_matches_the_kernel(monkeypatch):
+    """MLX_CAI_KERNELS=0: the pack unpacks to mx.quantize's arrays (exactly) for mx.quantized_matmul."""
+    N, K = 70, 256
+    for bits, gs in ((4, 32), (8, 128), (4, 128)):
+        q, s, b = quantized(N, K, gs, bits, seed=bits * gs)
+        packed = kernels.pack_quantized(q, s, b, gs, bits)
+        w2, s2, b2, gs2, bits2 = kernels.unpack_quantized(packed, K, N)
+        assert (gs2, bits2) == (gs, bits)
+        assert mx.array_equal(w2, q) and mx.array_equal(s2, s) and mx.array_equal(b2, b)
+        x = mx.random.normal((3, K), key=mx.random.key(9))
+        fast = kernels.linear_rows_q(x, packed, N)
+        monkeypatch.setenv("MLX_CAI_KERNELS", "0")
+        assert not kernels.enabled()
+        slow = kernels.linear_rows_q(x, packed, N)
+        monkeypatch.delenv("MLX_CAI_KERNELS")
+        check(fast, slow, K)
+        check(slow, reference(x, q, s, b, gs, bits), K)
+
+
+def test_pack_rejects_what_the_kernel_cannot_read():
+    q, s, b = quantized(16, 64, 64, 4)
+    with pytest.raises(ValueError, match="bits 4 or 8"):
+        kernels.pack_quantized(q, s, b, 64, 2)
+    with pytest.raises(ValueError, match="mx.quantize"):
+        kernels.pack_quantized(q, s, b, 32, 4)  # the group size it was not quantized with
+
+
+@built
+def test_bad_shapes_are_one_clear_error():
+    q, s, b = quantized(16, 64, 32, 4)
+    packed = kernels.pack_quantized(q, s, b, 32, 4)
+    for x, n in ((mx.zeros((1, 48)), 16), (mx.zeros((1, 64)), 17), (mx.zeros((1, 64 * 3)), 16)):
+        with pytest.raises(ValueError, match="linear_rows_q: expected"):
+            kernels._ext.linear_rows_q(x, packed, n, 1)
+    with pytest.raises(ValueError, match="linear_rows_q: expected"):
+        kernels._ext.linear_rows_q(mx.zeros((1, 64)), packed.view(mx.float32), 16, 1)
+
+
+@built
+def test_q4_1_gguf_blocks_are_4_bit_groups_of_32():
+    """GGUF Q4_1 (per 32: d, m float16; d * q + m) is MLX 4-bit group 32 with scale d and bias m, so a Q4_1
+    tensor's codes can be repacked into mx.quantize's words and fed to linear_rows_q unchanged."""
+    N, K = 48, 128
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (N, K), dtype=np.uint32)
+    d = rng.uniform(0.001, 0.1, (N, K // 32)).astype(np.float16)
+    m = rng.normal(0, 0.2, (N, K // 32)).astype(np.float16)
+    words = (codes.reshape(N, K // 8, 8) << (4 * np.arange(8, dtype=np.uint32))).sum(-1).astype(np.uint32)
+    w_gguf = (d.astype(np.float32).repeat(32, 1) * codes + m.astype(np.float32).repeat(32, 1))
+    x = mx.random.normal((2, K), key=mx.random.key(10))
+    packed = kernels.pack_quantized(mx.array(words), mx.array(d), mx.array(m), 32, 4)
+    check(kernels.linear_rows_q(x, packed, N), x @ mx.array(w_gguf).T, K)
