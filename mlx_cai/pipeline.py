@@ -280,6 +280,7 @@ def _run(cfg: RunConfig, *, start: str | None, until: str | None, hooks: Hooks |
             if main or stage.shared:
                 stage.run(stage_config(cfg, name), callback)
         secs = time.perf_counter() - t0
+        release_memory()
         if main:
             _write_marker(cfg, name, secs)
         hooks.stage_done(name, secs)
@@ -289,6 +290,20 @@ def _run(cfg: RunConfig, *, start: str | None, until: str | None, hooks: Hooks |
     if main:
         link_final(cfg)
     return d
+
+
+def release_memory() -> None:
+    """Free what a finished stage held before the next loads its models. A stage's models sit in reference
+    cycles (backend <-> model, the model's kept FastLlama), which Python's collector may not visit for a long
+    time while MLX computes: configs/overseer.yaml's clean stage loaded the overseer a second time beside the
+    revise stage's copy and the run was killed for memory (24 GB resident on a 23 GB machine). MLX's cache
+    of freed buffers is emptied too, so the next stage's memory starts where the estimate (memplan) says."""
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
 
 
 def stage_times(cfg: RunConfig) -> dict[str, float]:

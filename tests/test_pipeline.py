@@ -127,3 +127,15 @@ def test_dry_run_estimates_time_from_earlier_runs_of_the_same_model(tmp_path):
     assert r.exit_code == 0, r.output
     assert "~5.0 min (measured)" in r.output  # revise: 30 prompts x 10 s
     assert "~1.0 min (measured)" in r.output  # sft: 30 steps x 4 examples x 0.5 s
+
+
+def test_a_stage_starts_without_the_previous_stages_models(config_file):
+    """revise's models are freed before clean starts: the next stage would load its own beside them."""
+    import mlx.core as mx
+
+    cfg = pipeline.load_config(config_file)
+    held = {}
+    hooks = pipeline.Hooks(stage_start=lambda i, n, s: held.setdefault(s, mx.get_active_memory()))
+    pipeline.run(cfg, until="clean", hooks=hooks)
+    before = held["revise"]
+    assert held["clean"] - before < 1 << 16, f"{held['clean'] - before} bytes still held after revise (the tiny model: ~0.7 MB)"
