@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 from typer.testing import CliRunner
 
-from mlx_cai import adapters, models, pipeline
+from mlx_cai import adapters, memcheck, models, pipeline
 from mlx_cai.cli import app
 from mlx_cai.stages import dpo
 from mlx_cai.train import checkpoint
@@ -230,6 +230,11 @@ def test_fuse_dequantize_writes_a_float32_model(run, tiny_mlx_q4, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert "quantization" not in config and "quantization_config" not in config
     assert {v.dtype for v in weights(out, "model.safetensors").values()} == {mx.float32}
+    # The config names the dtype written, not the base's bfloat16: what the memory estimate reads (it took the
+    # fused model for 16-bit, half its size).
+    assert config["torch_dtype"] == "float32"
+    shape = memcheck.shape_of(str(out))
+    assert (shape.weight_bits, shape.act_bytes) == (32, 4)
     fused, tok = mlx_lm.load(str(out))
     census = layer_census(fused)
     assert census.get("Linear") == LINEARS and "QuantizedLinear" not in census and "LoRALinear" not in census
