@@ -56,6 +56,11 @@ def run(config: FuseConfig) -> Path:
         models.dequantize(model)
         model_config.pop("quantization", None)
         model_config.pop("quantization_config", None)
+        # Every weight is float32 now: a config still naming the base's dtype (a 4-bit model's bfloat16) would
+        # have the memory estimate (mlx_cai.memplan) and mlx_lm.convert take the fused model for 16-bit.
+        for key in ("torch_dtype", "dtype"):
+            if key in model_config:
+                model_config[key] = "float32"
     adapters.load_adapter(model, cfg.adapter)
     fused = [(name, m.fuse(dequantize=cfg.dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")]
     if not fused:

@@ -31,6 +31,14 @@ def tiny_gguf(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_mlx_q4(tiny_gguf, tmp_path_factory):
+    """The same tiny llama as an MLX folder quantized by mlx-lm (4-bit, group 64, bfloat16), like the Mac's model."""
+    from tinymodels import write_tiny_mlx_quantized
+
+    return write_tiny_mlx_quantized(tiny_gguf, tmp_path_factory.mktemp("tiny-mlx") / "tiny-4bit")
+
+
 @pytest.fixture
 def tiny(tiny_gguf):
     """(model, tokenizer) of the tiny random llama, float32. Fresh per test: tests may change eos ids."""

@@ -99,10 +99,11 @@ def runs(tiny_gguf, tmp_path_factory):
     return one, two, output
 
 
-def _launch(commands: list[list[str]]) -> str:
-    """Run the mlx-cai `commands` in 2 processes on loopback; returns what they printed."""
+def _launch(commands: list[list[str]], *job_args: str) -> str:
+    """Run the mlx-cai `commands` in 2 processes on loopback (`job_args`: distributed_job.py's options); returns
+    what they printed."""
     cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--",
-           sys.executable, str(JOB), json.dumps(commands)]
+           sys.executable, str(JOB), json.dumps(commands), *job_args]
     env = {**os.environ, "MLX_CAI_BLAS_THREADS": "1"}  # two processes on a small machine
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -105,3 +105,49 @@ def _flatten(tree, prefix=""):
             yield from _flatten(v, f"{prefix}{i}.")
     else:
         yield prefix[:-1], tree
+
+
+def write_tiny_mlx_quantized(gguf_path, folder, *, bits: int = 4, group_size: int = 64, dtype: str = "bfloat16"):
+    """The tiny llama of `gguf_path` as mlx-community ships quantized models: made by mlx-lm's own converter
+    (`mlx_lm.convert`, as for mlx-community/Meta-Llama-3-8B-Instruct-4bit: 4-bit, group 64, bfloat16 scales and
+    norms), so config.json has its "quantization" and "torch_dtype" entries and the tokenizer files lie beside
+    model.safetensors. Returns `folder`."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from mlx_lm.convert import convert
+
+    from mlx_cai import models
+
+    folder = Path(folder)
+    # The float source in Hugging Face layout, naming its dtype as Meta's config.json does (convert casts to it).
+    source = folder.with_name(folder.name + "-float")
+    shutil.copytree(models.resolve(str(gguf_path)), source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}))
+    convert(str(source), str(folder), quantize=True, q_group_size=group_size, q_bits=bits)
+    return folder
+
+
+def record_loads(monkeypatch=None) -> list:
+    """Wrap mlx_cai.models.load (through `monkeypatch` if given, else for good: a job process) so that every model
+    it returns is also appended to the returned list: what the stages loaded, to look at after they ran."""
+    from mlx_cai import models
+
+    real, loaded = models.load, []
+
+    def load(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        loaded.append(model)
+        return model, tokenizer
+
+    (monkeypatch.setattr if monkeypatch else setattr)(models, "load", load)
+    return loaded
+
+
+def layer_census(model) -> dict[str, int]:
+    """How many modules of each layer type `model` holds (Linear, QuantizedLinear, LoRALinear, ...)."""
+    from collections import Counter
+
+    return dict(Counter(type(m).__name__ for _, m in model.named_modules()))
