@@ -320,3 +320,47 @@ def test_boundary_answers_reuse_the_written_answers_and_ask_only_for_refusals(tm
     with pytest.raises(F.FeedbackError, match="answers none of"):
         answers.write_text(json.dumps({"id": "zz", "text": "x"}) + "\n")
         F.run(replace(cfg, output=str(tmp_path / "p3.jsonl")))
+
+
+def test_revision_chosen_policy_puts_the_policys_own_refusal_on_the_chosen_side(tmp_path):
+    from mlx_cai.records import row_seed
+
+    rows = [revise_row(0, SURE, SORRY), revise_row(1, SURE + " Then push.", SORRY + " Truly.")]
+    src = tmp_path / "revise.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    own = "I cannot assist with that request."
+
+    def policy_reply(body):  # refuses prompt 0 on its second sample only; complies with prompt 1 every time
+        user = body["messages"][-1]["content"]
+        return own if user == "prompt 0" and body["seed"] == row_seed(0, "r0", "policy1") else "Sure: " + user
+
+    with FaultServer(policy_reply) as pol:
+        policy = OpenAIBackend(model="policy", base_url=pol.url)
+        cfg = F.FeedbackConfig(mode="revision", prompts=str(src), output=str(tmp_path / "p.jsonl"),
+                               revision_chosen="policy", boundary_samples=3)
+        s = F.summarize(F.run(cfg, policy=policy))
+        assert len(pol.log) == 2 * 3  # boundary_samples per harmful prompt
+        kept = {r["id"]: r for r in lines(tmp_path / "p.jsonl")}
+        assert s["kept"] == 2 and sorted(kept) == ["r0", "r1"]
+        assert (kept["r0"]["chosen"], kept["r0"]["rejected"]) == (own, SURE)  # the policy's refusal replaces the revision
+        assert kept["r0"]["source"]["chosen"] == "policy"
+        assert kept["r0"]["responses"][0]["seed"] == row_seed(0, "r0", "policy1")
+        assert kept["r1"]["chosen"] == SORRY + " Truly." and "chosen" not in kept["r1"]["source"]  # none refused
+        with pytest.raises(F.FeedbackError, match="other settings"):  # the revision-chosen pairs are another config
+            F.run(replace(cfg, revision_chosen="revision"))
+
+        both = replace(cfg, output=str(tmp_path / "b.jsonl"), revision_chosen="both")
+        s = F.summarize(F.run(both, policy=policy))
+        calls = len(pol.log)
+        F.run(both, policy=policy)  # a rerun: nothing sampled again
+        assert len(pol.log) == calls
+    kept = {r["id"]: r for r in lines(tmp_path / "b.jsonl")}
+    assert s["kept"] == 3 and sorted(kept) == ["r0", "r0:policy", "r1"]
+    assert kept["r0"]["chosen"] == SORRY and kept["r0:policy"]["chosen"] == own
+    assert kept["r0:policy"]["rejected"] == kept["r0"]["rejected"] == SURE
+    pairs, _ = dpo.read_pairs(tmp_path / "b.jsonl")
+    assert len(pairs) == 3  # DPO takes both pairs of r0
+    with pytest.raises(F.FeedbackError, match="revision_chosen must be one of"):
+        F.FeedbackConfig(mode="revision", revision_chosen="self")
+    with pytest.raises(F.FeedbackError, match="mode revision only"):
+        F.FeedbackConfig(mode="logprob", revision_chosen="policy")

@@ -10,7 +10,10 @@ Modes (`MODES`):
   same question in both orders with a short rationale and a verdict [[A]] or [[B]]; rationales are kept.
   Orders that disagree (position bias) give 0.5: a tie.
 - revision: no sampling and no judge: chosen = the final revision, rejected = the initial answer, from
-  `mlx-cai revise` records (the Hugging Face recipe).
+  `mlx-cai revise` records (the Hugging Face recipe). With `revision_chosen: policy` the chosen side is the
+  policy's own refusal of the harmful prompt (the SFT model, `boundary_samples` samples, the first that refuses; the
+  revision where none does), with `both` a pair of each kind (the policy's under id `ID:policy`). The policy's
+  refusal is what DPO can raise directly: the overseer's revisions are text the policy does not write.
 
 Boundary pairs (`boundary`, any mode): for prompts that only look unsafe (train:borderline), chosen = a helpful
 answer, rejected = a refusal, both written by `boundary_model` (the overseer): the other side of the line, so DPO
@@ -18,7 +21,9 @@ does not learn to refuse whatever sounds scary. `boundary` may join sources with
 `boundary_limit` then takes equal shares of each. A pair whose answer refuses or whose refusal answers (keyword
 judge) is dropped. With `boundary_rejected: policy` the rejected side is the policy's own refusal (the SFT model,
 `boundary_samples` samples per prompt, the first that refuses): DPO then lowers the refusals the model actually
-writes. Where none of its samples refuses, the overseer's refusal stands in.
+writes. Where none of its samples refuses, the overseer's refusal stands in. Both policy settings together
+(`revision_chosen: policy` or `both`, `boundary_rejected: policy`) make the line explicit: the same refusals the
+policy writes are chosen on harmful prompts and rejected on benign ones, so only the prompt can tell them apart.
 
 Before scoring, near-identical pairs and pairs where both responses are degenerate (empty or repetitive)
 are dropped; after scoring, ties and pairs whose chosen answer is degenerate. Each drop is counted.
@@ -59,6 +64,7 @@ from mlx_cai.judges.preference import PRINCIPLES, choice_tokens, judge_question,
 STAGE = "feedback/1"
 MODES = ("logprob", "judge", "revision")
 BOUNDARY_REJECTED = ("overseer", "policy")
+REVISION_CHOSEN = ("revision", "policy", "both")
 
 
 class FeedbackError(ValueError):
@@ -104,7 +110,11 @@ class FeedbackConfig:
                                            "(seeded); none = all")
     boundary_rejected: str = opt("overseer", "the rejected side of a boundary pair: overseer (its refusal) or policy "
                                              "(the SFT model's own refusal, sampled; the overseer's where none refuses)")
-    boundary_samples: int = opt(4, "policy samples per boundary prompt, for boundary_rejected: policy")
+    boundary_samples: int = opt(4, "policy samples per prompt where the policy's own refusal is wanted "
+                                   "(boundary_rejected: policy, revision_chosen: policy or both)")
+    revision_chosen: str = opt("revision", "mode revision, the chosen side on harmful prompts: revision (the "
+                                           "cleaned revision), policy (the SFT model's own refusal, sampled; the "
+                                           "revision where none refuses) or both (a pair of each)")
     boundary_answers: str | None = opt(None, "helpful answers already written for boundary prompts, reused as the "
                                              "chosen side: a JSONL of {id, text, finish_reason} (clean's "
                                              "helpful.jsonl; `clean` in a run YAML); the boundary prompts are then "
@@ -120,6 +130,12 @@ class FeedbackConfig:
                                 f"got '{self.boundary_rejected}'")
         if self.boundary_samples < 1:
             raise FeedbackError("boundary_samples must be >= 1")
+        if self.revision_chosen not in REVISION_CHOSEN:
+            raise FeedbackError(f"revision_chosen must be one of {', '.join(REVISION_CHOSEN)}, "
+                                f"got '{self.revision_chosen}'")
+        if self.revision_chosen != "revision" and self.mode != "revision":
+            raise FeedbackError("revision_chosen applies to mode revision only (other modes sample the policy and "
+                                "let the judge choose)")
         if self.mode not in MODES:
             raise FeedbackError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
         if self.mode == "logprob" and self.judge and self.judge.startswith("openai:"):
@@ -148,9 +164,14 @@ class FeedbackConfig:
         """Peak memory: the policy sampling two responses per prompt of a chunk, with a local feedback model
         (logprob mode: the model again, without the adapter, unless judge names another) and boundary writer."""
         if self.mode == "revision":  # no sampling; the boundary writer (and, for policy refusals, the policy) may
-            if not self.boundary:
+            if not self.boundary and not self.samples_policy:
                 return None
-            policy = self.model if self.boundary_rejected == "policy" else None
+            policy = self.model if self.samples_policy else None
+            if not self.boundary:
+                return memplan.generation(ctx, self.model, {}, batch=2 * self.batch_size,
+                                          prompt=memplan.PROMPT_TOKENS, new_tokens=self.boundary_max_tokens,
+                                          knobs={"batch_size": self.batch_size,
+                                                 "boundary_max_tokens": self.boundary_max_tokens})
             return memplan.generation(ctx, self.boundary_model or self.judge or self.model, {"policy": policy},
                                       batch=2 * self.batch_size, prompt=memplan.PROMPT_TOKENS,
                                       new_tokens=self.boundary_max_tokens,
@@ -161,6 +182,11 @@ class FeedbackConfig:
         return memplan.generation(ctx, self.model, others, batch=2 * self.batch_size, prompt=memplan.PROMPT_TOKENS,
                                   new_tokens=self.max_tokens,
                                   knobs={"batch_size": self.batch_size, "max_tokens": self.max_tokens})
+
+    @property
+    def samples_policy(self) -> bool:
+        """Whether the policy samples its own refusals (for boundary pairs or for harmful prompts' pairs)."""
+        return (self.boundary is not None and self.boundary_rejected == "policy") or self.revision_chosen != "revision"
 
     def sampling(self) -> SamplingConfig:
         try:
@@ -328,6 +354,24 @@ def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBacken
     return out
 
 
+def policy_chosen(cands: list[Candidate], policy: ChatBackend, cfg: FeedbackConfig,
+                  on_tokens: Callable[[int], None]) -> list[Candidate]:
+    """Revision candidates (texts = (revision, initial answer)) with the policy's own refusal as the chosen side
+    (`revision_chosen`): policy replaces the revision where the policy refuses in one of its samples, both adds
+    such a pair under id `ID:policy` beside the revision's. A prompt where no sample refuses keeps its revision."""
+    own = policy_refusals(cands, policy, cfg, on_tokens)
+    out = []
+    for c in cands:
+        if c.id not in own:
+            out.append(c)
+            continue
+        g, seed = own[c.id]
+        mine = replace(c, texts=(g.text, c.texts[1]), finish=(g.finish_reason, c.finish[1]), seeds=(seed, None),
+                       source={**(c.source or {}), "chosen": "policy", "policy": policy.name})
+        out += [c, replace(mine, id=f"{c.id}:policy")] if cfg.revision_chosen == "both" else [mine]
+    return out
+
+
 def reused_answers(path: str | Path) -> dict[str, Generation]:
     """{id: answer} from a JSONL of {id, text, finish_reason} (clean's helpful.jsonl). An answer cut at max tokens is
     ended at its last full sentence, as clean trains on it; one that cannot be is kept as it is."""
@@ -425,7 +469,10 @@ def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
         keep["boundary_refusal"] = "decline-or-task"  # how the refusals are written (DECLINE, then DECLINE_TASK)
     if cfg.boundary is None or cfg.boundary_rejected == "overseer":  # the ids from before this setting stay
         keep.pop("boundary_rejected")
-        keep.pop("boundary_samples")
+    if cfg.revision_chosen == "revision":  # the ids from before this setting stay
+        keep.pop("revision_chosen")
+        if cfg.boundary is None or cfg.boundary_rejected == "overseer":
+            keep.pop("boundary_samples", None)
     if cfg.boundary_limit is None:
         keep.pop("boundary_limit")
     if cfg.boundary_answers is None:
@@ -527,6 +574,9 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
     if cfg.mode == "revision":
         items: list = revision_candidates(cfg.prompts, cfg.limit)
         policy_name, judge_name = "revise records", "none"
+        if cfg.revision_chosen != "revision":
+            policy = policy or LocalBackend(cfg.model, cfg.adapter, batch_size=2 * cfg.batch_size)
+            policy_name += f", chosen by {policy.name}"
     else:
         items = list(prompts)[: cfg.limit] if prompts is not None else list(prompt_sources.load(cfg.prompts, limit=cfg.limit))
         policy = policy or LocalBackend(cfg.model, cfg.adapter, batch_size=2 * cfg.batch_size)
@@ -587,7 +637,12 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
         nonlocal writer
         on_tokens = lambda n: emit(Event(task, tokens=n))  # noqa: E731
         rest = [it for it in chunk if it.id not in edge_ids]
-        cands = rest if cfg.mode == "revision" or not rest else sample_candidates(rest, policy, cfg, pool, on_tokens)
+        if cfg.mode != "revision" and rest:
+            cands = sample_candidates(rest, policy, cfg, pool, on_tokens)
+        elif cfg.revision_chosen != "revision" and rest:
+            cands = policy_chosen(rest, policy, cfg, on_tokens)
+        else:
+            cands = rest
         early = {c.id: pre_filter(c, cfg) for c in cands}
         scorer([c for c in cands if early[c.id] is None])
         mine = [it for it in chunk if it.id in edge_ids]
