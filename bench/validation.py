@@ -6,7 +6,7 @@ pairs.jsonl; the rest of the shipped train split of harm (harmful) and benign + 
 RUN/validation/{harm,safe}.jsonl and each model is evaluated on it with the keyword judge, greedy, like the
 run's own eval stages.
 
-  python bench/validation.py runs/overseer [--limit 48] [--checkpoints] [--adapter NAME=PATH ...]
+  python bench/validation.py runs/overseer [--limit 48] [--checkpoints] [--adapter NAME=PATH ...] [--skip NAME ...]
 
 Prints one markdown row per model: ASR on the unused harmful prompts, over-refusal on the unused safe ones.
 """
@@ -87,11 +87,15 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=48, help="prompts per kind (round-robin over categories)")
     ap.add_argument("--checkpoints", action="store_true", help="also every DPO checkpoint")
     ap.add_argument("--adapter", action="append", default=[], help="NAME=PATH: another adapter to evaluate")
+    ap.add_argument("--skip", action="append", default=[], help="NAME: leave this model out (e.g. base and sft of a "
+                                                                "variant that shares them with a run measured before)")
     args = ap.parse_args()
     model = _run_model(args.run)
     paths = unused(args.run)
     rows = ["| model | ASR (unused harmful) | over-refusal (unused safe) |", "|---|---:|---:|"]
     for name, adapter in models(args.run, args.checkpoints, args.adapter).items():
+        if name in args.skip:
+            continue
         s = evaluate(args.run, name, adapter, paths, args.limit, model)["suites"]
         rows.append(f"| {name} | {pct(s['harm']['metrics'].get('asr_keyword'))} | "
                     f"{pct(s['safe']['metrics'].get('over_refusal'))} |")
