@@ -66,7 +66,11 @@ def quantized(kind: str, vocab: int, bits: int, group: int, tied: bool, predicat
     return model
 
 
-@pytest.fixture(params=QUANTS, ids=lambda q: f"{q[0]}-{q[1]}bit-g{q[2]}-{'tied' if q[3] else 'untied'}")
+def qid(q) -> str:
+    return q if isinstance(q, str) else f"{q[0]}-{q[1]}bit-g{q[2]}-{'tied' if q[3] else 'untied'}"
+
+
+@pytest.fixture(params=QUANTS, ids=qid)
 def qmodel(tiny, request):
     """(tiny quantized model, the tiny llama's tokenizer, its (kind, bits, group, tied)). Fresh per test."""
     llama, tok = tiny
@@ -78,14 +82,27 @@ def qmodel(tiny, request):
 def paths(monkeypatch, request):
     """With the C++ kernels (every product of up to Q_ROWS_MAX rows on linear_rows_q: all of these tiny prompts)
     and with MLX ops (MLX_CAI_KERNELS=0: dequantized blocks and BLAS, quantized_matmul for one row, decode steps
-    split over two streams); prefill in two runs of rows either way."""
+    split over two streams); prefill in two runs of rows either way. Also "kernels-dequant" (Q_ROWS_MAX 4: decode
+    steps on the kernels, prefill on dequantized blocks) and "quantized-matmul" (MLX ops, every product on
+    mx.quantized_matmul and fused blocks: what Metal and CUDA run)."""
     monkeypatch.setenv("MLX_CAI_STREAM_ROWS", "1")
     monkeypatch.setattr(backend, "blas_threads", lambda: 2)
-    if request.param == "mlx-ops":
+    if request.param in ("mlx-ops", "quantized-matmul"):
         monkeypatch.setenv("MLX_CAI_KERNELS", "0")
     elif kernels._ext is None:
         pytest.skip(f"kernels not built: {kernels._ERROR}")
+    if request.param == "kernels-dequant":
+        monkeypatch.setattr(fastllama, "Q_ROWS_MAX", 4)
+    if request.param == "quantized-matmul":
+        monkeypatch.setattr(fastllama, "CPU_QMM_ROWS", 10**9)
     return request.param
+
+
+def pairs(*which):
+    """Each quantization with one of the paths (in turn), for the slower tests."""
+    which = which or ("kernels", "mlx-ops")
+    return pytest.mark.parametrize("qmodel,paths", [(q, which[i % len(which)]) for i, q in enumerate(QUANTS)],
+                                   indirect=True, ids=qid)
 
 
 def _close(a, b, tol=1e-4):
@@ -178,14 +195,11 @@ def test_greedy_tokens_match_the_generic_path_batched_and_alone(qmodel, paths):
     assert [g.tokens for g in fast[:4]] == [g.tokens for g in alone]
 
 
-@pytest.mark.parametrize("rows_max", [fastllama.Q_ROWS_MAX, 4])
-def test_prefill_and_decode_steps_match_the_model_logits(qmodel, paths, rows_max, monkeypatch):
+@pytest.mark.parametrize("paths", ["kernels", "kernels-dequant", "mlx-ops", "quantized-matmul"], indirect=True)
+def test_prefill_and_decode_steps_match_the_model_logits(qmodel, paths):
     """Row by row against mlx-lm's own forward pass: prefill (a shared prefix, two runs of rows, length groups)
-    and two decode steps. With Q_ROWS_MAX 4 the CPU kernels take the decode steps and prefill dequantizes."""
+    and two decode steps, on each matmul path."""
     model, tok, _ = qmodel
-    if rows_max != fastllama.Q_ROWS_MAX and paths != "kernels":
-        pytest.skip("Q_ROWS_MAX only matters with the kernels")
-    monkeypatch.setattr(fastllama, "Q_ROWS_MAX", rows_max)
     prompts = sorted([encode(tok, c) for c in convs(TEXTS)], key=len, reverse=True)
     assert len(fastllama._token_halves([len(p) for p in prompts])) == 2 and fastllama.shared_prefix(prompts) > 0
     assert len(fastllama.length_groups([len(p) for p in prompts], slack=fastllama.PACKED_SLACK, min_slack=16)) > 1
@@ -257,6 +271,7 @@ def _lora(model, keys, rank=4, scale=10.0):
     mx.eval(model.parameters())
 
 
+@pairs()
 def test_lora_over_quantized_layers_is_a_side_term_with_the_generic_tokens(qmodel, paths):
     """q and v (not k), o, gate (not up) and down adapted: the fused q/k/v and gate/up side terms carry zero
     blocks for k and up. The adapter changes the tokens (the check sees it)."""
@@ -308,6 +323,7 @@ def _second_turns(first, gens):
     return more + convs(["something else entirely, asked fresh", "and one more new one"])
 
 
+@pairs("mlx-ops", "kernels")
 def test_kv_reuse_gives_the_same_tokens_on_quantized_models(qmodel, paths, monkeypatch):
     """Conversations carried on: the second turn takes the first turn's K/V from the PrefixStore (batched and
     alone) and gives the tokens of a prefill from scratch and of the generic path."""
