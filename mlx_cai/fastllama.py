@@ -1,9 +1,10 @@
-"""A compiled decode path for dense llama-family models (SmolLM2, Llama 3, Mistral-style GQA, Qwen2/Qwen2.5).
+"""A compiled decode path for llama-family models (SmolLM2, Llama 3, Mistral-style GQA, Qwen2/Qwen2.5), dense or
+kept quantized.
 
 Why: on the CPU a decode step of mlx-lm's model is dominated by per-op overhead and by small matmuls,
 not by FLOPs. Here a step is one `mx.compile`d function over a *static-shape* KV cache (so it compiles
 once per batch size and length bucket), q/k/v and gate/up projections are fused into one matmul each,
-and LoRA adapters are folded into the dense weights (generation with an adapter costs nothing extra).
+and LoRA adapters are folded into dense weights (generation with an adapter costs nothing extra).
 
 Layout: K/V caches (B, n_kv_heads, S, head_dim). The batch's shared prompt prefix (system prompt,
 few-shot demos: `prefix` tokens) sits in slots [0, prefix) of every row, the row's pad slots follow, then
@@ -14,8 +15,20 @@ prompts in groups of similar length, so little arithmetic goes to padding (SmolL
 ~30-token system prompt; SL-CAI critique/revision prompts share hundreds of tokens of few-shot demos).
 Weights are read from an mlx-lm `Model` of model_type llama or mistral (no biases), or qwen2 (the llama
 layout plus biases on the q/k/v projections, added right after the fused projection; o-projection and MLP
-without bias); anything else (quantized weights, rope scaling, DoRA, other biases or architectures) returns
-None from `build` and the caller uses the generic path.
+without bias); anything else (rope scaling, DoRA, other biases or architectures, quantization modes other than
+MLX's affine one) returns None from `build` and the caller uses the generic path.
+
+Quantized weights (nn.QuantizedLinear, LoRALinear over it, nn.QuantizedEmbedding: a model kept quantized,
+MLX_CAI_DEQUANTIZE=0, as a Mac runs mlx-community's 4-bit models) stay quantized: no dense copy is made. q/k/v
+and gate/up are fused by concatenating their (w, scales, biases) triples along the output axis where their bits
+and group sizes match; a LoRA adapter is a side term (x @ A) @ (scale * B) added to the quantized base's output
+(the base cannot absorb it); the embedding dequantizes only the gathered rows, and a tied head multiplies by
+the quantized embedding. Every quantized product goes through `_qmm`, which picks per call (the row count is
+known when a step is traced): on the CPU with the C++ kernels, up to Q_ROWS_MAX rows (every decode step, and
+prefill chunks of up to that many tokens) `kernels.linear_rows_q` over a pack made once at build (there the
+weight stays in its original (unfused) blocks and the pack is the only fused copy); more rows on the CPU
+dequantize the block just for that product and use BLAS (MLX's CPU quantized matmul is single-threaded, ~25-60x
+slower than the kernel at 8-32 rows); elsewhere (Metal, CUDA) mx.quantized_matmul, the fast path there.
 
 Prefix reuse: when a batch ends, each row's K/V (its prompt and the generated tokens fed back) goes to the
 model's `PrefixStore`; a later prompt that starts with the same token ids (the revision request of a
@@ -46,15 +59,71 @@ FAST_OPS_ROWS = 4  # token rows (batch x positions) from which the CPU uses fast
 REUSE_MIN = 16  # fewest stored tokens past the batch's shared prefix worth copying into a row instead of prefilling
 
 
-Weight = "mx.array | tuple[mx.array, ...]"  # one matrix, or its row blocks kept apart (see _fuse_copies_fit)
+# Quantized weights: token rows up to which the CPU multiplies by kernels.linear_rows_q (over the pack made at
+# build); above, it dequantizes the block for the product and uses BLAS. Measured (2 cores, under load from
+# another job): MLX's dequantize costs ~3-6 ns per weight, so linear_rows_q was faster up to about 512 rows
+# (576x1536 4-bit g64 at 512 rows: 18.6 vs 17.7 ms; 4096x4096: 267 vs 341 ms) and slower from 1024 (4096x4096
+# 4-bit: 559 vs 482 ms; 8-bit: 740 vs 490 ms). mx.quantized_matmul was 10-40x slower than either from 8 rows.
+Q_ROWS_MAX = 512
+# Without the kernels, the CPU uses mx.quantized_matmul up to this many rows and dequantize + BLAS above (at 8
+# rows 576x1536 4-bit: quantized_matmul ~8 ms, dequantize ~1.3 ms + a BLAS product of ~0.05 ms).
+CPU_QMM_ROWS = 1
+
+
+@dataclass
+class QWeight:
+    """Quantized row blocks that share group size and bits (MLX's affine mode): `blocks` ((w uint32, scales,
+    biases), ...), one block when fused (a concatenated copy) or the model's own triples side by side; `packed`
+    (CPU kernels): all blocks in one `kernels.pack_quantized` pack, made once."""
+
+    blocks: tuple
+    group_size: int
+    bits: int
+    packed: mx.array | None = None
+
+    @property
+    def n_out(self) -> int:
+        return sum(w.shape[0] for w, _, _ in self.blocks)
+
+    def fused(self) -> "QWeight":
+        if len(self.blocks) == 1:
+            return self
+        block = tuple(mx.concatenate([b[i] for b in self.blocks]) for i in range(3))
+        return QWeight((block,), self.group_size, self.bits, self.packed)
+
+    def pack(self) -> mx.array:
+        w, s, b = self.fused().blocks[0]
+        return kernels.pack_quantized(w, s, b, self.group_size, self.bits)
+
+
+@dataclass
+class QLinear:
+    """A quantized projection: `parts` (QWeight, ...) whose outputs sit side by side (one part unless fused
+    projections differ in bits or group size), and a LoRA side term `lora` (A (K, R), B (R, N)): the output is
+    x @ W.T + (x @ A) @ B, B holding the adapters' scales (and zero rows where a fused projection has none)."""
+
+    parts: tuple
+    lora: tuple | None = None
+
+    @property
+    def n_out(self) -> int:
+        return sum(p.n_out for p in self.parts)
+
+    def arrays(self) -> list:
+        """Every array held (for evaluation and memory accounting)."""
+        out = [a for p in self.parts for blk in p.blocks for a in blk] + [p.packed for p in self.parts]
+        return [a for a in out + list(self.lora or ()) if a is not None]
+
+
+Weight = "mx.array | tuple[mx.array, ...] | QLinear"  # one matrix, its row blocks kept apart (see _fuse_copies_fit), or quantized
 
 
 @dataclass
 class Layer:
     w_qkv: Weight  # (H*D + 2*KVH*D, hidden): fused q/k/v, or (q, k, v)
-    w_o: mx.array  # (hidden, H*D)
+    w_o: Weight  # (hidden, H*D)
     w_gu: Weight  # (2*ffn, hidden): fused gate/up, or (gate, up)
-    w_down: mx.array  # (hidden, ffn)
+    w_down: Weight  # (hidden, ffn)
     norm_in: mx.array
     norm_post: mx.array
     b_qkv: mx.array | None = None  # (H*D + 2*KVH*D,) fused q/k/v bias (qwen2); None: no bias, no op (llama)
@@ -85,6 +154,112 @@ def _dense(linear) -> mx.array | None:
     return wb[0] if wb is not None and wb[1] is None else None
 
 
+def _projections(linears: list) -> tuple[Weight, mx.array | None] | None:
+    """(weight, bias or None) of projections of the same input (q/k/v, gate/up, or one), outputs side by side:
+    dense weights (LoRA folded in) as a tuple of blocks (one array for a single projection), quantized ones as a
+    QLinear (`_join`); the biases concatenated (a missing one counts as zeros; None if none has one). None if
+    any is neither, or dense and quantized ones are mixed."""
+    dense = [_dense_bias(x) for x in linears]
+    if all(d is not None for d in dense):
+        ws, bs = [w for w, _ in dense], [b for _, b in dense]
+        weight = ws[0] if len(ws) == 1 else tuple(ws)
+    else:
+        quant = [_quantized(x) for x in linears]
+        if any(q is None for q in quant):
+            return None
+        bs = [b for _, b in quant]
+        weight = _join([q for q, _ in quant])
+        ws = [mx.zeros((q.n_out, 0)) for q, _ in quant]  # shapes for the zero biases below
+    if all(b is None for b in bs):
+        return weight, None
+    dtype = next(b.dtype for b in bs if b is not None)
+    return weight, mx.concatenate([b if b is not None else mx.zeros((w.shape[0],), dtype) for w, b in zip(ws, bs)])
+
+
+def _affine(q) -> bool:
+    return getattr(q, "mode", "affine") == "affine" and q.get("biases") is not None
+
+
+def _quantized(linear) -> tuple[QLinear, mx.array | None] | None:
+    """(QLinear, bias or None) of an nn.QuantizedLinear (MLX's affine mode) or a LoRALinear over one, the
+    model's own arrays (no copy); None for anything else. The adapter's B is scaled (a small copy)."""
+    base, lora = linear, None
+    if hasattr(linear, "lora_a") and getattr(linear, "linear", None) is not None:
+        if getattr(linear, "m", None) is not None:  # DoRA
+            return None
+        base = linear.linear
+        lora = (linear.lora_a.astype(mx.float32), (linear.scale * linear.lora_b).astype(mx.float32))
+    if type(base) is not nn.QuantizedLinear or not _affine(base):
+        return None
+    part = QWeight(((base.weight, base.scales, base.biases),), base.group_size, base.bits)
+    return QLinear((part,), lora), (base.bias if "bias" in base else None)
+
+
+def _join(qs: list[QLinear]) -> QLinear:
+    """Projections of the same input (q/k/v, gate/up) side by side: consecutive parts of equal bits and group
+    size in one QWeight (blocks kept apart until `QWeight.fused`); their LoRA terms as one, A's columns
+    concatenated and the B's block-diagonal (zeros for a projection without an adapter)."""
+    parts = []
+    for q in qs:
+        for p in q.parts:
+            last = parts[-1] if parts else None
+            if last is not None and (last.group_size, last.bits) == (p.group_size, p.bits):
+                parts[-1] = QWeight(last.blocks + p.blocks, p.group_size, p.bits)
+            else:
+                parts.append(p)
+    lora = None
+    if any(q.lora is not None for q in qs):
+        A = mx.concatenate([q.lora[0] for q in qs if q.lora is not None], axis=1)
+        R, cols = A.shape[1], []
+        r0 = 0
+        for q in qs:
+            if q.lora is None:
+                cols.append(mx.zeros((R, q.n_out), mx.float32))
+                continue
+            a, b = q.lora
+            r = a.shape[1]
+            cols.append(mx.concatenate([mx.zeros((r0, b.shape[1])), b, mx.zeros((R - r0 - r, b.shape[1]))]))
+            r0 += r
+        lora = (A, mx.concatenate(cols, axis=1))
+    return QLinear(tuple(parts), lora)
+
+
+def _qmm(x: mx.array, q: QWeight) -> mx.array:
+    """x (..., K) @ W.T for the quantized W of `q`, float32, by the fastest path for x's row count here (see
+    Q_ROWS_MAX and CPU_QMM_ROWS): the C++ kernel over q.packed, dequantize + BLAS one block at a time (the
+    dequantized block is a temporary of this product only), or mx.quantized_matmul (Metal, CUDA)."""
+    rows = x.size // x.shape[-1]
+    x = x.astype(mx.float32)
+    if q.packed is not None and rows <= Q_ROWS_MAX and kernels.enabled():
+        return kernels.linear_rows_q(x, q.packed, q.n_out)
+    f32 = mx.float32
+    if mx.default_device() == mx.cpu and rows > CPU_QMM_ROWS:
+        outs = [x @ mx.dequantize(w, s.astype(f32), b.astype(f32), q.group_size, q.bits).T for w, s, b in q.blocks]
+    else:
+        outs = [mx.quantized_matmul(x, w, s, b, transpose=True, group_size=q.group_size, bits=q.bits)
+                for w, s, b in q.blocks]
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+
+
+def _qlinear(x: mx.array, q: QLinear) -> mx.array:
+    """x (..., K) @ W.T (+ the LoRA side term) for a quantized projection."""
+    outs = [_qmm(x, p) for p in q.parts]
+    y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+    if q.lora is not None:
+        a, b = q.lora
+        y = y + (x.astype(mx.float32) @ a) @ b
+    return y
+
+
+def _embedding(emb) -> "mx.array | QWeight | None":
+    """An nn.Embedding's weight, an nn.QuantizedEmbedding's (affine) triple as a QWeight, else None."""
+    if type(emb) is nn.Embedding:
+        return emb.weight
+    if type(emb) is nn.QuantizedEmbedding and _affine(emb):
+        return QWeight(((emb.weight, emb.scales, emb.biases),), emb.group_size, emb.bits)
+    return None
+
+
 class FastLlama:
     def __init__(self, args, layers: list[Layer], embed: mx.array, lm_head: mx.array, norm: mx.array):
         self.n_heads = args.num_attention_heads
@@ -113,24 +288,28 @@ class FastLlama:
         layers = []
         for lyr in inner.layers:
             a, m = lyr.self_attn, lyr.mlp
-            qkv = [_dense_bias(x) for x in (a.q_proj, a.k_proj, a.v_proj)]
-            ws = [_dense(x) for x in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj)]
-            if any(x is None for x in qkv + ws):
+            qkv = _projections([a.q_proj, a.k_proj, a.v_proj])
+            rest = [_projections([x]) for x in (a.o_proj, m.down_proj)]
+            gu = _projections([m.gate_proj, m.up_proj])
+            if qkv is None or gu is None or any(x is None for x in rest):
                 return None
-            o, g, u, d = ws
-            if kind != "qwen2" and any(b is not None for _, b in qkv):  # llama/mistral: no q/k/v bias
+            if any(bias is not None for _, bias in rest + [gu]):  # biases on q/k/v only
                 return None
-            bias = None
-            if any(b is not None for _, b in qkv):  # a missing one counts as zeros
-                bias = mx.concatenate([b if b is not None else mx.zeros((w.shape[0],), w.dtype) for w, b in qkv])
-            layers.append(Layer(tuple(w for w, _ in qkv), o, (g, u), d,
-                                lyr.input_layernorm.weight, lyr.post_attention_layernorm.weight, bias))
-        if type(inner.embed_tokens) is not nn.Embedding:
+            (w_qkv, bias), ((o, _), (d, _)) = qkv, rest
+            if kind != "qwen2" and bias is not None:  # llama/mistral: no q/k/v bias
+                return None
+            layers.append(Layer(w_qkv, o, gu[0], d, lyr.input_layernorm.weight, lyr.post_attention_layernorm.weight,
+                                bias))
+        embed = _embedding(inner.embed_tokens)
+        if embed is None:
             return None
-        embed = inner.embed_tokens.weight
-        head = embed if args.tie_word_embeddings else _dense(model.lm_head)
-        if head is None:
-            return None
+        if args.tie_word_embeddings:
+            head = QLinear((embed,)) if isinstance(embed, QWeight) else embed
+        else:
+            head = _projections([model.lm_head])
+            if head is None or head[1] is not None:
+                return None
+            head = head[0]
         fast = cls(args, layers, embed, head, inner.norm.weight)
         pack = fast.cpu and kernels.enabled() and _packing_fits(layers, head)
         fuse = not pack or _fuse_copies_fit(layers, head)
@@ -139,11 +318,49 @@ class FastLlama:
                 lyr.packed = tuple(kernels.pack_weight(_fused(w)) for w in (lyr.w_qkv, lyr.w_o, lyr.w_gu, lyr.w_down))
             if fuse:
                 lyr.w_qkv, lyr.w_gu = _fused(lyr.w_qkv), _fused(lyr.w_gu)
-            mx.eval(lyr.packed, lyr.w_qkv, lyr.w_gu, lyr.b_qkv)
+            mx.eval([w for w in (lyr.packed, lyr.w_qkv, lyr.w_gu, lyr.b_qkv) if not isinstance(w, QLinear)])
         if pack:
             fast.head_packed = kernels.pack_weight(head)
             mx.eval(fast.head_packed)
+        fast._prepare_quantized()
         return fast
+
+    def _prepare_quantized(self) -> None:
+        """Quantized projections: on the CPU with the kernels, a `kernels.linear_rows_q` pack per QWeight (its
+        blocks stay the model's own arrays, for products of more than Q_ROWS_MAX rows); elsewhere, or for bits
+        and group sizes the kernel lacks, fused blocks (a concatenated quantized copy) where they fit in
+        PACK_MEMORY_SHARE of the RAM, else the blocks one after the other. One weight at a time, so a fused
+        temporary of the packing is freed before the next."""
+        qs = [w for lyr in self.layers for w in (lyr.w_qkv, lyr.w_o, lyr.w_gu, lyr.w_down) if isinstance(w, QLinear)]
+        if isinstance(self.lm_head, QLinear):
+            qs.append(self.lm_head)
+        if not qs:
+            return
+        parts = {id(p): p for q in qs for p in q.parts}.values()  # a tied head's part is the embedding's
+        budget = PACK_MEMORY_SHARE * backend.ram_bytes()
+        pack = self.cpu and kernels.enabled() and sum(_qpack_nbytes(p) for p in parts if _packable(p)) <= budget
+        fuse = sum(_qpack_nbytes(p) for p in parts if len(p.blocks) > 1) <= budget
+        for p in parts:
+            if pack and _packable(p):
+                p.packed = p.pack()
+                mx.eval(p.packed)
+        for q in qs:
+            q.parts = tuple(p if p.packed is not None or not fuse else p.fused() for p in q.parts)
+            mx.eval(q.arrays())
+
+    @property
+    def packed_decode(self) -> bool:
+        """Whether decode steps run on packed weights (the C++ kernels use every thread in one stream)."""
+        return self.head_packed is not None or any(
+            isinstance(w, QLinear) and any(p.packed is not None for p in w.parts)
+            for lyr in self.layers for w in (lyr.w_qkv, lyr.w_o, lyr.w_gu, lyr.w_down))
+
+    def _embed(self, tokens: mx.array) -> mx.array:
+        """Embedding rows of `tokens`; a quantized embedding dequantizes only the gathered rows."""
+        if not isinstance(self.embed, QWeight):
+            return self.embed[tokens]
+        (w, s, b), = self.embed.blocks
+        return mx.dequantize(w[tokens], s[tokens], b[tokens], self.embed.group_size, self.embed.bits).astype(mx.float32)
 
     @classmethod
     def for_model(cls, model) -> "FastLlama | None":
@@ -179,6 +396,8 @@ class FastLlama:
         H, KVH, D = self.n_heads, self.n_kv, self.head_dim
         # up to PACKED_ROWS_MAX token rows (decode steps) with packed weights: kernels.linear_rows, else BLAS
         def mm(a, i, w):
+            if isinstance(w, QLinear):  # quantized: the kernel, dequantize + BLAS or quantized_matmul (_qmm)
+                return _qlinear(a, w)
             if lyr.packed is not None and a.size // a.shape[-1] <= PACKED_ROWS_MAX:
                 return kernels.linear_rows(a, lyr.packed[i], _rows(w))
             if isinstance(w, tuple):  # unfused (large models): one product per block, side by side
@@ -252,7 +471,7 @@ class FastLlama:
         lo = mx.broadcast_to(prefix, pad.shape)[:, None, None, None]  # (B,) or one shared length
         own = (s4 < lo) | (s4 >= lo + pad[:, None, None, None])
         mask = (own & (s4 <= p4)) | (s4 == p4)
-        x = self.embed[tokens]
+        x = self._embed(tokens)
         last = None
         if real is not None:
             flat = real.reshape(-1)
@@ -279,6 +498,8 @@ class FastLlama:
         x = mx.fast.rms_norm(x[:, -1, :] if last is None else x[last], self.norm, self.eps)
         if self.head_packed is not None:
             return kernels.linear_rows(x, self.head_packed, self.lm_head.shape[0]), new
+        if isinstance(self.lm_head, QLinear):
+            return _qlinear(x, self.lm_head), new
         return x @ self.lm_head.T, new
 
     def _step_impl(self, tokens, caches, start, pad, prefix, end=None):
@@ -402,7 +623,7 @@ def _packing_fits(layers: list[Layer], head: mx.array) -> bool:
     memory (the copies are a second model: +0.5 GiB for SmolLM2-135M, too much for an 8B model in float32).
     They pay off most at one row: Qwen2.5-Coder-1.5B batch 1 decoded 5.6 tok/s packed vs 2.2 with BLAS."""
     ws = _weights(layers, head)
-    if any(w.dtype != mx.float32 for w in ws):
+    if any(isinstance(w, QLinear) or w.dtype != mx.float32 for w in ws):  # quantized: see _prepare_quantized
         return False
     return sum(w.nbytes for w in ws) <= PACK_MEMORY_SHARE * backend.ram_bytes()
 
@@ -415,6 +636,16 @@ def _fuse_copies_fit(layers: list[Layer], head: mx.array) -> bool:
     fused = sum(_nbytes(lyr.w_qkv) + _nbytes(lyr.w_gu) for lyr in layers)
     packed = sum(w.nbytes for w in _weights(layers, head))
     return fused + packed <= PACK_MEMORY_SHARE * backend.ram_bytes()
+
+
+def _packable(q: QWeight) -> bool:
+    """Whether kernels.linear_rows_q takes this quantization (4 or 8 bits, groups of 32, 64 or 128)."""
+    return q.bits in (4, 8) and q.group_size in (32, 64, 128)
+
+
+def _qpack_nbytes(q: QWeight) -> int:
+    """Bytes of a pack or fused copy of `q` (codes, float32 scales and biases)."""
+    return sum(w.nbytes + 4 * (s.size + b.size) for w, s, b in q.blocks)
 
 
 def shared_prefix(prompts: list[list[int]]) -> int:

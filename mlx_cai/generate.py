@@ -144,8 +144,8 @@ def generate_iter(model, tokenizer, conversations: Sequence[Conversation], confi
                   use_fast: bool = True) -> Iterator[tuple[int, Generation]]:
     """Yield (index into `conversations`, Generation) batch by batch, longest prompts first.
 
-    Dense llama-family and qwen2 models take the compiled path (mlx_cai.fastllama); others, or `use_fast=False`,
-    the generic mlx-lm path. Both give the same greedy tokens (tested).
+    Llama-family and qwen2 models, dense or quantized, take the compiled path (mlx_cai.fastllama); others, or
+    `use_fast=False`, the generic mlx-lm path. Both give the same greedy tokens (tested).
     """
     cfg = config or SamplingConfig()
     if seeds is None:
@@ -163,7 +163,7 @@ def generate_iter(model, tokenizer, conversations: Sequence[Conversation], confi
         # Parallel streams for decode steps run MLX's single-threaded ops side by side; with packed weights
         # the C++ kernels use every thread in one stream instead (batch 32: ~100 vs ~114 ms per step). Below
         # stream_rows rows a part is bound by memory traffic (batch 8 in two streams of 4 rows: 0.7x one stream).
-        split = fast and fast.cpu and fast.head_packed is None
+        split = fast and fast.cpu and not fast.packed_decode
         streams = min(len(prompts) // settings().stream_rows, backend.blas_threads()) if split else 1
         with backend.blas_threads_per(streams):
             if fast:
