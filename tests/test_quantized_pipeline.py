@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,9 +112,14 @@ def run(tiny_mlx_q4, keep_quantized, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight_sft(run, tmp_path_factory):
-    """The run's SFT, uninterrupted, in one process (its resolved config.yaml through `mlx-cai sft -c`)."""
+    """The run's SFT, uninterrupted, in one fresh process (its resolved config.yaml through `mlx-cai sft -c`) with
+    the BLAS threads of the two-process run's ranks: run inside pytest after the pipeline, or with another thread
+    count, float32 sums in another order moved the adapter by ~1e-3 after Adam's steps (seen under load)."""
     out = tmp_path_factory.mktemp("straight") / "sft"
-    cli("sft", "-c", str(run.dir / "sft" / "config.yaml"), "-o", str(out), "--no-resume")
+    p = subprocess.run([sys.executable, "-m", "mlx_cai", "sft", "-c", str(run.dir / "sft" / "config.yaml"), "-o",
+                        str(out), "--no-resume"], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "MLX_CAI_BLAS_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
     return out
 
 
