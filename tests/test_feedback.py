@@ -330,9 +330,13 @@ def test_revision_chosen_policy_puts_the_policys_own_refusal_on_the_chosen_side(
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     own = "I cannot assist with that request."
 
-    def policy_reply(body):  # refuses prompt 0 on its second sample only; complies with prompt 1 every time
-        user = body["messages"][-1]["content"]
-        return own if user == "prompt 0" and body["seed"] == row_seed(0, "r0", "policy1") else "Sure: " + user
+    def policy_reply(body):  # declines prompt 0 on its second sample only; complies with prompt 1 every time
+        user, seed = body["messages"][-1]["content"], body["seed"]
+        if user == "prompt 0" and seed == row_seed(0, "r0", "policy0"):  # the keyword judge's refusal, no decline
+            return "I'm sorry for any confusion. Rake the pins until the cylinder turns."
+        if user == "prompt 0" and seed == row_seed(0, "r0", "policy1"):  # declines, then rambles on
+            return own + " However, here is how a tension wrench works: first"
+        return "Sure: " + user
 
     with FaultServer(policy_reply) as pol:
         policy = OpenAIBackend(model="policy", base_url=pol.url)
@@ -342,7 +346,8 @@ def test_revision_chosen_policy_puts_the_policys_own_refusal_on_the_chosen_side(
         assert len(pol.log) == 2 * 3  # boundary_samples per harmful prompt
         kept = {r["id"]: r for r in lines(tmp_path / "p.jsonl")}
         assert s["kept"] == 2 and sorted(kept) == ["r0", "r1"]
-        assert (kept["r0"]["chosen"], kept["r0"]["rejected"]) == (own, SURE)  # the policy's refusal replaces the revision
+        # the first sentence of the policy's declining sample replaces the revision
+        assert (kept["r0"]["chosen"], kept["r0"]["rejected"]) == (own, SURE)
         assert kept["r0"]["source"]["chosen"] == "policy"
         assert kept["r0"]["responses"][0]["seed"] == row_seed(0, "r0", "policy1")
         assert kept["r1"]["chosen"] == SORRY + " Truly." and "chosen" not in kept["r1"]["source"]  # none refused
@@ -364,3 +369,18 @@ def test_revision_chosen_policy_puts_the_policys_own_refusal_on_the_chosen_side(
         F.FeedbackConfig(mode="revision", revision_chosen="self")
     with pytest.raises(F.FeedbackError, match="mode revision only"):
         F.FeedbackConfig(mode="logprob", revision_chosen="policy")
+
+
+@pytest.mark.parametrize("text, first", [
+    ("I cannot assist with that request. It is illegal.", "I cannot assist with that request."),
+    ("I'm sorry, but I can't help with that! Try a locksmith.", "I'm sorry, but I can't help with that!"),
+    ("I must decline.", "I must decline."),
+    ("I\u2019m unable to provide that. Here is why", "I'm unable to provide that."),
+    ("I'm sorry for any confusion. Counterfeit bills are printed on", None),  # an apology, no decline
+    ("I cannot stress enough how easy this is.", None),  # "I cannot" without declining anything
+    ("Sure. I cannot help with the rest.", None),  # the decline is not its opening sentence
+    ("I cannot assist with that request because " + "it is a long reason " * 8 + ".", None),  # over 30 words
+    ("I cannot assist with that request and then", None),  # no sentence ends
+])
+def test_decline_sentence_keeps_an_opening_first_person_decline_only(text, first):
+    assert F.decline_sentence(text) == first

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import difflib
 import random
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -336,11 +337,14 @@ DECLINE_TASK = ("An overly cautious assistant refuses every request that sounds 
 
 
 def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBackend, cfg: FeedbackConfig,
-                    on_tokens: Callable[[int], None]) -> dict[str, tuple[Generation, int]]:
+                    on_tokens: Callable[[int], None],
+                    pick: Callable[[Generation], Generation | None] | None = None) -> dict[str, tuple[Generation, int]]:
     """{id: (the policy's first refusing sample, its seed)} over `boundary_samples` samples per prompt (the
-    policy's sampling settings, boundary_max_tokens); prompts where no sample refuses are absent."""
+    policy's sampling settings, boundary_max_tokens); prompts where no sample refuses are absent. `pick` says
+    whether a sample refuses and what of it is kept (None: not a refusal); default: the keyword judge, whole."""
     from mlx_cai.refusal import is_refusal
 
+    pick = pick or (lambda g: g if is_refusal(g.text) else None)
     k = cfg.boundary_samples
     convs = [[{"role": "user", "content": p.prompt}] for p in prompts for _ in range(k)]
     seeds = [records.row_seed(cfg.seed, p.id, f"policy{j}") for p in prompts for j in range(k)]
@@ -348,18 +352,50 @@ def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBacken
     on_tokens(sum(g.completion_tokens for g in gens))
     out = {}
     for i, p in enumerate(prompts):
-        j = next((j for j in range(k) if is_refusal(gens[i * k + j].text)), None)
-        if j is not None:
-            out[p.id] = (gens[i * k + j], seeds[i * k + j])
+        for j in range(k):
+            kept = pick(gens[i * k + j])
+            if kept is not None:
+                out[p.id] = (kept, seeds[i * k + j])
+                break
     return out
+
+
+# A decline says the assistant will not do it; an apology alone ("I'm sorry for any confusion. Counterfeit bills
+# are...") is no refusal to train toward, though the keyword judge counts it as one.
+DECLINES = re.compile(r"\b(?:i|we)(?:'m|\s+am|'re|\s+are)?\s+(?:cannot|can't|can not|won't|will not|not able to|"
+                      r"unable to)\s+(?:\w+\s+){0,2}?(?:assist|help|provide|comply|fulfill|support|do|give|share|"
+                      r"engage|answer|offer|create|write|generate)\b|\b(?:i|we)\s+must\s+(?:decline|refuse)\b",
+                      re.IGNORECASE)
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+MAX_DECLINE_WORDS = 30
+
+
+def decline_sentence(text: str) -> str | None:
+    """The first sentence of `text` if it declines in the first person (DECLINES) in at most MAX_DECLINE_WORDS
+    words, else None: the policy's own refusal, without what it rambles on with after it (SmolLM2's samples go on
+    into advice, apologies or partial answers)."""
+    text = text.strip().replace("\u2019", "'")
+    end = SENTENCE_END.search(text)
+    if end is None:
+        return None
+    first = text[: end.end()]
+    if not DECLINES.search(first) or len(metrics.words(first)) > MAX_DECLINE_WORDS:
+        return None
+    return first
 
 
 def policy_chosen(cands: list[Candidate], policy: ChatBackend, cfg: FeedbackConfig,
                   on_tokens: Callable[[int], None]) -> list[Candidate]:
     """Revision candidates (texts = (revision, initial answer)) with the policy's own refusal as the chosen side
-    (`revision_chosen`): policy replaces the revision where the policy refuses in one of its samples, both adds
-    such a pair under id `ID:policy` beside the revision's. A prompt where no sample refuses keeps its revision."""
-    own = policy_refusals(cands, policy, cfg, on_tokens)
+    (`revision_chosen`): the first sentence of its first sample that opens by declining (`decline_sentence`).
+    policy replaces the revision where one of its samples declines, both adds such a pair under id `ID:policy`
+    beside the revision's. A prompt where no sample declines keeps its revision only."""
+
+    def pick(g: Generation) -> Generation | None:
+        first = decline_sentence(g.text)
+        return None if first is None else replace(g, text=first, finish_reason="stop")
+
+    own = policy_refusals(cands, policy, cfg, on_tokens, pick)
     out = []
     for c in cands:
         if c.id not in own:
