@@ -341,9 +341,10 @@ def test_revision_chosen_policy_puts_the_policys_own_refusal_on_the_chosen_side(
     with FaultServer(policy_reply) as pol:
         policy = OpenAIBackend(model="policy", base_url=pol.url)
         cfg = F.FeedbackConfig(mode="revision", prompts=str(src), output=str(tmp_path / "p.jsonl"),
-                               revision_chosen="policy", boundary_samples=3)
+                               revision_chosen="policy", boundary_samples=3, policy_refusal="sentence")
         s = F.summarize(F.run(cfg, policy=policy))
         assert len(pol.log) == 2 * 3  # boundary_samples per harmful prompt
+        assert {b["max_tokens"] for _, _, b, _ in pol.log} == {F.SENTENCE_TOKENS}
         kept = {r["id"]: r for r in lines(tmp_path / "p.jsonl")}
         assert s["kept"] == 2 and sorted(kept) == ["r0", "r1"]
         # the first sentence of the policy's declining sample replaces the revision
@@ -353,6 +354,11 @@ def test_revision_chosen_policy_puts_the_policys_own_refusal_on_the_chosen_side(
         assert kept["r1"]["chosen"] == SORRY + " Truly." and "chosen" not in kept["r1"]["source"]  # none refused
         with pytest.raises(F.FeedbackError, match="other settings"):  # the revision-chosen pairs are another config
             F.run(replace(cfg, revision_chosen="revision"))
+        # policy_refusal: sample takes the first sample the keyword judge calls a refusal, whole (an apology here)
+        whole = replace(cfg, output=str(tmp_path / "w.jsonl"), policy_refusal="sample")
+        F.run(whole, policy=policy)
+        assert lines(tmp_path / "w.jsonl")[0]["chosen"].startswith("I'm sorry for any confusion. Rake the pins")
+        assert pol.log[-1][2]["max_tokens"] == whole.boundary_max_tokens
 
         both = replace(cfg, output=str(tmp_path / "b.jsonl"), revision_chosen="both")
         s = F.summarize(F.run(both, policy=policy))
@@ -367,6 +373,8 @@ def test_revision_chosen_policy_puts_the_policys_own_refusal_on_the_chosen_side(
     assert len(pairs) == 3  # DPO takes both pairs of r0
     with pytest.raises(F.FeedbackError, match="revision_chosen must be one of"):
         F.FeedbackConfig(mode="revision", revision_chosen="self")
+    with pytest.raises(F.FeedbackError, match="policy_refusal must be one of"):
+        F.FeedbackConfig(mode="revision", policy_refusal="word")
     with pytest.raises(F.FeedbackError, match="mode revision only"):
         F.FeedbackConfig(mode="logprob", revision_chosen="policy")
 

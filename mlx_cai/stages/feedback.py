@@ -12,7 +12,8 @@ Modes (`MODES`):
 - revision: no sampling and no judge: chosen = the final revision, rejected = the initial answer, from
   `mlx-cai revise` records (the Hugging Face recipe). With `revision_chosen: policy` the chosen side is the
   policy's own refusal of the harmful prompt (the SFT model, `boundary_samples` samples, the first that refuses; the
-  revision where none does), with `both` a pair of each kind (the policy's under id `ID:policy`). The policy's
+  revision where none does; `policy_refusal: sentence` takes only the opening sentence of the first sample
+  that opens by declining), with `both` a pair of each kind (the policy's under id `ID:policy`). The policy's
   refusal is what DPO can raise directly: the overseer's revisions are text the policy does not write.
 
 Boundary pairs (`boundary`, any mode): for prompts that only look unsafe (train:borderline), chosen = a helpful
@@ -66,6 +67,8 @@ STAGE = "feedback/1"
 MODES = ("logprob", "judge", "revision")
 BOUNDARY_REJECTED = ("overseer", "policy")
 REVISION_CHOSEN = ("revision", "policy", "both")
+POLICY_REFUSAL = ("sample", "sentence")
+SENTENCE_TOKENS = 64  # policy_refusal: sentence samples this many tokens: a decline sentence of <= 30 words fits
 
 
 class FeedbackError(ValueError):
@@ -113,6 +116,10 @@ class FeedbackConfig:
                                              "(the SFT model's own refusal, sampled; the overseer's where none refuses)")
     boundary_samples: int = opt(4, "policy samples per prompt where the policy's own refusal is wanted "
                                    "(boundary_rejected: policy, revision_chosen: policy or both)")
+    policy_refusal: str = opt("sample", "what of the policy's sampled refusal is used (boundary_rejected / "
+                                        "revision_chosen: policy): sample (the first sample the keyword judge calls "
+                                        "a refusal, whole) or sentence (the opening sentence of the first sample "
+                                        "that opens by declining, sampled at most SENTENCE_TOKENS tokens)")
     revision_chosen: str = opt("revision", "mode revision, the chosen side on harmful prompts: revision (the "
                                            "cleaned revision), policy (the SFT model's own refusal, sampled; the "
                                            "revision where none refuses) or both (a pair of each)")
@@ -131,6 +138,9 @@ class FeedbackConfig:
                                 f"got '{self.boundary_rejected}'")
         if self.boundary_samples < 1:
             raise FeedbackError("boundary_samples must be >= 1")
+        if self.policy_refusal not in POLICY_REFUSAL:
+            raise FeedbackError(f"policy_refusal must be one of {', '.join(POLICY_REFUSAL)}, "
+                                f"got '{self.policy_refusal}'")
         if self.revision_chosen not in REVISION_CHOSEN:
             raise FeedbackError(f"revision_chosen must be one of {', '.join(REVISION_CHOSEN)}, "
                                 f"got '{self.revision_chosen}'")
@@ -337,18 +347,24 @@ DECLINE_TASK = ("An overly cautious assistant refuses every request that sounds 
 
 
 def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBackend, cfg: FeedbackConfig,
-                    on_tokens: Callable[[int], None],
-                    pick: Callable[[Generation], Generation | None] | None = None) -> dict[str, tuple[Generation, int]]:
-    """{id: (the policy's first refusing sample, its seed)} over `boundary_samples` samples per prompt (the
-    policy's sampling settings, boundary_max_tokens); prompts where no sample refuses are absent. `pick` says
-    whether a sample refuses and what of it is kept (None: not a refusal); default: the keyword judge, whole."""
+                    on_tokens: Callable[[int], None]) -> dict[str, tuple[Generation, int]]:
+    """{id: (the policy's refusal, its seed)} over `boundary_samples` samples per prompt (the policy's sampling
+    settings): `policy_refusal` sample, the first sample (boundary_max_tokens) that the keyword judge calls a
+    refusal, whole; sentence, the opening sentence of the first sample (SENTENCE_TOKENS) that opens by declining
+    (`decline_sentence`). Prompts where no sample refuses are absent."""
     from mlx_cai.refusal import is_refusal
 
-    pick = pick or (lambda g: g if is_refusal(g.text) else None)
+    def pick(g: Generation) -> Generation | None:
+        if cfg.policy_refusal == "sample":
+            return g if is_refusal(g.text) else None
+        first = decline_sentence(g.text)
+        return None if first is None else replace(g, text=first, finish_reason="stop")
+
     k = cfg.boundary_samples
+    max_tokens = cfg.boundary_max_tokens if cfg.policy_refusal == "sample" else SENTENCE_TOKENS
     convs = [[{"role": "user", "content": p.prompt}] for p in prompts for _ in range(k)]
     seeds = [records.row_seed(cfg.seed, p.id, f"policy{j}") for p in prompts for j in range(k)]
-    gens = policy.complete(convs, replace(cfg.sampling(), max_tokens=cfg.boundary_max_tokens), seeds=seeds)
+    gens = policy.complete(convs, replace(cfg.sampling(), max_tokens=max_tokens), seeds=seeds)
     on_tokens(sum(g.completion_tokens for g in gens))
     out = {}
     for i, p in enumerate(prompts):
@@ -386,16 +402,10 @@ def decline_sentence(text: str) -> str | None:
 
 def policy_chosen(cands: list[Candidate], policy: ChatBackend, cfg: FeedbackConfig,
                   on_tokens: Callable[[int], None]) -> list[Candidate]:
-    """Revision candidates (texts = (revision, initial answer)) with the policy's own refusal as the chosen side
-    (`revision_chosen`): the first sentence of its first sample that opens by declining (`decline_sentence`).
-    policy replaces the revision where one of its samples declines, both adds such a pair under id `ID:policy`
-    beside the revision's. A prompt where no sample declines keeps its revision only."""
-
-    def pick(g: Generation) -> Generation | None:
-        first = decline_sentence(g.text)
-        return None if first is None else replace(g, text=first, finish_reason="stop")
-
-    own = policy_refusals(cands, policy, cfg, on_tokens, pick)
+    """Revision candidates (texts = (revision, initial answer)) with the policy's own refusal (`policy_refusals`) as
+    the chosen side (`revision_chosen`): policy replaces the revision where one of its samples refuses, both adds
+    such a pair under id `ID:policy` beside the revision's. A prompt where no sample refuses keeps its revision only."""
+    own = policy_refusals(cands, policy, cfg, on_tokens)
     out = []
     for c in cands:
         if c.id not in own:
@@ -505,6 +515,8 @@ def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
         keep["boundary_refusal"] = "decline-or-task"  # how the refusals are written (DECLINE, then DECLINE_TASK)
     if cfg.boundary is None or cfg.boundary_rejected == "overseer":  # the ids from before this setting stay
         keep.pop("boundary_rejected")
+    if cfg.policy_refusal == "sample":  # the ids from before this setting stay
+        keep.pop("policy_refusal")
     if cfg.revision_chosen == "revision":  # the ids from before this setting stay
         keep.pop("revision_chosen")
         if cfg.boundary is None or cfg.boundary_rejected == "overseer":
