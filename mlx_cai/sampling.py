@@ -66,14 +66,42 @@ def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float)
     return mx.where(seen, penalized, logits)
 
 
-def top_p_mask(logprobs: mx.array, top_p: float) -> mx.array:
-    """Keep the smallest set of tokens whose probability mass reaches `top_p`. logprobs (B, V) -> same, -inf elsewhere."""
+NUCLEUS_CANDIDATES = 1024  # top_p_mask looks for the nucleus among this many most likely tokens first
+
+
+def _top_p_full(logprobs: mx.array, top_p: float) -> mx.array:
+    """top_p_mask over the whole vocabulary: one argsort of every row (~35 ms a row of 49k tokens on the CPU)."""
     order = mx.argsort(-logprobs, axis=-1)
     sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
     cum = mx.cumsum(mx.exp(sorted_lp), axis=-1)
     # keep a token if the mass before it is still below top_p (so the top token is always kept)
     keep_sorted = (cum - mx.exp(sorted_lp)) < top_p
     keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+    return mx.where(keep, logprobs, -mx.inf)
+
+
+def top_p_mask(logprobs: mx.array, top_p: float, candidates: int = NUCLEUS_CANDIDATES) -> mx.array:
+    """Keep the smallest set of tokens whose probability mass reaches `top_p`. logprobs (B, V) -> same, -inf elsewhere.
+
+    The nucleus is looked for among each row's `candidates` most likely tokens (a partition, then a sort of those
+    only: ~10x faster than sorting the vocabulary, which took a sampled decode step of SmolLM2 at batch 32 from
+    ~0.2 to ~1.1 s). The result is the full sort's, bit for bit: the prefix sums of the sorted masses are the same
+    numbers, and where a row's nucleus does not end within its candidates, or two kept candidates tie (their order
+    would be the sort's choice), the whole vocabulary is sorted instead."""
+    V = logprobs.shape[-1]
+    if candidates >= V:
+        return _top_p_full(logprobs, top_p)
+    idx = mx.argpartition(-logprobs, candidates - 1, axis=-1)[:, :candidates]
+    vals = mx.take_along_axis(logprobs, idx, axis=-1)
+    order = mx.argsort(-vals, axis=-1)
+    sorted_lp = mx.take_along_axis(vals, order, axis=-1)
+    cum = mx.cumsum(mx.exp(sorted_lp), axis=-1)
+    keep_sorted = (cum - mx.exp(sorted_lp)) < top_p
+    ties = (sorted_lp[:, 1:] == sorted_lp[:, :-1]) & keep_sorted[:, :-1]
+    if mx.any(keep_sorted[:, -1]).item() or mx.any(ties).item():
+        return _top_p_full(logprobs, top_p)
+    keep = mx.put_along_axis(mx.zeros(logprobs.shape, mx.bool_), mx.take_along_axis(idx, order, axis=-1),
+                             keep_sorted, axis=-1)
     return mx.where(keep, logprobs, -mx.inf)
 
 

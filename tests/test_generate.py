@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -209,3 +210,25 @@ def test_generation_prompts_are_the_training_prompts(tiny):
         assert prompt == expected
         full, offset = encoding.encode_chat(tok, [*chat, {"role": "assistant", "content": "cat cat"}])
         assert full[:offset] == prompt
+
+
+def test_top_p_mask_over_the_candidates_is_the_full_sorts_bit_for_bit(monkeypatch):
+    from mlx_cai import sampling
+
+    mx.random.seed(3)
+    full_calls = []
+    real_full = sampling._top_p_full
+    monkeypatch.setattr(sampling, "_top_p_full", lambda lp, p: full_calls.append(1) or real_full(lp, p))
+    for scale in (12.0, 20.0):  # peaked rows: the nucleus ends within the candidates
+        lp = mx.random.normal((4, 4096)) * scale
+        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        for p in (0.5, 0.9, 0.95):
+            got = sampling.top_p_mask(lp, p, candidates=256)
+            assert full_calls == [], "took the full sort although the nucleus fits the candidates"
+            assert mx.array_equal(got, real_full(lp, p)).item()
+    flat = mx.zeros((2, 4096)) - math.log(4096)  # every token ties and the nucleus is most of the vocabulary
+    assert mx.array_equal(sampling.top_p_mask(flat, 0.9, candidates=256), real_full(flat, 0.9)).item()
+    assert full_calls == [1]  # ...so that row set was sorted whole
+    tied = mx.array([[0.0, -1.0, -1.0, -5.0] + [-30.0] * 60]) - 0.5  # two kept candidates tie
+    assert mx.array_equal(sampling.top_p_mask(tied, 0.99, candidates=8), real_full(tied, 0.99)).item()
+    assert full_calls == [1, 1]
