@@ -250,7 +250,8 @@ def test_boundary_rejected_policy_uses_the_policys_own_refusal_where_one_of_its_
         cfg = F.FeedbackConfig(mode="revision", prompts=str(src), output=str(out), boundary=str(border),
                                boundary_model=f"openai:overseer@{srv.url}", boundary_rejected="policy", batch_size=8)
         s = F.summarize(F.run(cfg, policy=OpenAIBackend(model="policy", base_url=pol.url)))
-        assert len(pol.log) == 4 * len(prompts)  # boundary_samples each
+        # boundary_samples each, but none after a refusal: b2 refused on its third
+        assert len(pol.log) == 4 * len(prompts) - 1
         # answers; DECLINE only where no sample refused (3), DECLINE_TASK where that one answered (skyline, bird)
         assert len(srv.log) == len(prompts) + 3 + 2
         with pytest.raises(F.FeedbackError, match="other settings"):  # the overseer's refusals are another config
@@ -343,7 +344,7 @@ def test_revision_chosen_policy_puts_the_policys_own_refusal_on_the_chosen_side(
         cfg = F.FeedbackConfig(mode="revision", prompts=str(src), output=str(tmp_path / "p.jsonl"),
                                revision_chosen="policy", boundary_samples=3, policy_refusal="sentence")
         s = F.summarize(F.run(cfg, policy=policy))
-        assert len(pol.log) == 2 * 3  # boundary_samples per harmful prompt
+        assert len(pol.log) == 2 + 3  # boundary_samples per harmful prompt, none after the one that declines
         assert {b["max_tokens"] for _, _, b, _ in pol.log} == {F.SENTENCE_TOKENS}
         kept = {r["id"]: r for r in lines(tmp_path / "p.jsonl")}
         assert s["kept"] == 2 and sorted(kept) == ["r0", "r1"]

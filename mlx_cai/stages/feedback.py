@@ -348,8 +348,8 @@ DECLINE_TASK = ("An overly cautious assistant refuses every request that sounds 
 
 def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBackend, cfg: FeedbackConfig,
                     on_tokens: Callable[[int], None]) -> dict[str, tuple[Generation, int]]:
-    """{id: (the policy's refusal, its seed)} over `boundary_samples` samples per prompt (the policy's sampling
-    settings): `policy_refusal` sample, the first sample (boundary_max_tokens) that the keyword judge calls a
+    """{id: (the policy's refusal, its seed)} over up to `boundary_samples` samples per prompt (the policy's sampling
+    settings; sample j, seeded by (seed, id, j), is drawn only where none before it refused): `policy_refusal` sample, the first sample (boundary_max_tokens) that the keyword judge calls a
     refusal, whole; sentence, the opening sentence of the first sample (SENTENCE_TOKENS) that opens by declining
     (`decline_sentence`). Prompts where no sample refuses are absent."""
     from mlx_cai.refusal import is_refusal
@@ -360,19 +360,23 @@ def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBacken
         first = decline_sentence(g.text)
         return None if first is None else replace(g, text=first, finish_reason="stop")
 
-    k = cfg.boundary_samples
-    max_tokens = cfg.boundary_max_tokens if cfg.policy_refusal == "sample" else SENTENCE_TOKENS
-    convs = [[{"role": "user", "content": p.prompt}] for p in prompts for _ in range(k)]
-    seeds = [records.row_seed(cfg.seed, p.id, f"policy{j}") for p in prompts for j in range(k)]
-    gens = policy.complete(convs, replace(cfg.sampling(), max_tokens=max_tokens), seeds=seeds)
-    on_tokens(sum(g.completion_tokens for g in gens))
-    out = {}
-    for i, p in enumerate(prompts):
-        for j in range(k):
-            kept = pick(gens[i * k + j])
-            if kept is not None:
-                out[p.id] = (kept, seeds[i * k + j])
-                break
+    sampling = replace(cfg.sampling(), max_tokens=cfg.boundary_max_tokens if cfg.policy_refusal == "sample"
+                       else SENTENCE_TOKENS)
+    out, todo = {}, list(prompts)
+    for j in range(cfg.boundary_samples):  # sample j only for prompts whose samples before it did not refuse
+        if not todo:
+            break
+        seeds = [records.row_seed(cfg.seed, p.id, f"policy{j}") for p in todo]
+        gens = policy.complete([[{"role": "user", "content": p.prompt}] for p in todo], sampling, seeds=seeds)
+        on_tokens(sum(g.completion_tokens for g in gens))
+        rest = []
+        for p, g, seed in zip(todo, gens, seeds):
+            kept = pick(g)
+            if kept is None:
+                rest.append(p)
+            else:
+                out[p.id] = (kept, seed)
+        todo = rest
     return out
 
 
