@@ -104,7 +104,8 @@ def _launch(commands: list[list[str]], *job_args: str) -> str:
     what they printed."""
     cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port()), "--",
            sys.executable, str(JOB), json.dumps(commands), *job_args]
-    env = {**os.environ, "MLX_CAI_BLAS_THREADS": "1"}  # two processes on a small machine
+    # two processes on a small machine, one training stream each (a test may ask its one-process run for 2)
+    env = {**os.environ, "MLX_CAI_BLAS_THREADS": "1", "MLX_CAI_TRAIN_STREAMS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout + p.stderr

@@ -81,6 +81,10 @@ def cli(*args: str) -> str:
 def keep_quantized():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLX_CAI_DEQUANTIZE", "0")
+        # Training splits each batch over 2 CPU streams here whatever the load (by default one per BLAS thread,
+        # which the load decides at import): the halves the two ranks of the two-process test compute. With one
+        # stream the bfloat16 model summed in another order and its adapter moved ~1e-3 after Adam's steps.
+        mp.setenv("MLX_CAI_TRAIN_STREAMS", "2")
         yield mp
 
 
@@ -112,9 +116,8 @@ def run(tiny_mlx_q4, keep_quantized, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight_sft(run, tmp_path_factory):
-    """The run's SFT, uninterrupted, in one fresh process (its resolved config.yaml through `mlx-cai sft -c`) with
-    the BLAS threads of the two-process run's ranks: run inside pytest after the pipeline, or with another thread
-    count, float32 sums in another order moved the adapter by ~1e-3 after Adam's steps (seen under load)."""
+    """The run's SFT, uninterrupted, in one fresh process (its resolved config.yaml through `mlx-cai sft -c`), with
+    the two-process run's BLAS threads and keep_quantized's 2 training streams."""
     out = tmp_path_factory.mktemp("straight") / "sft"
     p = subprocess.run([sys.executable, "-m", "mlx_cai", "sft", "-c", str(run.dir / "sft" / "config.yaml"), "-o",
                         str(out), "--no-resume"], capture_output=True, text=True, timeout=240,
