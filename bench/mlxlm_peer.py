@@ -92,15 +92,18 @@ def gen_mlx_lm(model, tok, prompts: list[list[int]], new: int) -> tuple[float, l
     return seconds, [[t for t in row if t not in eos] for row in r.token_ids]
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
-    same, prefix = 0, []
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, list[int]]:
+    """(rows whose tokens are identical, the first differing token of each other row)."""
+    same, forks = 0, []
     for x, y in zip(a, b):
-        same += x == y
+        if x == y:
+            same += 1
+            continue
         n = 0
         while n < min(len(x), len(y)) and x[n] == y[n]:
             n += 1
-        prefix.append(n)
-    return same, statistics.mean(prefix)
+        forks.append(n)
+    return same, forks
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -210,8 +213,8 @@ def main() -> None:
     agree: dict[int, tuple[int, float]] = {}
     if not args.no_gen:
         for b in batches:  # warm-up: mlx-cai traces its compiled steps per batch shape; mlx-lm compiles nothing
-            gen_mlx_cai(model, tok, chats[b], args.new)  # (once is enough, at the smallest batch: its prefill of
-        gen_mlx_lm(model, tok, prompts[min(batches)][:1], 4)  # 16 rows took minutes on the CPU)
+            gen_mlx_cai(model, tok, chats[b], args.new)
+        gen_mlx_lm(model, tok, prompts[min(batches)][:1], 4)  # one row: a 16-row prefill took minutes on the CPU
         for r in range(args.rounds):
             for b in batches:
                 s, ours = gen_mlx_cai(model, tok, chats[b], args.new)
@@ -243,9 +246,9 @@ def main() -> None:
             ours = statistics.median(gen[("mlx-cai", b)])
             if ("mlx-lm", b) in gen:
                 theirs = statistics.median(gen[("mlx-lm", b)])
-                same, prefix = agree[b]
-                print(f"| {b} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.1f}x | {same}/{b} rows "
-                      f"(common prefix {prefix:.1f} tokens) |")
+                same, forks = agree[b]
+                fork = f" (the others fork at token {', '.join(map(str, sorted(forks)))})" if forks else ""
+                print(f"| {b} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.1f}x | {same}/{b} rows{fork} |")
             else:
                 print(f"| {b} | {ours:.1f} | not run (--peer-max-batch {args.peer_max_batch}) | | |")
     if train:
