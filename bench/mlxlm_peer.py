@@ -192,7 +192,8 @@ def main() -> None:
     ap.add_argument("--peer-max-batch", type=int, default=1 if cpu else 10**6,
                     help="largest batch mlx-lm generates (CPU default 1: MLX's quantized CPU matmul is slow)")
     ap.add_argument("--train-batch", type=int, default=1 if cpu else 4)
-    ap.add_argument("--seq", type=int, default=96 if cpu else 256, help="tokens per training chat (the chat template alone is ~40)")
+    ap.add_argument("--seq", type=int, default=96 if cpu else 256,
+                    help="tokens per training chat (SmolLM2's chat template and a prompt are ~40-75)")
     ap.add_argument("--steps", type=int, default=2 if cpu else 10, help="timed training steps (after one warm-up)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--layers", type=int, default=16)
