@@ -19,7 +19,9 @@ KV cache of generation, and a second model where a stage loads one. What is coun
 - kv cache: batch x (prompt + new tokens) x layers x 2 x kv, in the activation dtype; prefill works on one block
   at a time.
 - cpu copies: on the CPU the C++ kernels keep packed copies of the linear weights (fastllama: fused + packed;
-  training: two packed copies of the frozen ones).
+  training: two packed copies of the frozen ones). A model kept quantized gets `linear_rows_q` packs for
+  generation instead: its codes plus a float32 scale and bias per group (fastllama `_qpack_nbytes`), for 4- and
+  8-bit groups of 32, 64 or 128.
 
 Simplifications, said plainly: the allocator's cache and fragmentation are not counted (the Metal limits in
 mlx_cai.memcheck bound the cache); the worst batch is assumed, so typical steps use less; attention is costed as
@@ -56,6 +58,9 @@ class ModelShape:
     tied: bool
     weight_bits: float  # bits per weight as held in memory, scales and biases included
     act_bytes: int  # bytes per activation value (2: float16/bfloat16, 4: float32)
+    quant_bits: int = 0  # kept quantized (MLX affine): bits and group size of the block weights; 0: not quantized
+    group_size: int = 0
+    head_quant: tuple[int, int] | None = None  # (bits, group size) of the vocabulary projection where it differs
 
     @classmethod
     def from_config(cls, config: dict, *, dequantize: bool) -> "ModelShape":
@@ -66,17 +71,25 @@ class ModelShape:
         # No dtype named (a GGUF converted here): its norms are float32, so the activations are too.
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
         act = FLOAT32 if dequantize or dtype == "float32" else 2
+        qbits = group = 0
+        head_quant = None
         if dequantize:
             bits = 32.0
         elif quant and "bits" in quant:
-            bits = quantized_bits(int(quant["bits"]), int(quant.get("group_size", 64)))
+            qbits, group = int(quant["bits"]), int(quant.get("group_size", 64))
+            bits = quantized_bits(qbits, group)
+            # the head's own entry (a GGUF's Q4_1 model keeps its embedding, the tied head, at 8 bits)
+            head = quant.get("model.embed_tokens" if config.get("tie_word_embeddings") else "lm_head")
+            if isinstance(head, dict) and "bits" in head:
+                head_quant = (int(head["bits"]), int(head.get("group_size", group)))
         else:
             bits = 8.0 * act
         return cls(hidden=hidden, layers=int(config["num_hidden_layers"]), heads=heads,
                    kv_heads=int(config.get("num_key_value_heads") or heads),
                    head_dim=int(config.get("head_dim") or hidden // heads),
                    intermediate=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
-                   tied=bool(config.get("tie_word_embeddings", False)), weight_bits=bits, act_bytes=act)
+                   tied=bool(config.get("tie_word_embeddings", False)), weight_bits=bits, act_bytes=act,
+                   quant_bits=qbits, group_size=group, head_quant=head_quant)
 
     @property
     def kv(self) -> int:
@@ -103,6 +116,23 @@ class ModelShape:
 def quantized_bits(bits: int, group_size: int, scale_bits: int = 16) -> float:
     """Bits per weight of MLX's affine quantization: the packed bits + a scale and a bias per group."""
     return bits + 2 * scale_bits / group_size
+
+
+def quantized_pack_bytes(shape: ModelShape) -> float:
+    """Bytes of the `kernels.linear_rows_q` packs fastllama makes for a model kept quantized (block matrices and
+    the vocabulary projection, the tied embedding included): codes + float32 scale and bias per group, for the
+    bits and group sizes the kernel takes (fastllama `_packable`); 0 for a model not kept quantized."""
+    def packable(bits: int, group: int) -> bool:
+        return bits in (4, 8) and group in (32, 64, 128)
+
+    if not shape.quant_bits:
+        return 0.0
+    per_weight = {q: quantized_bits(*q, scale_bits=32) / 8 if packable(*q) else 0.0
+                  for q in {(shape.quant_bits, shape.group_size), shape.head_quant or (shape.quant_bits,
+                                                                                        shape.group_size)}}
+    blocks = shape.layers * shape.block_params() * per_weight[shape.quant_bits, shape.group_size]
+    head = shape.vocab * shape.hidden * per_weight[shape.head_quant or (shape.quant_bits, shape.group_size)]
+    return blocks + head
 
 
 @dataclass(frozen=True)
@@ -207,7 +237,9 @@ def generate_items(shape: ModelShape, *, batch: int, prompt: int, new_tokens: in
     """Bytes of batched generation: weights, the KV cache of batch x (prompt + new tokens), the buffers of one
     block prefilling PREFILL_ROWS prompts (with their attention scores unless `scores` is False: fused attention),
     the last position's logits. `copy_limit`: the CPU kernels' decode path keeps packed copies of the float32
-    weights, and fused q/k/v and gate/up copies, when they fit in it."""
+    weights, and fused q/k/v and gate/up copies, when they fit in it; of a model kept quantized, `linear_rows_q`
+    packs (quantized_pack_bytes) when they fit in it (the model's own quantized arrays stay: prefill above
+    fastllama.Q_ROWS_MAX rows dequantizes them)."""
     a = shape.act_bytes
     length = prompt + new_tokens
     rows = min(batch, PREFILL_ROWS)
@@ -225,6 +257,8 @@ def generate_items(shape: ModelShape, *, batch: int, prompt: int, new_tokens: in
         copies = packed + fused if packed + fused <= copy_limit else packed if packed <= copy_limit else 0.0
         if copies:
             items["cpu kernel copies"] = copies
+    elif 0 < quantized_pack_bytes(shape) <= copy_limit:
+        items["cpu kernel copies"] = quantized_pack_bytes(shape)
     return items
 
 

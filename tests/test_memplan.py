@@ -126,6 +126,40 @@ def test_weights_over_the_budget_say_so():
     assert "the weights alone are 4.5 GB" in line
 
 
+# the embedded SmolLM2-135M Q4_1 GGUF as converted here: 4-bit groups of 32, the tied embedding at 8 bits
+SMOLLM2_Q4_1 = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
+                "tie_word_embeddings": True,
+                "quantization": {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}}
+
+
+def test_a_model_kept_quantized_counts_its_linear_rows_q_packs_on_the_cpu():
+    shape = memplan.ModelShape.from_config(SMOLLM2_Q4_1, dequantize=False)
+    # Per block: q, o 576 x 576; k, v 576 x 192; gate, up, down 576 x 1536 = 3,538,944 weights. A pack holds the
+    # codes and a float32 scale and bias per group of 32: 4-bit 0.5 + 8/32 = 0.75 B per weight, the 8-bit tied
+    # head (49152 x 576) 1 + 8/32 = 1.25 B.
+    packs = 30 * 3_538_944 * 0.75 + 49152 * 576 * 1.25
+    assert packs == pytest.approx(115.0e6, rel=1e-3)
+
+    def estimate(limit: float, others: dict | None = None, fused: bool = False):
+        ctx = memplan.Context("generate", lambda spec: shape, lambda f: f"generate.{f}", decode_copy_limit=limit,
+                              fused_attention=fused)
+        return memplan.generation(ctx, "smol", others or {}, batch=32, prompt=64, new_tokens=64, knobs={}).items
+
+    assert estimate(4 * GB)["cpu kernel copies"] == pytest.approx(packs)  # the CPU with the kernels
+    assert estimate(4 * GB, {"critic": "other"})["critic cpu kernel copies"] == pytest.approx(packs)  # held beside
+    assert "cpu kernel copies" not in estimate(0.0, fused=True)  # a GPU (or no kernels): no packs
+    assert "cpu kernel copies" not in estimate(packs / 2)  # over fastllama's RAM share: not made
+    # bits or groups linear_rows_q lacks (here 3-bit) are not packed; dequantized (float32) keeps the dense count
+    odd = memplan.ModelShape.from_config({**SMOLLM2_Q4_1, "quantization": {"group_size": 32, "bits": 3}},
+                                         dequantize=False)
+    assert memplan.quantized_pack_bytes(odd) == 0
+    dense = memplan.ModelShape.from_config(SMOLLM2_Q4_1, dequantize=True)
+    assert memplan.quantized_pack_bytes(dense) == 0
+    assert memplan.generate_items(dense, batch=1, prompt=1, new_tokens=1, copy_limit=4 * GB)["cpu kernel copies"] \
+        > 4 * 30 * 3_538_944  # packed + fused float32 copies
+
+
 # ------------------------------------------------------------------------------------------- the CLI
 
 
