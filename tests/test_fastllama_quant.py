@@ -21,6 +21,7 @@ from mlx_cai import backend, fastllama, kernels
 from mlx_cai.fastllama import FastLlama, FastRunner, QLinear, QWeight
 from mlx_cai.generate import _decode_batch, encode, generate
 from mlx_cai.sampling import SamplingConfig
+from tinymodels import assert_matches_forward
 from test_fastllama_qwen2 import tiny_qwen2
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer briefly and plainly, please."}
@@ -203,15 +204,7 @@ def test_prefill_and_decode_steps_match_the_model_logits(qmodel, paths):
     prompts = sorted([encode(tok, c) for c in convs(TEXTS)], key=len, reverse=True)
     assert len(fastllama._token_halves([len(p) for p in prompts])) == 2 and fastllama.shared_prefix(prompts) > 0
     assert len(fastllama.length_groups([len(p) for p in prompts], slack=fastllama.PACKED_SLACK, min_slack=16)) > 1
-    runner = FastRunner(FastLlama.build(model), prompts, 4)
-    logits = [runner.prefill()]
-    ys = [mx.array([(37 * i + 5 + 11 * s) % 250 for i in range(len(prompts))]) for s in range(2)]
-    for y in ys:
-        logits.append(runner.step(y))
-    for i, p in enumerate(prompts):
-        for s, got in enumerate(logits):
-            want = model(mx.array([p + [int(y[i]) for y in ys[:s]]]))[0, -1]
-            assert _close(got[i], want), (i, s)
+    assert_matches_forward(FastLlama.build(model), model, prompts)
 
 
 @built

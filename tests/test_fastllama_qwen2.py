@@ -16,6 +16,7 @@ from mlx_cai import backend, kernels
 from mlx_cai.fastllama import FastLlama, FastRunner
 from mlx_cai.generate import _decode_batch, encode, generate
 from mlx_cai.sampling import SamplingConfig
+from tinymodels import assert_matches_forward
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer briefly and plainly, please."}
 TEXTS = ["hi", "hello there, how are you today?", "a much longer prompt " * 6, "ok", "tell me about rivers",
@@ -111,15 +112,7 @@ def test_qwen2_prefill_and_decode_steps_match_the_model_logits(qwen, paths):
     fast = FastLlama.build(model)
     packed = paths == "kernels"
     assert (fast.head_packed is not None) == packed and all((lyr.packed is not None) == packed for lyr in fast.layers)
-    runner = FastRunner(fast, prompts, 4)
-    logits = [runner.prefill()]
-    ys = [mx.array([(37 * i + 5 + 11 * s) % 250 for i in range(len(prompts))]) for s in range(2)]
-    for y in ys:
-        logits.append(runner.step(y))
-    for i, p in enumerate(prompts):
-        for s, got in enumerate(logits):
-            want = model(mx.array([p + [int(y[i]) for y in ys[:s]]]))[0, -1]
-            assert _close(got[i], want), (i, s)
+    assert_matches_forward(fast, model, prompts)
 
 
 @built

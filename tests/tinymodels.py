@@ -151,3 +151,27 @@ def layer_census(model) -> dict[str, int]:
     from collections import Counter
 
     return dict(Counter(type(m).__name__ for _, m in model.named_modules()))
+
+
+def close(a, b, tol=1e-4) -> bool:
+    """Logits equal to float32 rounding (rtol and atol `tol`)."""
+    return np.allclose(np.array(a), np.array(b), rtol=tol, atol=tol)
+
+
+def assert_matches_forward(fast, model, prompts: list[list[int]], steps: int = 2) -> None:
+    """A FastRunner's prefill and `steps` decode steps (fixed token ids fed back) give, row by row, the logits of
+    the mlx-lm model's own forward pass over the same tokens."""
+    import mlx.core as mx
+
+    from mlx_cai.fastllama import FastRunner
+
+    runner = FastRunner(fast, prompts, steps + 2)
+    logits = [runner.prefill()]
+    ys = [mx.array([(37 * i + 5 + 11 * s) % 250 for i in range(len(prompts))]) for s in range(steps)]
+    for y in ys:
+        logits.append(runner.step(y))
+    for i, p in enumerate(prompts):
+        for s, got in enumerate(logits):
+            want = model(mx.array([p + [int(y[i]) for y in ys[:s]]]))[0, -1]
+            assert close(got[i], want), (i, s)
+
