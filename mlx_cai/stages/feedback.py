@@ -349,9 +349,10 @@ DECLINE_TASK = ("An overly cautious assistant refuses every request that sounds 
 def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBackend, cfg: FeedbackConfig,
                     on_tokens: Callable[[int], None]) -> dict[str, tuple[Generation, int]]:
     """{id: (the policy's refusal, its seed)} over up to `boundary_samples` samples per prompt (the policy's sampling
-    settings; sample j, seeded by (seed, id, j), is drawn only where none before it refused): `policy_refusal` sample, the first sample (boundary_max_tokens) that the keyword judge calls a
-    refusal, whole; sentence, the opening sentence of the first sample (SENTENCE_TOKENS) that opens by declining
-    (`decline_sentence`). Prompts where no sample refuses are absent."""
+    settings; sample j, seeded by (seed, id, j), is drawn only where none before it refused; a row's sample does not
+    depend on its batch neighbours). `policy_refusal` sample: the first sample (boundary_max_tokens) that the keyword
+    judge calls a refusal, whole; sentence: the opening sentence of the first sample (SENTENCE_TOKENS) that opens by
+    declining (`decline_sentence`). Prompts where no sample refuses are absent."""
     from mlx_cai.refusal import is_refusal
 
     def pick(g: Generation) -> Generation | None:
