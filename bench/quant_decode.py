@@ -39,9 +39,8 @@ def prompts(tok, n: int) -> list[list[int]]:
     return sorted(out, key=len, reverse=True)
 
 
-def fast_decode(fast: FastLlama, ps: list[list[int]], steps: int) -> float:
-    """Seconds of `steps` decode steps after a prefill (tokens: greedy)."""
-    runner = FastRunner(fast, ps, steps + 1)
+def timed_steps(runner, steps: int) -> float:
+    """Seconds of `steps` greedy decode steps of a runner (prefill, step) after its prefill."""
     y = mx.argmax(runner.prefill(), axis=-1)
     mx.eval(y)
     t0 = time.perf_counter()
@@ -49,19 +48,16 @@ def fast_decode(fast: FastLlama, ps: list[list[int]], steps: int) -> float:
         y = mx.argmax(runner.step(y), axis=-1)
         mx.eval(y)
     return time.perf_counter() - t0
+
+
+def fast_decode(fast: FastLlama, ps: list[list[int]], steps: int) -> float:
+    return timed_steps(FastRunner(fast, ps, steps + 1), steps)
 
 
 def generic_decode(model, ps: list[list[int]], steps: int) -> float:
     L = max(len(p) for p in ps)
     pad = [L - len(p) for p in ps]
-    runner = GenericRunner(model, mx.array([[0] * k + p for k, p in zip(pad, ps)]), pad)
-    y = mx.argmax(runner.prefill(), axis=-1)
-    mx.eval(y)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        y = mx.argmax(runner.step(y), axis=-1)
-        mx.eval(y)
-    return time.perf_counter() - t0
+    return timed_steps(GenericRunner(model, mx.array([[0] * k + p for k, p in zip(pad, ps)]), pad), steps)
 
 
 def held_mb(model, fast: FastLlama) -> float:
