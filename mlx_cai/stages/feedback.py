@@ -178,12 +178,9 @@ class FeedbackConfig:
             if not self.boundary and not self.samples_policy:
                 return None
             policy = self.model if self.samples_policy else None
-            if not self.boundary:
-                return memplan.generation(ctx, self.model, {}, batch=2 * self.batch_size,
-                                          prompt=memplan.PROMPT_TOKENS, new_tokens=self.boundary_max_tokens,
-                                          knobs={"batch_size": self.batch_size,
-                                                 "boundary_max_tokens": self.boundary_max_tokens})
-            return memplan.generation(ctx, self.boundary_model or self.judge or self.model, {"policy": policy},
+            main, others = ((self.boundary_model or self.judge or self.model, {"policy": policy}) if self.boundary
+                            else (self.model, {}))
+            return memplan.generation(ctx, main, others,
                                       batch=2 * self.batch_size, prompt=memplan.PROMPT_TOKENS,
                                       new_tokens=self.boundary_max_tokens,
                                       knobs={"batch_size": self.batch_size,
@@ -524,8 +521,8 @@ def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
         keep.pop("policy_refusal")
     if cfg.revision_chosen == "revision":  # the ids from before this setting stay
         keep.pop("revision_chosen")
-        if cfg.boundary is None or cfg.boundary_rejected == "overseer":
-            keep.pop("boundary_samples", None)
+    if not cfg.samples_policy:
+        keep.pop("boundary_samples")
     if cfg.boundary_limit is None:
         keep.pop("boundary_limit")
     if cfg.boundary_answers is None:
@@ -624,15 +621,15 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
     emit = emitter(progress)
     task = f"feedback ({cfg.mode})"
     pool = load_principles(cfg.principles)
+    if cfg.mode != "revision" or cfg.samples_policy:  # the policy samples: answers, or its own refusals
+        policy = policy or LocalBackend(cfg.model, cfg.adapter, batch_size=2 * cfg.batch_size)
     if cfg.mode == "revision":
         items: list = revision_candidates(cfg.prompts, cfg.limit)
         policy_name, judge_name = "revise records", "none"
         if cfg.revision_chosen != "revision":
-            policy = policy or LocalBackend(cfg.model, cfg.adapter, batch_size=2 * cfg.batch_size)
             policy_name += f", chosen by {policy.name}"
     else:
         items = list(prompts)[: cfg.limit] if prompts is not None else list(prompt_sources.load(cfg.prompts, limit=cfg.limit))
-        policy = policy or LocalBackend(cfg.model, cfg.adapter, batch_size=2 * cfg.batch_size)
         policy_name = policy.name
         if cfg.mode == "judge":
             judge = judge or from_spec(cfg.judge)
@@ -662,7 +659,6 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
         writer_spec = cfg.boundary_model or cfg.judge or cfg.model
         judge_name += f"; boundary {writer_spec}"
         if cfg.boundary_rejected == "policy":
-            policy = policy or LocalBackend(cfg.model, cfg.adapter, batch_size=2 * cfg.batch_size)
             judge_name += f", rejected by {policy.name}"
     edge_ids = {p.id for p in edge}
     cid = config_id(cfg, policy_name, judge_name)
