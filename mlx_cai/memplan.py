@@ -122,17 +122,15 @@ def quantized_pack_bytes(shape: ModelShape) -> float:
     """Bytes of the `kernels.linear_rows_q` packs fastllama makes for a model kept quantized (block matrices and
     the vocabulary projection, the tied embedding included): codes + float32 scale and bias per group, for the
     bits and group sizes the kernel takes (fastllama `_packable`); 0 for a model not kept quantized."""
-    def packable(bits: int, group: int) -> bool:
-        return bits in (4, 8) and group in (32, 64, 128)
+    def per_weight(bits: int, group: int) -> float:
+        packable = bits in (4, 8) and group in (32, 64, 128)
+        return quantized_bits(bits, group, scale_bits=32) / 8 if packable else 0.0
 
     if not shape.quant_bits:
         return 0.0
-    per_weight = {q: quantized_bits(*q, scale_bits=32) / 8 if packable(*q) else 0.0
-                  for q in {(shape.quant_bits, shape.group_size), shape.head_quant or (shape.quant_bits,
-                                                                                        shape.group_size)}}
-    blocks = shape.layers * shape.block_params() * per_weight[shape.quant_bits, shape.group_size]
-    head = shape.vocab * shape.hidden * per_weight[shape.head_quant or (shape.quant_bits, shape.group_size)]
-    return blocks + head
+    block = (shape.quant_bits, shape.group_size)
+    return (shape.layers * shape.block_params() * per_weight(*block)
+            + shape.vocab * shape.hidden * per_weight(*(shape.head_quant or block)))
 
 
 @dataclass(frozen=True)
@@ -257,8 +255,8 @@ def generate_items(shape: ModelShape, *, batch: int, prompt: int, new_tokens: in
         copies = packed + fused if packed + fused <= copy_limit else packed if packed <= copy_limit else 0.0
         if copies:
             items["cpu kernel copies"] = copies
-    elif 0 < quantized_pack_bytes(shape) <= copy_limit:
-        items["cpu kernel copies"] = quantized_pack_bytes(shape)
+    elif 0 < (packs := quantized_pack_bytes(shape)) <= copy_limit:
+        items["cpu kernel copies"] = packs
     return items
 
 

@@ -69,13 +69,16 @@ def apply_repetition_penalty(logits: mx.array, recent: mx.array, penalty: float)
 NUCLEUS_CANDIDATES = 1024  # top_p_mask looks for the nucleus among this many most likely tokens first
 
 
+def _kept(sorted_lp: mx.array, top_p: float) -> mx.array:
+    """Which of the tokens, sorted by logprob, the nucleus keeps: those whose mass before them is still below
+    top_p (so the top token is always kept)."""
+    return (mx.cumsum(mx.exp(sorted_lp), axis=-1) - mx.exp(sorted_lp)) < top_p
+
+
 def _top_p_full(logprobs: mx.array, top_p: float) -> mx.array:
     """top_p_mask over the whole vocabulary: one argsort of every row (~35 ms a row of 49k tokens on the CPU)."""
     order = mx.argsort(-logprobs, axis=-1)
-    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
-    cum = mx.cumsum(mx.exp(sorted_lp), axis=-1)
-    # keep a token if the mass before it is still below top_p (so the top token is always kept)
-    keep_sorted = (cum - mx.exp(sorted_lp)) < top_p
+    keep_sorted = _kept(mx.take_along_axis(logprobs, order, axis=-1), top_p)
     keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
     return mx.where(keep, logprobs, -mx.inf)
 
@@ -95,10 +98,9 @@ def top_p_mask(logprobs: mx.array, top_p: float, candidates: int = NUCLEUS_CANDI
     vals = mx.take_along_axis(logprobs, idx, axis=-1)
     order = mx.argsort(-vals, axis=-1)
     sorted_lp = mx.take_along_axis(vals, order, axis=-1)
-    cum = mx.cumsum(mx.exp(sorted_lp), axis=-1)
-    keep_sorted = (cum - mx.exp(sorted_lp)) < top_p
+    keep_sorted = _kept(sorted_lp, top_p)
     ties = (sorted_lp[:, 1:] == sorted_lp[:, :-1]) & keep_sorted[:, :-1]
-    if mx.any(keep_sorted[:, -1]).item() or mx.any(ties).item():
+    if (mx.any(keep_sorted[:, -1]) | mx.any(ties)).item():
         return _top_p_full(logprobs, top_p)
     keep = mx.put_along_axis(mx.zeros(logprobs.shape, mx.bool_), mx.take_along_axis(idx, order, axis=-1),
                              keep_sorted, axis=-1)
