@@ -162,18 +162,17 @@ def _projections(linears: list) -> tuple[Weight, mx.array | None] | None:
     dense = [_dense_bias(x) for x in linears]
     if all(d is not None for d in dense):
         ws, bs = [w for w, _ in dense], [b for _, b in dense]
-        weight = ws[0] if len(ws) == 1 else tuple(ws)
+        weight, sizes = ws[0] if len(ws) == 1 else tuple(ws), [w.shape[0] for w in ws]
     else:
         quant = [_quantized(x) for x in linears]
         if any(q is None for q in quant):
             return None
         bs = [b for _, b in quant]
-        weight = _join([q for q, _ in quant])
-        ws = [mx.zeros((q.n_out, 0)) for q, _ in quant]  # shapes for the zero biases below
+        weight, sizes = _join([q for q, _ in quant]), [q.n_out for q, _ in quant]
     if all(b is None for b in bs):
         return weight, None
     dtype = next(b.dtype for b in bs if b is not None)
-    return weight, mx.concatenate([b if b is not None else mx.zeros((w.shape[0],), dtype) for w, b in zip(ws, bs)])
+    return weight, mx.concatenate([b if b is not None else mx.zeros((n,), dtype) for n, b in zip(sizes, bs)])
 
 
 def _affine(q) -> bool:
