@@ -15,13 +15,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from mlx_cai import backend, fastllama, kernels
 from mlx_cai.fastllama import FastLlama, FastRunner, QLinear, QWeight
 from mlx_cai.generate import _decode_batch, encode, generate
 from mlx_cai.sampling import SamplingConfig
-from tinymodels import assert_matches_forward
+from tinymodels import assert_matches_forward, randomize
 from test_fastllama_qwen2 import tiny_qwen2
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer briefly and plainly, please."}
@@ -47,15 +47,7 @@ def tiny_llama(vocab: int, tied: bool, seed: int = 0):
                            num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=vocab, num_key_value_heads=2,
                            max_position_embeddings=1024, tie_word_embeddings=tied)
     model = llama.Model(args)
-    keys = iter(mx.random.split(mx.random.key(seed), 64))
-    new = []
-    for name, w in tree_flatten(model.parameters()):
-        if name.endswith("norm.weight"):
-            new.append((name, 1 + 0.1 * mx.random.normal(w.shape, key=next(keys))))
-        else:
-            new.append((name, (0.05 if "embed" in name else 0.3) * mx.random.normal(w.shape, key=next(keys))))
-    model.update(tree_unflatten(new))
-    mx.eval(model.parameters())
+    randomize(model, seed)
     return model
 
 

@@ -16,7 +16,7 @@ from mlx_cai import backend, kernels
 from mlx_cai.fastllama import FastLlama, FastRunner
 from mlx_cai.generate import _decode_batch, encode, generate
 from mlx_cai.sampling import SamplingConfig
-from tinymodels import assert_matches_forward
+from tinymodels import assert_matches_forward, randomize
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer briefly and plainly, please."}
 TEXTS = ["hi", "hello there, how are you today?", "a much longer prompt " * 6, "ok", "tell me about rivers",
@@ -30,25 +30,13 @@ def convs(texts, system=True):
 
 def tiny_qwen2(vocab: int, tied: bool = True, seed: int = 0):
     """A random 2-layer qwen2 (hidden 64, 4 heads, 2 K/V heads), float32, q/k/v biases nonzero and large."""
-    from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.models import qwen2
 
     args = qwen2.ModelArgs(model_type="qwen2", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                            num_attention_heads=4, rms_norm_eps=1e-6, vocab_size=vocab, num_key_value_heads=2,
                            max_position_embeddings=1024, tie_word_embeddings=tied)
     model = qwen2.Model(args)
-    keys = iter(mx.random.split(mx.random.key(seed), 64))
-    new = []
-    for name, w in tree_flatten(model.parameters()):
-        if name.endswith("norm.weight"):
-            new.append((name, 1 + 0.1 * mx.random.normal(w.shape, key=next(keys))))
-        elif name.endswith(".bias"):  # qwen2's biases are large in practice; mlx's init is ~1/sqrt(in)
-            new.append((name, 0.5 * mx.random.normal(w.shape, key=next(keys))))
-        else:  # layers large next to the embeddings: else the tied model just repeats its last token
-            scale = 0.05 if "embed" in name else 0.3
-            new.append((name, scale * mx.random.normal(w.shape, key=next(keys))))
-    model.update(tree_unflatten(new))
-    mx.eval(model.parameters())
+    randomize(model, seed)
     assert "bias" in model.model.layers[0].self_attn.q_proj and "bias" not in model.model.layers[0].self_attn.o_proj
     return model
 

@@ -175,3 +175,22 @@ def assert_matches_forward(fast, model, prompts: list[list[int]], steps: int = 2
             want = model(mx.array([p + [int(y[i]) for y in ys[:s]]]))[0, -1]
             assert close(got[i], want), (i, s)
 
+
+def randomize(model, seed: int = 0) -> None:
+    """Random weights for a tiny mlx-lm model, float32: norms near 1, biases large (qwen2's are in practice; mlx's
+    init is ~1/sqrt(in)), the layers large next to the embeddings (else a tied model just repeats its last token)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    keys = iter(mx.random.split(mx.random.key(seed), 64))
+    new = []
+    for name, w in tree_flatten(model.parameters()):
+        if name.endswith("norm.weight"):
+            new.append((name, 1 + 0.1 * mx.random.normal(w.shape, key=next(keys))))
+        elif name.endswith(".bias"):
+            new.append((name, 0.5 * mx.random.normal(w.shape, key=next(keys))))
+        else:
+            new.append((name, (0.05 if "embed" in name else 0.3) * mx.random.normal(w.shape, key=next(keys))))
+    model.update(tree_unflatten(new))
+    mx.eval(model.parameters())
+
