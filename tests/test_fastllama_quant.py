@@ -21,7 +21,7 @@ from mlx_cai import backend, fastllama, kernels
 from mlx_cai.fastllama import FastLlama, FastRunner, QLinear, QWeight
 from mlx_cai.generate import _decode_batch, encode, generate
 from mlx_cai.sampling import SamplingConfig
-from tinymodels import assert_matches_forward, randomize
+from tinymodels import assert_matches_forward, randomize, reuse_runs
 from test_fastllama_qwen2 import tiny_qwen2
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer briefly and plainly, please."}
@@ -315,22 +315,5 @@ def test_kv_reuse_gives_the_same_tokens_on_quantized_models(qmodel, paths, monke
     model, tok, _ = qmodel
     cfg = SamplingConfig(max_tokens=8)
     first = convs(TEXTS[:6])
-    fast = FastLlama.for_model(model)
-
-    def second(batch_size: int, reuse_mb: str):
-        monkeypatch.setenv("MLX_CAI_KV_REUSE_MB", reuse_mb)
-        fast.store.entries.clear()
-        gens = generate(model, tok, first, cfg, batch_size=8)
-        fast.counts.update(prefilled=0, reused=0)
-        out = generate(model, tok, _second_turns(first, gens), cfg, batch_size=batch_size)
-        return [g.tokens for g in out], dict(fast.counts)
-
-    batched, on = second(8, "64")
-    plain, off = second(8, "0")
-    alone, on_alone = second(1, "64")
-    generic = generate(model, tok, _second_turns(first, generate(model, tok, first, cfg, batch_size=8,
-                                                                 use_fast=False)), cfg, batch_size=8, use_fast=False)
-    assert len({tuple(t) for t in plain}) > 1
-    assert batched == alone == plain == [g.tokens for g in generic]
-    assert off["reused"] == 0 and on["reused"] > 0 and on_alone["reused"] > 0
+    on, off = reuse_runs(model, tok, first, _second_turns, cfg, monkeypatch)
     assert on["prefilled"] + on["reused"] == off["prefilled"]

@@ -15,6 +15,7 @@ from mlx_cai.fastllama import REUSE_MIN, FastLlama, FastRunner, PrefixStore
 from mlx_cai.generate import _decode_batch, encode, generate
 from mlx_cai.sampling import SamplingConfig
 from test_fastllama_qwen2 import tiny_qwen2
+from tinymodels import reuse_runs
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer briefly and plainly, please."}
 TEXTS = ["hi", "hello there, how are you today?", "a much longer prompt " * 6, "ok", "tell me about rivers",
@@ -117,22 +118,5 @@ def test_extended_conversations_give_the_same_tokens_with_and_without_reuse(mode
     model, tok = model
     cfg = SamplingConfig(max_tokens=10)
     first = convs(TEXTS)
-    fast = FastLlama.for_model(model)
-
-    def second(batch_size: int, reuse_mb: str):
-        monkeypatch.setenv("MLX_CAI_KV_REUSE_MB", reuse_mb)
-        fast.store.entries.clear()
-        gens = generate(model, tok, first, cfg, batch_size=8)
-        fast.counts.update(prefilled=0, reused=0)
-        out = generate(model, tok, _second_turns(first, gens), cfg, batch_size=batch_size)
-        return [g.tokens for g in out], dict(fast.counts)
-
-    batched, on = second(8, "64")
-    alone, on_alone = second(1, "64")
-    plain, off = second(8, "0")
-    generic = generate(model, tok, _second_turns(first, generate(model, tok, first, cfg, batch_size=8,
-                                                                 use_fast=False)), cfg, batch_size=8, use_fast=False)
-    assert len({tuple(t) for t in plain}) > 1  # rows differ (the tiny llama repeats one token a row; qwen2 varies)
-    assert batched == alone == plain == [g.tokens for g in generic]
-    assert off["reused"] == 0 and on["reused"] > 0 and on_alone["reused"] > 0
+    on, off = reuse_runs(model, tok, first, _second_turns, cfg, monkeypatch)
     assert on["prefilled"] + on["reused"] == off["prefilled"]  # the same prompts, fewer tokens prefilled

@@ -194,3 +194,31 @@ def randomize(model, seed: int = 0) -> None:
     model.update(tree_unflatten(new))
     mx.eval(model.parameters())
 
+
+def reuse_runs(model, tok, first, second_turns, cfg, monkeypatch) -> tuple[dict, dict]:
+    """Conversations carried on (`second_turns(first, answers)`): the second turn's tokens with the PrefixStore on
+    (batched and alone) and off equal the generic path's, rows differ, and the store was used only when on.
+    Returns the (on, off) counts of the batched runs (prompt tokens prefilled / reused)."""
+    from mlx_cai.fastllama import FastLlama
+    from mlx_cai.generate import generate
+
+    fast = FastLlama.for_model(model)
+
+    def second(batch_size: int, reuse_mb: str):
+        monkeypatch.setenv("MLX_CAI_KV_REUSE_MB", reuse_mb)
+        fast.store.entries.clear()
+        gens = generate(model, tok, first, cfg, batch_size=8)
+        fast.counts.update(prefilled=0, reused=0)
+        out = generate(model, tok, second_turns(first, gens), cfg, batch_size=batch_size)
+        return [g.tokens for g in out], dict(fast.counts)
+
+    batched, on = second(8, "64")
+    alone, on_alone = second(1, "64")
+    plain, off = second(8, "0")
+    generic = generate(model, tok, second_turns(first, generate(model, tok, first, cfg, batch_size=8,
+                                                                use_fast=False)), cfg, batch_size=8, use_fast=False)
+    assert len({tuple(t) for t in plain}) > 1  # rows differ (the tiny GGUF llama repeats one token a row)
+    assert batched == alone == plain == [g.tokens for g in generic]
+    assert off["reused"] == 0 and on["reused"] > 0 and on_alone["reused"] > 0
+    return on, off
+
