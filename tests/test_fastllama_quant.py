@@ -21,7 +21,7 @@ from mlx_cai import backend, fastllama, kernels
 from mlx_cai.fastllama import FastLlama, FastRunner, QLinear, QWeight
 from mlx_cai.generate import _decode_batch, encode, generate
 from mlx_cai.sampling import SamplingConfig
-from tinymodels import assert_matches_forward, randomize, reuse_runs
+from tinymodels import add_lora, assert_matches_forward, randomize, reuse_runs
 from test_fastllama_qwen2 import tiny_qwen2
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer briefly and plainly, please."}
@@ -240,20 +240,9 @@ def test_the_matmul_paths_are_the_ones_chosen(qmodel, monkeypatch):
 def _lora(model, keys, rank=4, scale=10.0):
     """LoRA (rank 4, nonzero B) on `keys` of both layers: LoRALinear over the QuantizedLinear."""
     from mlx_lm.tuner.lora import LoRALinear
-    from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    linear_to_lora_layers(model, 2, {"rank": rank, "scale": scale, "dropout": 0.0, "keys": keys})
-    n = 0
-    for layer in model.model.layers:  # LoRA B starts at zero: make the adapter do something
-        for key in keys:
-            lin = layer
-            for part in key.split("."):
-                lin = getattr(lin, part)
-            assert isinstance(lin, LoRALinear) and isinstance(lin.linear, nn.QuantizedLinear)
-            lin.lora_b = mx.random.normal(lin.lora_b.shape, key=mx.random.key(1 + n)) * 0.05
-            n += 1
-    model.eval()
-    mx.eval(model.parameters())
+    for lin in add_lora(model, keys, rank, scale):
+        assert isinstance(lin, LoRALinear) and isinstance(lin.linear, nn.QuantizedLinear)
 
 
 @pairs()

@@ -16,7 +16,7 @@ from mlx_cai import backend, kernels
 from mlx_cai.fastllama import FastLlama, FastRunner
 from mlx_cai.generate import _decode_batch, encode, generate
 from mlx_cai.sampling import SamplingConfig
-from tinymodels import assert_matches_forward, randomize
+from tinymodels import add_lora, assert_matches_forward, randomize
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. Answer briefly and plainly, please."}
 TEXTS = ["hi", "hello there, how are you today?", "a much longer prompt " * 6, "ok", "tell me about rivers",
@@ -127,21 +127,9 @@ def test_large_model_packs_without_fused_copies_and_matches_the_model(qwen, monk
 
 
 def test_qwen2_fast_path_folds_lora_over_biased_projections(qwen, paths):
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     model, tok = qwen
     keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"]
-    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": keys})
-    n = 0
-    for layer in model.model.layers:  # LoRA B starts at zero: make the adapter do something
-        for key in keys:
-            lin = layer
-            for part in key.split("."):
-                lin = getattr(lin, part)
-            lin.lora_b = mx.random.normal(lin.lora_b.shape, key=mx.random.key(1 + n)) * 0.05
-            n += 1
-    model.eval()
-    mx.eval(model.parameters())
+    add_lora(model, keys)
     assert "bias" in model.model.layers[0].self_attn.q_proj.linear
     assert FastLlama.build(model) is not None
     cfg = SamplingConfig(max_tokens=12)

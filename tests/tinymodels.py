@@ -222,3 +222,22 @@ def reuse_runs(model, tok, first, second_turns, cfg, monkeypatch) -> tuple[dict,
     assert off["reused"] == 0 and on["reused"] > 0 and on_alone["reused"] > 0
     return on, off
 
+
+def add_lora(model, keys: list[str], rank: int = 4, scale: float = 10.0) -> list:
+    """LoRA (rank `rank`, nonzero B) on `keys` of both layers of a tiny model; the LoRALinear modules, in order."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    linear_to_lora_layers(model, 2, {"rank": rank, "scale": scale, "dropout": 0.0, "keys": keys})
+    out = []
+    for layer in model.model.layers:  # LoRA B starts at zero: make the adapter do something
+        for key in keys:
+            lin = layer
+            for part in key.split("."):
+                lin = getattr(lin, part)
+            lin.lora_b = mx.random.normal(lin.lora_b.shape, key=mx.random.key(1 + len(out))) * 0.05
+            out.append(lin)
+    model.eval()
+    mx.eval(model.parameters())
+    return out
+
