@@ -44,20 +44,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read(path: Path) -> tuple[str | None, dict | None]:
-    """(raw text, holder) of a lock file: text None when there is none; holder None when the file is empty or not
-    a lock (being written, or torn by a kill)."""
+def _read(path: Path) -> tuple[str | None, dict | None, tuple | None]:
+    """(raw text, holder, file identity) of a lock file: text None when there is none; holder None when the file is
+    empty or not a lock (being written, or torn by a kill). Identity = (inode, mtime in ns), from the same open
+    file as the text."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return None, None
+        return None, None, None
     except OSError:
-        return "", None
+        return "", None, None
+    try:
+        st = os.fstat(fd)
+        ident = (st.st_ino, st.st_mtime_ns)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return "", None, None
+    finally:
+        os.close(fd)
     try:
         info = json.loads(text)
     except ValueError:
-        return text, None
-    return text, info if isinstance(info, dict) and isinstance(info.get("pid"), int) else None
+        return text, None, ident
+    return text, (info if isinstance(info, dict) and isinstance(info.get("pid"), int) else None), ident
 
 
 def _held(info: dict) -> bool:
@@ -73,28 +83,28 @@ def _describe(info: dict, path: Path) -> str:
             f"to finish or stop it (if it is gone, delete {path})")
 
 
-def _stale_or_held(path: Path) -> tuple[str | None, dict | None, bool]:
-    """(raw text, holder, held?) of a lock file (text None: there is none now). A lock still empty a moment after
-    it appeared is being written; one empty for longer was left by a process killed while writing it: stale."""
+def _stale_or_held(path: Path) -> tuple[tuple[str, tuple | None] | None, dict | None, bool]:
+    """(identity, holder, held?) of a lock file: identity (raw text, (inode, mtime)), None when there is none now.
+    A lock still empty a moment after it appeared is being written; one empty for longer was left by a process
+    killed while writing it: stale."""
     while True:
-        text, info = _read(path)
+        text, info, ident = _read(path)
         if text is None:
             return None, None, False
         if info is not None:
-            return text, info, _held(info)
-        try:
-            young = time.time() - path.stat().st_mtime < 2.0
-        except FileNotFoundError:
-            return None, None, False
-        if not young:
-            return text, None, False
+            return (text, ident), info, _held(info)
+        if ident is None or time.time() - ident[1] / 1e9 >= 2.0:
+            return (text, ident), None, False
         time.sleep(0.1)
 
 
-def _take_over(path: Path, stale_text: str) -> None:
+def _take_over(path: Path, stale: tuple[str, tuple | None]) -> None:
     """Remove a stale lock. Processes that find it stale at once take turns through PATH.break (O_EXCL; one left
-    by a process killed in these few lines is cleared after 10 s), and each removes the lock only if it still holds
-    the stale text: a fresh lock taken meanwhile by the winner is left alone."""
+    by a process killed in these few lines is cleared after 10 s). The turn holder removes the lock only if it is
+    still the stale one (same text, inode and mtime): a fresh lock taken meanwhile by another process is left
+    alone, and the lock's name is never empty while it holds a live lock (so nobody slips in beside its holder).
+    While the turn is held the stale lock cannot change: only a turn holder removes a lock it did not write, and
+    the stale lock's writer is gone."""
     breaker = path.with_name(path.name + ".break")
     try:
         os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
@@ -107,17 +117,9 @@ def _take_over(path: Path, stale_text: str) -> None:
         time.sleep(0.05)
         return
     try:
-        grave = path.with_name(f"{path.name}.stale-{os.getpid()}")
-        try:
-            os.rename(path, grave)
-        except FileNotFoundError:
-            return
-        if grave.read_text(encoding="utf-8") != stale_text:  # not the stale lock any more: put it back
-            try:
-                os.link(grave, path)
-            except OSError:
-                pass
-        grave.unlink(missing_ok=True)
+        text, _, ident = _read(path)
+        if (text, ident) == stale:
+            path.unlink(missing_ok=True)
     finally:
         breaker.unlink(missing_ok=True)
 
@@ -129,11 +131,11 @@ def _acquire(path: Path, info: dict, where: Path) -> None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            text, holder, held = _stale_or_held(path)
+            stale, holder, held = _stale_or_held(path)
             if held:
                 raise LockError(f"{where} is in use by {_describe(holder, path)}") from None
-            if text is not None:
-                _take_over(path, text)
+            if stale is not None:
+                _take_over(path, stale)
             continue
         try:
             os.write(fd, data)
@@ -145,7 +147,7 @@ def _acquire(path: Path, info: dict, where: Path) -> None:
 
 
 def _release(path: Path, info: dict) -> None:
-    _, holder = _read(path)
+    _, holder, _ = _read(path)
     if holder and holder.get("token") == info["token"]:  # ours, not one that took over a lock we lost
         path.unlink(missing_ok=True)
 

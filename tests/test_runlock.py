@@ -167,7 +167,9 @@ while not os.path.exists(sys.argv[2]):
 try:
     with runlock.hold(sys.argv[1], "run", run=True):
         print("got", flush=True)
-        time.sleep(1.5)
+        deadline = time.time() + 60
+        while not os.path.exists(sys.argv[3]) and time.time() < deadline:  # held until every other racer is done
+            time.sleep(0.01)
 except runlock.LockError as e:
     print("refused", e, flush=True)
 """
@@ -180,14 +182,39 @@ def test_processes_racing_for_a_stale_lock_get_it_once(tmp_path):
     path = runlock.lock_path(target, run=True)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "then", "command": "run"}))
-    go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(target), str(go)], stdout=subprocess.PIPE,
+    go, release = tmp_path / "go", tmp_path / "release"
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(target), str(go), str(release)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
              for _ in range(4)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     go.touch()  # all at once
+    deadline = time.time() + 60
+    while sum(p.poll() is not None for p in procs) < 3 and time.time() < deadline:
+        time.sleep(0.05)  # the holder keeps it until the other three have finished, however slow they are
+    release.touch()
     outs = [p.communicate(timeout=60) for p in procs]
     said = [o.strip().split()[0] if o.strip() else e for o, e in outs]
     assert sorted(said) == ["got", "refused", "refused", "refused"], outs
+    assert not path.exists()
+
+
+def test_a_late_take_over_leaves_the_lock_taken_meanwhile_in_place(tmp_path):
+    """A process that found the lock stale, but whose turn comes after another process replaced it, removes
+    nothing: the fresh lock stays (same file), and the stale one is removed when it is still there."""
+    path = runlock.lock_path(tmp_path / "run", run=True)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(), "command": "run"}))
+    stale, _, held = runlock._stale_or_held(path)
+    assert stale is not None and not held
+    path.unlink()  # another process took the stale lock over ...
+    with runlock.hold(tmp_path / "run", "run", run=True):  # ... and a live one holds the folder now
+        before = path.read_text(), path.stat().st_ino
+        runlock._take_over(path, stale)
+        assert (path.read_text(), path.stat().st_ino) == before
+        assert not path.with_name(path.name + ".break").exists()
+    path.write_text("")  # torn by a kill long ago, then found stale: removed on the turn
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    stale, _, held = runlock._stale_or_held(path)
+    runlock._take_over(path, stale)
     assert not path.exists()
