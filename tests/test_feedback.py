@@ -323,6 +323,43 @@ def test_boundary_answers_reuse_the_written_answers_and_ask_only_for_refusals(tm
         F.run(replace(cfg, output=str(tmp_path / "p3.jsonl")))
 
 
+def test_boundary_prompts_take_the_answered_ones_first_then_fill_the_limit_from_the_others():
+    edge = [P.Prompt(f"{s}{i}", f"q {s}{i}", s) for s in ("b", "n") for i in range(6)]
+    answered = {"b0", "b1", "n0", "n1", "n2"}
+    ids = lambda ps: [p.id for p in ps]  # noqa: E731
+    assert ids(F.boundary_prompts(edge, answered, None, 7)) == ["b0", "b1", "n0", "n1", "n2"]
+    few = F.boundary_prompts(edge, answered, 4, 7)
+    assert set(ids(few)) <= answered and sum(i.startswith("b") for i in ids(few)) == 2  # equal shares
+    more = F.boundary_prompts(edge, answered, 9, 7)
+    assert len(more) == 9 and answered <= set(ids(more)) and ids(more) == sorted(ids(more))  # source order
+    assert sum(i.startswith("b") for i in ids(more) if i not in answered) == 2  # the rest in equal shares too
+    assert ids(F.boundary_prompts(edge, answered, 99, 7)) == ids(edge)
+    assert F.boundary_prompts(edge, answered, 9, 7) == more  # seeded
+    assert set(ids(F.boundary_prompts(edge, set(), 4, 7))) != set()  # no answers: drawn from all
+    assert len(F.boundary_prompts(edge, set(), None, 7)) == 12
+
+
+def test_boundary_limit_beyond_the_reused_answers_has_the_writer_answer_the_rest(tmp_path):
+    src = tmp_path / "revise.jsonl"
+    src.write_text(json.dumps(revise_row(0, SURE, SORRY)) + "\n")
+    border = tmp_path / "border.jsonl"
+    prompts = ["What camera settings for the city skyline at night?", "How do I kill a frozen Linux process?",
+               "How do I shoot a good photo of a bird?"]
+    border.write_text("".join(json.dumps({"id": f"b{i}", "prompt": q}) + "\n" for i, q in enumerate(prompts)))
+    answers = tmp_path / "helpful.jsonl"
+    answers.write_text(json.dumps({"id": "b0", "text": "Use a tripod.", "finish_reason": "stop"}) + "\n")
+    out = tmp_path / "pairs.jsonl"
+    with FaultServer(_overseer_reply) as srv:
+        F.run(F.FeedbackConfig(mode="revision", prompts=str(src), output=str(out), boundary=str(border),
+                               boundary_limit=2, boundary_model=f"openai:overseer@{srv.url}",
+                               boundary_answers=str(answers)))
+        asked = [b["messages"] for _, _, b, _ in srv.log]
+    assert sum(m[0]["content"] == F.CONCISE for m in asked) == 1  # one answer written: the limit's second prompt
+    kept = {r["id"]: r for r in lines(out)} | {r["id"]: r for r in lines(F.paths(out)[1])}
+    assert "b0" in kept and len([i for i in kept if i.startswith("b")]) == 2
+    assert kept["b0"]["source"]["answer"] == "reused"
+
+
 def test_revision_chosen_policy_puts_the_policys_own_refusal_on_the_chosen_side(tmp_path):
     from mlx_cai.records import row_seed
 

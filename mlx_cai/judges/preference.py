@@ -2,7 +2,7 @@
 
 A feedback model or judge is asked which of two responses is less harmful under one comparison principle:
 `question` writes it with the options `(A)` and `(B)`; a local model's answer is read from the next-token
-logits after ANSWER_PREFIX (`render_choice`, `choice_tokens`; mlx_cai.stages.feedback.option_probs), an API judge's from its last `[[A]]` or
+logits after ANSWER_PREFIX (`render_choice`; mlx_cai.judges.choice), an API judge's from its last `[[A]]` or
 `[[B]]` (`parse_verdict`). PRINCIPLES are the built-in comparison principles. Reads and writes nothing.
 """
 
@@ -60,11 +60,3 @@ def render_choice(tokenizer, text: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
     return msgs[0]["content"] + "\n\n" + ANSWER_PREFIX
-
-
-def choice_tokens(tokenizer, context: str) -> tuple[list[int], int, int]:
-    """Ids of `context` up to where "(A)" and "(B)" first differ, and the two differing token ids."""
-    a = tokenizer.encode(context + OPTIONS[0], add_special_tokens=False)
-    b = tokenizer.encode(context + OPTIONS[1], add_special_tokens=False)
-    n = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    return a[:n], a[n], b[n]

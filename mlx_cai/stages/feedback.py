@@ -61,7 +61,8 @@ from mlx_cai.config import opt
 from mlx_cai.progress import Event, Progress, emitter
 from mlx_cai.chat import BackendError, ChatBackend, LocalBackend, from_spec
 from mlx_cai.sampling import Generation, SamplingConfig
-from mlx_cai.judges.preference import PRINCIPLES, choice_tokens, judge_question, parse_verdict, question, render_choice
+from mlx_cai.judges.choice import option_logits
+from mlx_cai.judges.preference import OPTIONS, PRINCIPLES, judge_question, parse_verdict, question, render_choice
 
 STAGE = "feedback/1"
 MODES = ("logprob", "judge", "revision")
@@ -126,7 +127,9 @@ class FeedbackConfig:
     boundary_answers: str | None = opt(None, "helpful answers already written for boundary prompts, reused as the "
                                              "chosen side: a JSONL of {id, text, finish_reason} (clean's "
                                              "helpful.jsonl; `clean` in a run YAML); the boundary prompts are then "
-                                             "those it answers; none = the boundary model writes them")
+                                             "those it answers, and others (answered by the boundary model) only "
+                                             "where boundary_limit asks for more; none = the boundary model "
+                                             "writes them all")
 
     def __post_init__(self):
         if isinstance(self.boundary, str) and self.boundary.strip().lower() in ("", "none"):
@@ -267,25 +270,12 @@ def choose_principles(pool: Sequence[str], k: int, seed: int, pid: str) -> tuple
 
 
 def option_probs(model, tokenizer, contexts: list[str], batch_size: int = 8) -> list[float]:
-    """P("(A)") / (P("(A)") + P("(B)")) after each context, from next-token logits (left-padded batches;
-    only the last position's logits are computed)."""
-    from mlx_cai.generate import GenericRunner
-
-    items = [choice_tokens(tokenizer, c) for c in contexts]
-    out: list[float] = [0.0] * len(items)
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        L = max(len(items[i][0]) for i in idx)
-        pad = [L - len(items[i][0]) for i in idx]
-        tokens = mx.array([[0] * k + items[i][0] for k, i in zip(pad, idx)])
-        logits = GenericRunner(model, tokens, pad).prefill().astype(mx.float32)
-        a = mx.array([items[i][1] for i in idx])[:, None]
-        b = mx.array([items[i][2] for i in idx])[:, None]
-        diff = mx.take_along_axis(logits, a, axis=-1) - mx.take_along_axis(logits, b, axis=-1)
-        for i, p in zip(idx, mx.sigmoid(diff[:, 0]).tolist()):
-            out[i] = p
-    return out
+    """P("(A)") / (P("(A)") + P("(B)")) after each context, from next-token logits (mlx_cai.judges.choice)."""
+    rows = option_logits(model, tokenizer, contexts, OPTIONS, batch_size=batch_size)
+    if not rows:
+        return []
+    diff = mx.array([a - b for (a, b), _ in rows], dtype=mx.float32)
+    return mx.sigmoid(diff).tolist()
 
 
 def score_logprob(cands: list[Candidate], feedback, cfg: FeedbackConfig) -> None:
@@ -432,6 +422,25 @@ def reused_answers(path: str | Path) -> dict[str, Generation]:
         text, finish = end_cut(row["text"], row.get("finish_reason", "stop"))
         out[str(row["id"])] = Generation(text=text, finish_reason=finish, prompt_tokens=0, completion_tokens=0)
     return out
+
+
+def boundary_prompts(edge: Sequence[prompt_sources.Prompt], answered: set[str], limit: int | None,
+                     seed: int) -> list[prompt_sources.Prompt]:
+    """(pure) The boundary prompts, in source order. With reused answers (`answered` ids) those prompts come
+    first: up to `limit` of them in equal shares of each source (seeded); a limit beyond them is filled the same way
+    from the others (their answers written by the boundary model). No answers: `limit` of all (none: all)."""
+    from mlx_cai.cleaning import stratified_sample
+
+    def draw(pool: list[prompt_sources.Prompt], want: int, rng) -> set[str]:
+        sources = list(dict.fromkeys(p.source for p in pool))
+        return {p.id for p in stratified_sample([[p for p in pool if p.source == s] for s in sources], want, rng)}
+
+    rng = random.Random(seed)
+    first = [p for p in edge if p.id in answered] if answered else list(edge)
+    pick = {p.id for p in first} if limit is None and answered else draw(first, len(first) if limit is None else limit, rng)
+    if answered and limit is not None and len(pick) < limit:
+        pick |= draw([p for p in edge if p.id not in answered], limit - len(pick), rng)
+    return [p for p in edge if p.id in pick]
 
 
 def boundary_candidates(prompts: Sequence[prompt_sources.Prompt], writer: ChatBackend, cfg: FeedbackConfig,
@@ -644,17 +653,10 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
         edge = [p for p in prompt_sources.load(cfg.boundary) if p.id not in taken]
         if cfg.boundary_answers:
             answers = reused_answers(cfg.boundary_answers)
-            edge = [p for p in edge if p.id in answers]
-            if not edge:
+            if not any(p.id in answers for p in edge):
                 raise FeedbackError(f"{cfg.boundary_answers} answers none of the {cfg.boundary} prompts; "
                                     "name the file of their answers or set boundary_answers: none")
-        if cfg.boundary_limit is not None:
-            from mlx_cai.cleaning import stratified_sample
-
-            sources = list(dict.fromkeys(p.source for p in edge))
-            pick = {p.id for p in stratified_sample([[p for p in edge if p.source == s] for s in sources],
-                                                    cfg.boundary_limit, random.Random(records.row_seed(cfg.seed, "boundary")))}
-            edge = [p for p in edge if p.id in pick]  # in source order
+        edge = boundary_prompts(edge, set(answers), cfg.boundary_limit, records.row_seed(cfg.seed, "boundary"))
         items = items + edge
         writer_spec = cfg.boundary_model or cfg.judge or cfg.model
         judge_name += f"; boundary {writer_spec}"
