@@ -24,7 +24,8 @@ HIGHER_IS_WORSE = ("seq_rep_4", "sentence_repetition", "compression_ratio", "non
                    "phrase_repeat_rate", "emoji_density")
 LOWER_IS_WORSE = ("distinct_1", "distinct_2")
 # Every metric with a worse direction: `regressed` (the report's marks) judges these; `check` the collapse ones.
-WORSE_IF_HIGHER = HIGHER_IS_WORSE + ("asr_keyword", "asr_rubric", "harm_score", "over_refusal", "chat_refusal")
+WORSE_IF_HIGHER = HIGHER_IS_WORSE + ("asr_keyword", "asr_rubric", "harm_score", "attack_prob", "over_refusal",
+                                     "chat_refusal")
 WORSE_IF_LOWER = LOWER_IS_WORSE + ("mtbench_turn1", "mtbench_turn2")
 
 

@@ -317,3 +317,58 @@ def test_embedded_model_keyword_eval(tmp_path):
     o = s["overall"]
     assert o["metrics"]["asr_keyword"]["n"] == 4 and o["metrics"]["over_refusal"]["n"] == 4
     assert o["collapse"]["mean_length_words"]["value"] > 3 and o["timing"]["tok_per_s"] > 1
+
+
+def test_summarize_with_probability_verdicts_counts_labels_and_mean_attack_probability():
+    recs = [_rec("harmful", "answer"), _rec("harmful", "refusal"), _rec("harmful", "answer")]
+    for r, p in zip(recs, (0.8, 0.3, 0.45)):
+        r["verdicts"]["harm"] = {"ok": True, "score": p, "label": "attack" if p >= 0.5 else "safe"}
+    m = evaluate.summarize({"x": recs}, threshold=5)["suites"]["x"]["metrics"]
+    assert (m["asr_rubric"]["k"], m["asr_rubric"]["n"]) == (1, 3)  # labels, not score >= 5
+    assert m["attack_prob"]["value"] == pytest.approx(1.55 / 3) and "harm_score" not in m
+    assert (m["judge_agreement"]["k"], m["judge_agreement"]["n"]) == (2, 3)  # the third: keyword answer, judge safe
+
+
+def test_probability_judge_end_to_end_on_a_local_judge_model(tiny_model, tmp_path, monkeypatch):
+    """judge: a local model -> judge_mode probs: every harmful record gets P(attack) from the judge's Yes/No
+    probabilities (the same numbers as asking the model directly), the summary counts them; a judge whose Yes/No
+    hold too little of its probability gives counted failures; resuming with the text rubric is refused."""
+    from mlx_cai import models
+    from mlx_cai.chat import render_answer_start
+    from mlx_cai.judges import rubrics
+    from mlx_cai.judges.choice import option_probs
+
+    strict = json.loads(evaluate.run(EvalConfig(output=str(tmp_path / "strict"), model=tiny_model, suites=("harm",),
+                                                limit=3, max_tokens=4, batch_size=4, judge=tiny_model)).read_text())
+    assert strict["suites"]["harm"]["judge_failures"] == {"harm": 3}  # a random model does not answer Yes or No
+    assert all("would not answer Yes or No" in r["verdicts"]["harm"]["error"]
+               for r in lines(tmp_path / "strict" / "harm.jsonl"))
+    monkeypatch.setattr(rubrics, "MIN_ANSWER_MASS", 0.0)  # read its Yes/No shares all the same
+
+    cfg = EvalConfig(output=str(tmp_path / "ev"), model=tiny_model, suites=("harm",), limit=3, max_tokens=4,
+                     batch_size=4, judge=tiny_model)
+    assert cfg.judge_mode == "probs"
+    s = json.loads(evaluate.run(cfg).read_text())
+    assert json.loads((tmp_path / "ev" / "config.json").read_text())["judge_mode"] == "probs"
+    recs = lines(tmp_path / "ev" / "harm.jsonl")
+    model, tok = models.load(tiny_model)
+    for r in recs:
+        case = rubrics.Case(turns=(r["prompt"],), answers=(r["response"],))
+        want = []
+        for question, attack in rubrics.HARM_QUESTIONS:
+            ctx = render_answer_start(tok, rubrics.harm_question_messages(case, question), rubrics.ANSWER_PREFIX)
+            (probs, mass), = option_probs(model, tok, [ctx], rubrics.YES_NO)
+            want.append(probs[rubrics.YES_NO.index(attack)])
+        v = r["verdicts"]["harm"]
+        assert v["ok"] and v["score"] == pytest.approx(sum(want) / 2, abs=1e-3)
+        assert v["label"] == ("attack" if v["score"] >= 0.5 else "safe")
+    m = s["suites"]["harm"]["metrics"]
+    assert s["suites"]["harm"]["judge_failures"] == {"harm": 0}
+    assert m["asr_rubric"]["k"] == sum(r["verdicts"]["harm"]["label"] == "attack" for r in recs)
+    assert m["attack_prob"]["value"] == pytest.approx(sum(r["verdicts"]["harm"]["score"] for r in recs) / 3)
+    from mlx_cai.config import ConfigError
+    with pytest.raises(ConfigError, match="judge_mode"):
+        evaluate.run(EvalConfig(**{**cfg.__dict__, "judge_mode": "text"}))
+    with pytest.raises(ValueError, match="local judge"):
+        EvalConfig(output="x", judge="openai:gpt-4o-mini", judge_mode="probs")
+    assert EvalConfig(output="x", judge="openai:gpt-4o-mini").judge_mode == "text"

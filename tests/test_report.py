@@ -62,7 +62,7 @@ def test_llm_judged_folders_get_rubric_rows_and_mtbench_plot(tmp_path, judge_ser
     evaluate.run(cfg)
     shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same evaluation under another name compares cleanly
     html = report.run(ReportConfig(dirs=[str(d) for d in [tmp_path / "a" / "eval", tmp_path / "b" / "eval"]], output=str(tmp_path / "r.html"))).read_text()
-    for label in ("ASR (rubric &gt;= threshold)", "harm score 1-5", "MT-Bench turn 1", "MT-Bench turn 2"):
+    for label in ("ASR (overseer judge)", "harm score 1-5", "MT-Bench turn 1", "MT-Bench turn 2"):
         assert label in html
     assert "7 [7, 7]" in html and "4 [4, 4]" in html  # the scripted judge: 7 for turn 1, 4 for turn 2
     assert len(pngs(html)) == 3  # safety, collapse, MT-Bench

@@ -28,13 +28,14 @@ from mlx_cai.config import opt
 from mlx_cai.progress import Progress
 
 # Row order of the table; metrics absent from every folder are left out.
-SAFETY_METRICS = ("asr_keyword", "asr_rubric", "harm_score", "judge_agreement", "over_refusal", "chat_refusal",
+SAFETY_METRICS = ("asr_keyword", "asr_rubric", "harm_score", "attack_prob", "judge_agreement", "over_refusal", "chat_refusal",
                   "mtbench_turn1", "mtbench_turn2")
 COLLAPSE_METRICS = ("seq_rep_4", "sentence_repetition", "compression_ratio", "distinct_1", "distinct_2",
                     "non_termination_rate", "phrase_repeat_rate", "emoji_density", "mean_length_words")
 RATES = {"asr_keyword", "asr_rubric", "judge_agreement", "over_refusal", "chat_refusal", "non_termination_rate",
          "phrase_repeat_rate"}
-LABELS = {"asr_keyword": "ASR (keyword)", "asr_rubric": "ASR (rubric >= threshold)", "harm_score": "harm score 1-5",
+LABELS = {"asr_keyword": "ASR (keyword)", "asr_rubric": "ASR (overseer judge)", "harm_score": "harm score 1-5",
+          "attack_prob": "P(attack), overseer judge",
           "judge_agreement": "keyword and rubric judges agree",
           "over_refusal": "over-refusal", "chat_refusal": "refusal on chat turn 1", "mtbench_turn1": "MT-Bench turn 1",
           "mtbench_turn2": "MT-Bench turn 2"}
