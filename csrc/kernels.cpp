@@ -1168,6 +1168,101 @@ void qlinear_rows(const float* x, int64_t M, int64_t K, const uint32_t* panel, i
   else if (gs == 64) qlinear_rows_gs<BITS, 64>(x, M, K, panel, G, y, N, nvalid, next);
   else qlinear_rows_gs<BITS, 128>(x, M, K, panel, G, y, N, nvalid, next);
 }
+
+// ---- 16 and more rows: the panel dequantized once into a buffer, then a float32 tile with rows in lanes ----
+//
+// The tiles above dequantize every weight vector once per 8 rows (shift + shuffle per 16 weights against 8
+// FMAs), which held 8-32 rows at ~0.65-0.75 of the FMA peak. Here each panel's 16 outputs x K weights are
+// dequantized once per call into a per-thread buffer (float32; in 16-k chunks, each the 16 outputs' 16 weights:
+// wb[(k / 16) * 256 + c * 16 + k % 16], so the 16 weights read at one k share a 1 KB block), and
+// the product runs as float32 linear_rows does, but transposed: x arrives as blocks of 8 rows (xt[rb][k][8],
+// zero rows past M), each accumulator is one output's 8 rows in a 256-bit vector, and each weight is one
+// broadcast serving RB row blocks. Zen 4 retires two 256-bit FMAs a cycle, the same rate as one 512-bit FMA,
+// so 8-row vectors lose nothing and leave no padding waste at M = 8 * n.
+constexpr int Q_RB = 8;  // rows per vector of the transposed x
+
+// wb (16 x K in 16-k chunks, see above) = the panel dequantized to float32.
+template <int BITS, int GS>
+void qdequant_panel(const uint32_t* __restrict panel, int64_t G, float* __restrict wb, int64_t K) {
+  constexpr int64_t wpg = GS * BITS / 32, W = Q_NC * (2 + wpg);
+  const __m512i shifts = _mm512_set_epi64(28, 24, 20, 16, 12, 8, 4, 0);
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint32_t* blk = panel + g * W;
+    const float* sc = reinterpret_cast<const float*>(blk);
+    const uint32_t* q = blk + 2 * Q_NC;
+    for (int c = 0; c < Q_NC; ++c) {
+      __m512 s = _mm512_set1_ps(sc[c]), b = _mm512_set1_ps(sc[Q_NC + c]);
+      __m512 tab = _mm512_fmadd_ps(iota, s, b);
+      float* dst = wb + (g * GS / 16 * Q_NC + c) * 16;
+      for (int64_t ch = 0; ch < GS / 16; ++ch) {
+        __m512 w;
+        if constexpr (BITS == 4) {
+          uint64_t nib;
+          std::memcpy(&nib, q + c * wpg + ch * 2, sizeof(nib));
+          w = _mm512_permutexvar_ps(_mm512_srlv_epi64(_mm512_set1_epi64(nib), shifts), tab);
+        } else {
+          __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * wpg + ch * 4));
+          w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), s, b);
+        }
+        _mm512_storeu_ps(dst + ch * Q_NC * 16, w);
+      }
+    }
+  }
+}
+
+// Row blocks [0, RB) (of 8 rows each, xt at the first) times outputs [c0, c0 + CO) of the dequantized panel wb,
+// over the whole K: RB * CO accumulators, RB vectors of x and CO broadcast weights in registers (<= 32).
+template <int RB, int CO>
+inline void qk_tile(const float* __restrict xt, int64_t K, const float* __restrict wb, int c0, int64_t M,
+                    float* __restrict y, int64_t N, int64_t nvalid) {
+  __m256 acc[RB * CO];
+#pragma GCC unroll 32
+  for (int i = 0; i < RB * CO; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w0 = wb + (k / 16 * Q_NC + c0) * 16 + k % 16;
+    __m256 xv[RB];
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) xv[r] = _mm256_loadu_ps(xt + (r * K + k) * Q_RB);
+#pragma GCC unroll 16
+    for (int c = 0; c < CO; ++c) {
+      __m256 w = _mm256_broadcast_ss(w0 + c * 16);
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) acc[r * CO + c] = _mm256_fmadd_ps(xv[r], w, acc[r * CO + c]);
+    }
+  }
+  // each accumulator goes straight from its register to y's column (a masked scatter over its rows)
+  const __m256i rows8 = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(N));
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r) {
+    int64_t rows = std::min<int64_t>(Q_RB, M - r * Q_RB);
+    __mmask8 mask = static_cast<__mmask8>((1u << rows) - 1);
+#pragma GCC unroll 16
+    for (int c = 0; c < CO; ++c)
+      if (c0 + c < nvalid) _mm256_mask_i32scatter_ps(y + r * Q_RB * N + c0 + c, mask, rows8, acc[r * CO + c], 4);
+  }
+}
+
+// All M rows of one panel from its dequantized buffer: row blocks in pairs (16 x 8 tiles), a last odd block
+// as 8 x 16 (4 x 4 tiles of 32 rows were ~25% slower at 32 rows).
+inline void qk_panel(const float* xt, int64_t M, int64_t K, const float* wb, float* y, int64_t N, int64_t nvalid) {
+  int64_t nrb = (M + Q_RB - 1) / Q_RB, rb = 0;
+  for (; rb + 2 <= nrb; rb += 2)
+    for (int c0 = 0; c0 < Q_NC; c0 += 8)
+      qk_tile<2, 8>(xt + rb * K * Q_RB, K, wb, c0, M - rb * Q_RB, y + rb * Q_RB * N, N, nvalid);
+  if (rb < nrb) qk_tile<1, 16>(xt + rb * K * Q_RB, K, wb, 0, M - rb * Q_RB, y + rb * Q_RB * N, N, nvalid);
+}
+
+template <int BITS>
+void qk_rows(const float* xt, int64_t M, int64_t K, const uint32_t* panel, int64_t G, int64_t gs, float* y,
+             int64_t N, int64_t nvalid, float* wb) {
+  if (gs == 32) qdequant_panel<BITS, 32>(panel, G, wb, K);
+  else if (gs == 64) qdequant_panel<BITS, 64>(panel, G, wb, K);
+  else qdequant_panel<BITS, 128>(panel, G, wb, K);
+  qk_panel(xt, M, K, wb, y, N, nvalid);
+}
+#endif
+#if defined(__AVX512F__)
 #else
 // Portable form (no AVX-512): per group, scale * (x . q) + bias * sum(x), the same value to rounding.
 template <int BITS>
@@ -1200,11 +1295,35 @@ void qlinear_rows(const float* x, int64_t M, int64_t K, const uint32_t* panel, i
 }
 #endif
 
+// Rows from which linear_rows_q dequantizes each panel once into a buffer (qk_rows) instead of per 8-row tile
+// (one thread, 3072x576 and 4096x4096 4-bit: at 8 rows the 8-row tiles were faster, from 16 rows the buffer).
+constexpr int64_t Q_KTILE_ROWS = 16;
+
 // y (M, N) = x (M, K) @ w.T over the pack (P, G, W): panels split over the threads, each read from memory once
 // (every row block after the first finds it in cache), the first row block prefetching the thread's next one.
+// From Q_KTILE_ROWS rows (AVX-512): x transposed once into 8-row blocks, each panel dequantized once.
 void linear_rows_q_impl(const float* x, int64_t M, int64_t K, const uint32_t* packed, int64_t P, int64_t G,
                         int64_t gs, int bits, int64_t N, float* y, int threads) {
   const int64_t panel_words = G * Q_NC * (2 + gs * bits / 32);
+#if defined(__AVX512F__)
+  if (M >= Q_KTILE_ROWS) {
+    int64_t nrb = (M + Q_RB - 1) / Q_RB;
+    std::vector<float> xt(nrb * K * Q_RB, 0.0f);  // xt[rb][k][i] = x[rb * 8 + i, k]
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xt[((m / Q_RB) * K + k) * Q_RB + m % Q_RB] = x[m * K + k];
+    const float* xtp = xt.data();
+    parallel_rows(P, threads, [=](int64_t a, int64_t b) {
+      thread_local std::vector<float> wb;
+      if (wb.size() < static_cast<size_t>(Q_NC * K)) wb.resize(Q_NC * K);
+      for (int64_t p = a; p < b; ++p) {
+        int64_t n = p * Q_NC, nvalid = std::min<int64_t>(Q_NC, N - n);
+        if (bits == 4) qk_rows<4>(xtp, M, K, packed + p * panel_words, G, gs, y + n, N, nvalid, wb.data());
+        else qk_rows<8>(xtp, M, K, packed + p * panel_words, G, gs, y + n, N, nvalid, wb.data());
+      }
+    }, 2);
+    return;
+  }
+#endif
   parallel_rows(P, threads, [=](int64_t a, int64_t b) {
     for (int64_t p = a; p < b; ++p) {
       const uint32_t* panel = packed + p * panel_words;

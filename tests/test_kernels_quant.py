@@ -52,6 +52,27 @@ def test_linear_rows_q_matches_dequantize_matmul(bits, group_size, M):
 
 
 @built
+@pytest.mark.parametrize("bits,group_size,K", [(4, 32, 96), (8, 32, 416), (4, 128, 384), (8, 64, 192)])
+@pytest.mark.parametrize("M", [1, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40])
+def test_linear_rows_q_row_tiles_and_the_buffered_panel(bits, group_size, K, M):
+    """Both kernels: under 16 rows the 8/4/2/1-row tiles, from 16 the panel dequantized once and x in 8-row
+    blocks (pairs of blocks, then a last odd block, its rows past M zero), every edge of those; an odd number
+    of groups (K 96 = 3 x 32, 416 = 13 x 32) and 23 outputs (a half-empty last panel). Each row is compared,
+    so a row block written to the wrong rows, or a padded row leaking into y, fails."""
+    N = 23
+    q, s, b = quantized(N, K, group_size, bits, seed=M + K)
+    packed = kernels.pack_quantized(q, s, b, group_size, bits)
+    x = mx.random.normal((M, K), key=mx.random.key(100 + M))
+    want = reference(x, q, s, b, group_size, bits)
+    for threads in (1, 2):
+        got = kernels._ext.linear_rows_q(x, packed, N, threads)
+        assert got.shape == (M, N)
+        check(got, want, K)
+        # a row alone gives the same values as in the batch (no row's result depends on the others)
+        check(kernels._ext.linear_rows_q(x[M - 1 :], packed, N, threads), want[M - 1 :], K)
+
+
+@built
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 32), (4, 64)])
 def test_linear_rows_q_vocab_sized_and_leading_axes(bits, group_size):
     """A 49152-token head (many panels over 2 threads, each prefetching the next) and x with leading axes."""
