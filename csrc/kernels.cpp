@@ -185,6 +185,47 @@ void check_cpu_layout(const array& a, const char* what) {
   if (!a.flags().row_contiguous) throw std::invalid_argument(std::string("mlx_cai kernels: ") + what + " must be row-contiguous");
 }
 
+// A float32 array (any strides, any rank) into a row-contiguous buffer.
+void copy_rows_f32(const array& a, float* out) {
+  const float* src = a.data<float>();
+  const auto& sh = a.shape();
+  const auto& st = a.strides();
+  int nd = a.ndim();
+  std::vector<int64_t> idx(nd, 0);
+  for (int64_t i = 0, n = a.size(); i < n; ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; ++d) off += idx[d] * st[d];
+    out[i] = src[off];
+    for (int d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < sh[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+// A float32 input of a decode kernel (x of linear_rows_q, silu_mul's gate): its data, or a row-contiguous copy
+// made in the dispatched task when the graph gave it other strides. The graph then needs no Contiguous node
+// per call (~1 us each, ~9 per layer of a decode step).
+struct RowsInput {
+  array a;
+  std::shared_ptr<std::vector<float>> copy;
+  explicit RowsInput(const array& in) : a(array::unsafe_weak_copy(in)) {
+    if (!in.flags().row_contiguous) copy = std::make_shared<std::vector<float>>(in.size());
+  }
+  const float* data() {  // in the task only (the input's data is computed by then)
+    if (!copy) return a.data<float>();
+    copy_rows_f32(a, copy->data());
+    return copy->data();
+  }
+};
+
+// A kernel input as it is when it is float32 already evaluated row-contiguous (a pack made at build); else
+// astype + contiguous nodes.
+array constant_input(const array& a, Dtype t, const Stream& s) {
+  if (a.dtype() == t && a.is_available() && a.flags().row_contiguous) return a;
+  return contiguous(astype(a, t, s), false, s);
+}
+
 template <typename F>
 void with_index_type(const array& targets, F f) {
   switch (targets.dtype()) {
@@ -458,16 +499,15 @@ class LinearRows : public UnaryPrimitive {
  public:
   LinearRows(Stream s, int threads) : UnaryPrimitive(s), threads_(threads) {}
   void eval_cpu(const std::vector<array>& in, array& out) override {
-    check_cpu_layout(in[0], "linear_rows: x");
     check_cpu_layout(in[1], "linear_rows: wt");
     out.set_data(allocator::malloc(out.nbytes()));
     auto& enc = cpu::get_command_encoder(stream());
     enc.set_input_array(in[0]);
     enc.set_output_array(out);
-    enc.dispatch([x = array::unsafe_weak_copy(in[0]), wt = array::unsafe_weak_copy(in[1]),
-                  out = array::unsafe_weak_copy(out), n = threads_]() mutable {
-      int64_t P = wt.shape(0), K = wt.shape(1), N = out.shape(-1), M = x.size() / K;
-      linear_rows_impl(x.data<float>(), M, K, wt.data<float>(), P, N, out.data<float>(), n);
+    enc.dispatch([x = RowsInput(in[0]), wt = array::unsafe_weak_copy(in[1]), out = array::unsafe_weak_copy(out),
+                  n = threads_]() mutable {
+      int64_t P = wt.shape(0), K = wt.shape(1), N = out.shape(-1), M = x.a.size() / K;
+      linear_rows_impl(x.data(), M, K, wt.data<float>(), P, N, out.data<float>(), n);
     });
   }
   void eval_gpu(const std::vector<array>&, array&) override {
@@ -990,9 +1030,8 @@ array linear_rows(const array& x, const array& packed, int n_out, int threads, c
     throw std::invalid_argument("linear_rows: packed_t must be the weight transposed, packed as (ceil(K / 32), N, 32)");
   }
   auto s = to_stream(StreamOrDevice{});
-  array xx = contiguous(astype(x, float32, s), false, s);
-  std::vector<array> inputs = {xx, contiguous(astype(packed, float32, s), false, s)};
-  if (packed_t) inputs.push_back(contiguous(astype(*packed_t, float32, s), false, s));
+  std::vector<array> inputs = {astype(x, float32, s), constant_input(packed, float32, s)};
+  if (packed_t) inputs.push_back(constant_input(*packed_t, float32, s));
   Shape shape = x.shape();
   shape.back() = n_out;
   return array(shape, float32, std::make_shared<LinearRows>(s, std::max(1, threads)), inputs);
@@ -1339,19 +1378,17 @@ class LinearRowsQ : public UnaryPrimitive {
  public:
   LinearRowsQ(Stream s, int n_out, int threads) : UnaryPrimitive(s), n_out_(n_out), threads_(threads) {}
   void eval_cpu(const std::vector<array>& in, array& out) override {
-    check_cpu_layout(in[0], "linear_rows_q: x");
     check_cpu_layout(in[1], "linear_rows_q: packed");
     out.set_data(allocator::malloc(out.nbytes()));
     auto& enc = cpu::get_command_encoder(stream());
     enc.set_input_array(in[0]);
     enc.set_input_array(in[1]);
     enc.set_output_array(out);
-    enc.dispatch([x = array::unsafe_weak_copy(in[0]), w = array::unsafe_weak_copy(in[1]),
-                  out = array::unsafe_weak_copy(out), n = threads_]() mutable {
-      int64_t P = w.shape(0), G = w.shape(1), K = x.shape(-1), gs = K / G, M = x.size() / K;
+    enc.dispatch([x = RowsInput(in[0]), w = array::unsafe_weak_copy(in[1]), out = array::unsafe_weak_copy(out),
+                  n = threads_]() mutable {
+      int64_t P = w.shape(0), G = w.shape(1), K = x.a.shape(-1), gs = K / G, M = x.a.size() / K;
       int bits = static_cast<int>(32 * (w.shape(2) / Q_NC - 2) / gs);
-      linear_rows_q_impl(x.data<float>(), M, K, w.data<uint32_t>(), P, G, gs, bits, out.shape(-1),
-                         out.data<float>(), n);
+      linear_rows_q_impl(x.data(), M, K, w.data<uint32_t>(), P, G, gs, bits, out.shape(-1), out.data<float>(), n);
     });
   }
   void eval_gpu(const std::vector<array>&, array&) override {
@@ -1393,7 +1430,7 @@ array linear_rows_q(const array& x, const array& packed, int n_out, int threads)
   Shape shape = x.shape();
   shape.back() = n_out;
   return array(shape, float32, std::make_shared<LinearRowsQ>(s, n_out, std::max(1, threads)),
-               {contiguous(astype(x, float32, s), false, s), contiguous(packed, false, s)});
+               {astype(x, float32, s), constant_input(packed, uint32, s)});
 }
 
 }  // namespace mlx_cai

@@ -73,6 +73,30 @@ def test_linear_rows_q_row_tiles_and_the_buffered_panel(bits, group_size, K, M):
 
 
 @built
+@pytest.mark.parametrize("M", [1, 5, 32])
+def test_strided_x_needs_no_contiguous_node(M):
+    """x as a transposed view, a column slice, or a broadcast row (no Contiguous node in the graph any more: the
+    kernel copies such an x itself) gives the same result as its contiguous copy, for linear_rows_q and
+    linear_rows; inside mx.compile too."""
+    N, K = 40, 64
+    q, s, b = quantized(N, K, 32, 4, seed=5)
+    packed = kernels.pack_quantized(q, s, b, 32, 4)
+    w = mx.random.normal((N, K), key=mx.random.key(6))
+    wp = kernels.pack_weight(w)
+    mx.eval(packed, wp)
+    base = mx.random.normal((K, 2 * M), key=mx.random.key(M))
+    views = [base.T[::2], base[:, :M].T, mx.broadcast_to(base[:, 0], (M, K))]
+    for x in views:
+        dense = mx.array(np.array(x))
+        want_q = reference(dense, q, s, b, 32, 4)
+        for f in (lambda x: kernels._ext.linear_rows_q(x, packed, N, 2),
+                  mx.compile(lambda x: kernels._ext.linear_rows_q(x, packed, N, 2))):
+            check(f(x), want_q, K)
+        got = kernels._ext.linear_rows(x, wp, N, 2, None)
+        np.testing.assert_allclose(np.array(got), np.array(dense @ w.T), rtol=1e-5, atol=1e-4)
+
+
+@built
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 32), (4, 64)])
 def test_linear_rows_q_vocab_sized_and_leading_axes(bits, group_size):
     """A 49152-token head (many panels over 2 threads, each prefetching the next) and x with leading axes."""
