@@ -703,18 +703,17 @@ class DecodeAttention : public UnaryPrimitive {
   void eval_cpu(const std::vector<array>& in, array& out) override {
     const char* what[] = {"decode_attention: q", "decode_attention: K", "decode_attention: V",
                           "decode_attention: holes", "decode_attention: slot"};
-    for (size_t i = 0; i < in.size(); ++i) check_cpu_layout(in[i], what[i]);
+    for (size_t i = 3; i < in.size(); ++i) check_cpu_layout(in[i], what[i]);  // q, K, V: copied if strided
     out.set_data(allocator::malloc(out.nbytes()));
     auto& enc = cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([q = array::unsafe_weak_copy(in[0]), k = array::unsafe_weak_copy(in[1]),
-                  v = array::unsafe_weak_copy(in[2]), h = array::unsafe_weak_copy(in[3]),
+    enc.dispatch([q = RowsInput(in[0]), k = RowsInput(in[1]), v = RowsInput(in[2]), h = array::unsafe_weak_copy(in[3]),
                   sl = array::unsafe_weak_copy(in[4]), out = array::unsafe_weak_copy(out), scale = scale_,
                   end = end_, n = threads_]() mutable {
-      int64_t B = k.shape(0), KVH = k.shape(1), S = k.shape(2), D = k.shape(3), H = q.shape(1);
+      int64_t B = k.a.shape(0), KVH = k.a.shape(1), S = k.a.shape(2), D = k.a.shape(3), H = q.a.shape(1);
       int64_t slot = sl.data<int32_t>()[0];
-      decode_attention_impl(q.data<float>(), k.data<float>(), v.data<float>(), h.data<int32_t>(), slot,
+      decode_attention_impl(q.data(), k.data(), v.data(), h.data<int32_t>(), slot,
                             out.data<float>(), B, KVH, H / KVH, S, D, std::min<int64_t>(end, S), scale, n);
     });
   }
@@ -789,8 +788,7 @@ class RopeCache : public UnaryPrimitive {
         threads_(threads) {}
   void eval_cpu(const std::vector<array>& in, array& out) override {
     // in: qkv, cossin, slot[, cache]
-    const char* what[] = {"rope_cache: qkv", "rope_cache: cossin", "rope_cache: slot"};
-    for (size_t i = 0; i < 3; ++i) check_cpu_layout(in[i], what[i]);
+    check_cpu_layout(in[2], "rope_cache: slot");  // qkv and cossin: copied if strided
     bool copy = false;
     if (part_ == 0) {
       out.set_data(allocator::malloc(out.nbytes()));
@@ -803,15 +801,14 @@ class RopeCache : public UnaryPrimitive {
     auto& enc = cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([x = array::unsafe_weak_copy(in[0]), off = array::unsafe_weak_copy(in[1]),
-                  sl = array::unsafe_weak_copy(in[2]), c0 = array::unsafe_weak_copy(in[part_ == 0 ? 0 : 3]),
+    enc.dispatch([x = RowsInput(in[0]), off = RowsInput(in[1]), sl = array::unsafe_weak_copy(in[2]), c0 = array::unsafe_weak_copy(in[part_ == 0 ? 0 : 3]),
                   y = array::unsafe_weak_copy(out), part = part_, H = heads_, KVH = kv_heads_, trad = traditional_, n = threads_, copy]() mutable {
       if (copy) copy_4d(c0, y.data<float>());
-      int64_t B = x.shape(0), D = part == 0 ? y.shape(2) : y.shape(3), W = (H + 2 * KVH) * D;
+      int64_t B = x.a.shape(0), D = part == 0 ? y.shape(2) : y.shape(3), W = (H + 2 * KVH) * D;
       int64_t S = part == 0 ? 1 : y.shape(2), slot = sl.data<int32_t>()[0];
       if (part > 0 && (slot < 0 || slot >= S)) return;  // nothing to write (checked in Python)
-      const float* xs = x.data<float>();
-      const float* cossin = off.data<float>();
+      const float* xs = x.data();
+      const float* cossin = off.data();
       float* yo = y.data<float>();
       parallel_rows(B, n, [=](int64_t a, int64_t b) {
         for (int64_t r = a; r < b; ++r) {
@@ -1053,7 +1050,8 @@ array decode_attention(const array& q, const array& k, const array& v, const arr
   auto f32 = [&](const array& a) { return contiguous(astype(a, float32, s), false, s); };
   auto i32 = [&](const array& a) { return contiguous(astype(a, int32, s), false, s); };
   return array(q.shape(), float32, std::make_shared<DecodeAttention>(s, scale, end, std::max(1, threads)),
-               {f32(q), f32(k), f32(v), i32(holes), i32(reshape(slot, {1}, s))});
+               {astype(q, float32, s), astype(k, float32, s), astype(v, float32, s), i32(holes),
+                i32(reshape(slot, {1}, s))});
 }
 }  // namespace mlx_cai
 
@@ -1070,7 +1068,7 @@ std::vector<array> rope_cache(const array& qkv, const array& k, const array& v, 
   auto f32 = [&](const array& a) { return contiguous(astype(a, float32, s), false, s); };
   auto i32 = [&](const array& a) { return contiguous(astype(a, int32, s), false, s); };
   int B = qkv.shape(0), D = k.shape(3), KVH = k.shape(1);
-  std::vector<array> common = {f32(qkv), f32(cossin), i32(reshape(slot, {1}, s))};
+  std::vector<array> common = {astype(qkv, float32, s), astype(cossin, float32, s), i32(reshape(slot, {1}, s))};
   auto make = [&](int part, const Shape& shape, std::optional<array> cache) {
     auto inputs = common;
     // the cache as it is: a new node in between (astype, contiguous) would keep it from being donated
