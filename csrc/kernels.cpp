@@ -1372,21 +1372,48 @@ void linear_rows_q_impl(const float* x, int64_t M, int64_t K, const uint32_t* pa
   }, 2);
 }
 
+// h (M, K) = rms_norm of each row of x times w: x * (1 / sqrt(mean(x^2) + eps)) * w, as mx.fast.rms_norm.
+void rms_norm_rows(const float* x, const float* w, float eps, int64_t M, int64_t K, float* h) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float r = 1.0f / std::sqrt(lane_sum(xr, xr, K) / static_cast<float>(K) + eps);
+    float* hr = h + m * K;
+    for (int64_t k = 0; k < K; ++k) hr[k] = xr[k] * r * w[k];
+  }
+}
+
 class LinearRowsQ : public UnaryPrimitive {
  public:
-  LinearRowsQ(Stream s, int n_out, int threads) : UnaryPrimitive(s), n_out_(n_out), threads_(threads) {}
+  // inputs: x, packed[, norm][, residual]
+  LinearRowsQ(Stream s, int n_out, int threads, bool norm = false, float eps = 0.0f, bool residual = false)
+      : UnaryPrimitive(s), n_out_(n_out), threads_(threads), norm_(norm), eps_(eps), residual_(residual) {}
   void eval_cpu(const std::vector<array>& in, array& out) override {
     check_cpu_layout(in[1], "linear_rows_q: packed");
     out.set_data(allocator::malloc(out.nbytes()));
     auto& enc = cpu::get_command_encoder(stream());
-    enc.set_input_array(in[0]);
-    enc.set_input_array(in[1]);
+    for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
+    size_t i = 2;
+    std::optional<RowsInput> nw, res;
+    if (norm_) nw.emplace(in[i++]);
+    if (residual_) res.emplace(in[i++]);
     enc.dispatch([x = RowsInput(in[0]), w = array::unsafe_weak_copy(in[1]), out = array::unsafe_weak_copy(out),
-                  n = threads_]() mutable {
-      int64_t P = w.shape(0), G = w.shape(1), K = x.a.shape(-1), gs = K / G, M = x.a.size() / K;
+                  nw, res, eps = eps_, n = threads_]() mutable {
+      int64_t P = w.shape(0), G = w.shape(1), K = x.a.shape(-1), gs = K / G, M = x.a.size() / K, N = out.shape(-1);
       int bits = static_cast<int>(32 * (w.shape(2) / Q_NC - 2) / gs);
-      linear_rows_q_impl(x.data(), M, K, w.data<uint32_t>(), P, G, gs, bits, out.shape(-1), out.data<float>(), n);
+      const float* xp = x.data();
+      std::vector<float> h;
+      if (nw) {
+        h.resize(M * K);
+        rms_norm_rows(xp, nw->data(), eps, M, K, h.data());
+        xp = h.data();
+      }
+      float* y = out.data<float>();
+      linear_rows_q_impl(xp, M, K, w.data<uint32_t>(), P, G, gs, bits, N, y, n);
+      if (res) {
+        const float* r = res->data();
+        for (int64_t j = 0; j < M * N; ++j) y[j] = r[j] + y[j];
+      }
     });
   }
   void eval_gpu(const std::vector<array>&, array&) override {
@@ -1404,16 +1431,21 @@ class LinearRowsQ : public UnaryPrimitive {
   const char* name() const override { return "LinearRowsQ"; }
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const LinearRowsQ&>(other);
-    return n_out_ == o.n_out_ && threads_ == o.threads_;
+    return n_out_ == o.n_out_ && threads_ == o.threads_ && norm_ == o.norm_ && eps_ == o.eps_ &&
+           residual_ == o.residual_;
   }
 
  private:
   int n_out_, threads_;
+  bool norm_;
+  float eps_;
+  bool residual_;
 };
 
 }  // namespace
 
-array linear_rows_q(const array& x, const array& packed, int n_out, int threads) {
+array linear_rows_q(const array& x, const array& packed, int n_out, int threads, const std::optional<array>& norm,
+                    float eps, const std::optional<array>& residual) {
   bool ok = x.ndim() >= 1 && packed.ndim() == 3 && packed.dtype() == uint32 && packed.shape(1) > 0 &&
             x.shape(-1) % packed.shape(1) == 0 && packed.shape(2) % Q_NC == 0 && n_out > 0 &&
             n_out <= packed.shape(0) * Q_NC;
@@ -1427,8 +1459,19 @@ array linear_rows_q(const array& x, const array& packed, int n_out, int threads)
   auto s = to_stream(StreamOrDevice{});
   Shape shape = x.shape();
   shape.back() = n_out;
-  return array(shape, float32, std::make_shared<LinearRowsQ>(s, n_out, std::max(1, threads)),
-               {astype(x, float32, s), constant_input(packed, uint32, s)});
+  if (norm && (norm->ndim() != 1 || norm->shape(0) != x.shape(-1))) {
+    throw std::invalid_argument("linear_rows_q: norm must be (K,) for x (..., K)");
+  }
+  if (residual && residual->shape() != shape) {
+    throw std::invalid_argument("linear_rows_q: residual must have the output's shape (..., n_out)");
+  }
+  std::vector<array> inputs = {astype(x, float32, s), constant_input(packed, uint32, s)};
+  if (norm) inputs.push_back(astype(*norm, float32, s));
+  if (residual) inputs.push_back(astype(*residual, float32, s));
+  return array(shape, float32,
+               std::make_shared<LinearRowsQ>(s, n_out, std::max(1, threads), norm.has_value(), eps,
+                                             residual.has_value()),
+               inputs);
 }
 
 }  // namespace mlx_cai

@@ -234,13 +234,19 @@ def _reorder_nibbles(w: mx.array, to_pack: bool) -> mx.array:
     return (nib << shifts).sum(axis=-1).astype(mx.uint32).reshape(N, -1)
 
 
-def linear_rows_q(x: mx.array, packed: mx.array, n_out: int) -> mx.array:
+def linear_rows_q(x: mx.array, packed: mx.array, n_out: int, norm: mx.array | None = None, eps: float = 0.0,
+                  residual: mx.array | None = None) -> mx.array:
     """x (..., K) @ W.T, float32, for W (n_out, K) quantized by mx.quantize and packed by `pack_quantized`: equal
     to x @ mx.dequantize(...).T to float32 rounding. For decode rows (up to ~64): every weight is read once
     per call and dequantized in registers, so a 4-bit weight costs ~1/6 of the memory traffic of its float32
-    linear_rows (mx.quantized_matmul on the CPU runs single-threaded, ~0.5 GB/s). Forward only."""
+    linear_rows (mx.quantized_matmul on the CPU runs single-threaded, ~0.5 GB/s). Forward only.
+    `norm` (K,): mx.fast.rms_norm(x, norm, eps) takes x's place; `residual` (..., n_out): added to the result.
+    Both inside the one kernel call (a decode step's norm and residual add are then no graph nodes of their own)."""
     if enabled():
-        return _ext.linear_rows_q(x, packed, n_out, backend.cpu_threads())
+        return _ext.linear_rows_q(x, packed, n_out, backend.cpu_threads(), norm, eps, residual)
+    if norm is not None:
+        x = mx.fast.rms_norm(x.astype(mx.float32), norm, eps)
     w, scales, biases, group_size, bits = unpack_quantized(packed, x.shape[-1], n_out)
-    return mx.quantized_matmul(x.astype(mx.float32), w, scales, biases, transpose=True, group_size=group_size,
-                               bits=bits)
+    y = mx.quantized_matmul(x.astype(mx.float32), w, scales, biases, transpose=True, group_size=group_size,
+                            bits=bits)
+    return y if residual is None else residual + y

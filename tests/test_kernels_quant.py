@@ -157,6 +157,30 @@ def test_fallback_matches_the_kernel(monkeypatch):
         check(slow, reference(x, q, s, b, gs, bits), K)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("M", [1, 3, 20])
+def test_norm_and_residual_ride_on_the_product(kernel, M, monkeypatch):
+    """linear_rows_q(x, ..., norm=w, eps=e) = mx.fast.rms_norm(x, w, e) @ W.T, and residual=r adds r: with the
+    kernel (one call) and without it (MLX ops), for both row kernels (under and from 16 rows), with a norm
+    weight in bfloat16 (a model's dtype) and x rows of very different sizes (the norm is per row)."""
+    if kernel and kernels._ext is None:
+        pytest.skip("kernels not built")
+    if not kernel:
+        monkeypatch.setenv("MLX_CAI_KERNELS", "0")
+    N, K, eps = 48, 128, 1e-5
+    q, s, b = quantized(N, K, 32, 4, seed=M)
+    packed = kernels.pack_quantized(q, s, b, 32, 4)
+    x = mx.random.normal((1, M, K), key=mx.random.key(60)) * mx.arange(1, M + 1).reshape(1, M, 1)
+    w = (1.0 + 0.1 * mx.random.normal((K,), key=mx.random.key(61))).astype(mx.bfloat16)
+    r = mx.random.normal((1, M, N), key=mx.random.key(62))
+    h = mx.fast.rms_norm(x, w.astype(mx.float32), eps)
+    check(kernels.linear_rows_q(x, packed, N, norm=w, eps=eps), reference(h, q, s, b, 32, 4), K)
+    check(kernels.linear_rows_q(x, packed, N, residual=r), r + reference(x, q, s, b, 32, 4), K)
+    both = kernels.linear_rows_q(x, packed, N, norm=w, eps=eps, residual=r)
+    check(both, r + reference(h, q, s, b, 32, 4), K)
+    assert both.shape == (1, M, N) and both.dtype == mx.float32
+
+
 def test_pack_rejects_what_the_kernel_cannot_read():
     q, s, b = quantized(16, 64, 64, 4)
     with pytest.raises(ValueError, match="bits 4 or 8"):
