@@ -1385,8 +1385,11 @@ void rms_norm_rows(const float* x, const float* w, float eps, int64_t M, int64_t
 class LinearRowsQ : public UnaryPrimitive {
  public:
   // inputs: x, packed[, norm][, residual]
-  LinearRowsQ(Stream s, int n_out, int threads, bool norm = false, float eps = 0.0f, bool residual = false)
-      : UnaryPrimitive(s), n_out_(n_out), threads_(threads), norm_(norm), eps_(eps), residual_(residual) {}
+  // gate: x is [g | u] (..., 2K) and silu(g) * u takes its place (fastllama's fused gate/up output)
+  LinearRowsQ(Stream s, int n_out, int threads, bool norm = false, float eps = 0.0f, bool residual = false,
+              bool gate = false)
+      : UnaryPrimitive(s), n_out_(n_out), threads_(threads), norm_(norm), eps_(eps), residual_(residual),
+        gate_(gate) {}
   void eval_cpu(const std::vector<array>& in, array& out) override {
     check_cpu_layout(in[1], "linear_rows_q: packed");
     out.set_data(allocator::malloc(out.nbytes()));
@@ -1398,12 +1401,17 @@ class LinearRowsQ : public UnaryPrimitive {
     if (norm_) nw.emplace(in[i++]);
     if (residual_) res.emplace(in[i++]);
     enc.dispatch([x = RowsInput(in[0]), w = array::unsafe_weak_copy(in[1]), out = array::unsafe_weak_copy(out),
-                  nw, res, eps = eps_, n = threads_]() mutable {
-      int64_t P = w.shape(0), G = w.shape(1), K = x.a.shape(-1), gs = K / G, M = x.a.size() / K, N = out.shape(-1);
+                  nw, res, eps = eps_, gate = gate_, n = threads_]() mutable {
+      int64_t K = gate ? x.a.shape(-1) / 2 : x.a.shape(-1);
+      int64_t P = w.shape(0), G = w.shape(1), gs = K / G, M = x.a.size() / x.a.shape(-1), N = out.shape(-1);
       int bits = static_cast<int>(32 * (w.shape(2) / Q_NC - 2) / gs);
       const float* xp = x.data();
       std::vector<float> h;
-      if (nw) {
+      if (gate) {
+        h.resize(M * K);
+        for (int64_t m = 0; m < M; ++m) silu_mul_span(xp + m * 2 * K, xp + m * 2 * K + K, h.data() + m * K, K);
+        xp = h.data();
+      } else if (nw) {
         h.resize(M * K);
         rms_norm_rows(xp, nw->data(), eps, M, K, h.data());
         xp = h.data();
@@ -1432,24 +1440,25 @@ class LinearRowsQ : public UnaryPrimitive {
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const LinearRowsQ&>(other);
     return n_out_ == o.n_out_ && threads_ == o.threads_ && norm_ == o.norm_ && eps_ == o.eps_ &&
-           residual_ == o.residual_;
+           residual_ == o.residual_ && gate_ == o.gate_;
   }
 
  private:
   int n_out_, threads_;
   bool norm_;
   float eps_;
-  bool residual_;
+  bool residual_, gate_;
 };
 
 }  // namespace
 
 array linear_rows_q(const array& x, const array& packed, int n_out, int threads, const std::optional<array>& norm,
-                    float eps, const std::optional<array>& residual) {
-  bool ok = x.ndim() >= 1 && packed.ndim() == 3 && packed.dtype() == uint32 && packed.shape(1) > 0 &&
-            x.shape(-1) % packed.shape(1) == 0 && packed.shape(2) % Q_NC == 0 && n_out > 0 &&
-            n_out <= packed.shape(0) * Q_NC;
-  int64_t gs = ok ? x.shape(-1) / packed.shape(1) : 0;
+                    float eps, const std::optional<array>& residual, bool gate) {
+  int64_t K = x.ndim() >= 1 ? (gate ? x.shape(-1) / 2 : x.shape(-1)) : 0;
+  bool ok = x.ndim() >= 1 && packed.ndim() == 3 && packed.dtype() == uint32 && packed.shape(1) > 0 && K > 0 &&
+            (!gate || x.shape(-1) % 2 == 0) && K % packed.shape(1) == 0 && packed.shape(2) % Q_NC == 0 &&
+            n_out > 0 && n_out <= packed.shape(0) * Q_NC;
+  int64_t gs = ok ? K / packed.shape(1) : 0;
   int64_t wpg = ok ? packed.shape(2) / Q_NC - 2 : 0;
   if (!ok || (gs != 32 && gs != 64 && gs != 128) || (wpg * 32 != gs * 4 && wpg * 32 != gs * 8)) {
     throw std::invalid_argument(
@@ -1459,8 +1468,8 @@ array linear_rows_q(const array& x, const array& packed, int n_out, int threads,
   auto s = to_stream(StreamOrDevice{});
   Shape shape = x.shape();
   shape.back() = n_out;
-  if (norm && (norm->ndim() != 1 || norm->shape(0) != x.shape(-1))) {
-    throw std::invalid_argument("linear_rows_q: norm must be (K,) for x (..., K)");
+  if (norm && (gate || norm->ndim() != 1 || norm->shape(0) != K)) {
+    throw std::invalid_argument("linear_rows_q: norm must be (K,) for x (..., K), and not with gate");
   }
   if (residual && residual->shape() != shape) {
     throw std::invalid_argument("linear_rows_q: residual must have the output's shape (..., n_out)");
@@ -1470,7 +1479,7 @@ array linear_rows_q(const array& x, const array& packed, int n_out, int threads,
   if (residual) inputs.push_back(astype(*residual, float32, s));
   return array(shape, float32,
                std::make_shared<LinearRowsQ>(s, n_out, std::max(1, threads), norm.has_value(), eps,
-                                             residual.has_value()),
+                                             residual.has_value(), gate),
                inputs);
 }
 

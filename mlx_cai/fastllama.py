@@ -450,6 +450,9 @@ class FastLlama:
         """The rest of a layer after attention's output o (B, T, H*D): o-projection, residual, norm, SwiGLU."""
         x = self._add_mm(x, o, lyr.w_o, mm, 1)
         gu = self._norm_mm(x, lyr.norm_post, lyr.w_gu, mm, 2)
+        q = _kernel_qweight(gu, lyr.w_down)  # (its rows are gu's)
+        if self.cpu and q is not None and x.shape == gu.shape[:-1] + (q.n_out,):  # SwiGLU, down, residual: one call
+            return kernels.linear_rows_q(gu, q.packed, q.n_out, residual=x, gate=True)
         if self.cpu and kernels.enabled():  # one C++ pass over the fused [g | u]
             act = kernels.silu_mul(gu)
         else:

@@ -235,15 +235,18 @@ def _reorder_nibbles(w: mx.array, to_pack: bool) -> mx.array:
 
 
 def linear_rows_q(x: mx.array, packed: mx.array, n_out: int, norm: mx.array | None = None, eps: float = 0.0,
-                  residual: mx.array | None = None) -> mx.array:
+                  residual: mx.array | None = None, gate: bool = False) -> mx.array:
     """x (..., K) @ W.T, float32, for W (n_out, K) quantized by mx.quantize and packed by `pack_quantized`: equal
     to x @ mx.dequantize(...).T to float32 rounding. For decode rows (up to ~64): every weight is read once
     per call and dequantized in registers, so a 4-bit weight costs ~1/6 of the memory traffic of its float32
     linear_rows (mx.quantized_matmul on the CPU runs single-threaded, ~0.5 GB/s). Forward only.
-    `norm` (K,): mx.fast.rms_norm(x, norm, eps) takes x's place; `residual` (..., n_out): added to the result.
-    Both inside the one kernel call (a decode step's norm and residual add are then no graph nodes of their own)."""
+    `norm` (K,): mx.fast.rms_norm(x, norm, eps) takes x's place; `gate`: x is [g | u] (..., 2K) and
+    silu(g) * u takes its place; `residual` (..., n_out): added to the result. All inside the one kernel call (a
+    decode step's norm, SwiGLU and residual add are then no graph nodes of their own)."""
     if enabled():
-        return _ext.linear_rows_q(x, packed, n_out, backend.cpu_threads(), norm, eps, residual)
+        return _ext.linear_rows_q(x, packed, n_out, backend.cpu_threads(), norm, eps, residual, gate)
+    if gate:
+        x = silu_mul(x)
     if norm is not None:
         x = mx.fast.rms_norm(x.astype(mx.float32), norm, eps)
     w, scales, biases, group_size, bits = unpack_quantized(packed, x.shape[-1], n_out)

@@ -160,7 +160,8 @@ def test_fallback_matches_the_kernel(monkeypatch):
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("M", [1, 3, 20])
 def test_norm_and_residual_ride_on_the_product(kernel, M, monkeypatch):
-    """linear_rows_q(x, ..., norm=w, eps=e) = mx.fast.rms_norm(x, w, e) @ W.T, and residual=r adds r: with the
+    """linear_rows_q(x, ..., norm=w, eps=e) = mx.fast.rms_norm(x, w, e) @ W.T, residual=r adds r, gate=True
+    multiplies silu(g) * u of x = [g | u]: with the
     kernel (one call) and without it (MLX ops), for both row kernels (under and from 16 rows), with a norm
     weight in bfloat16 (a model's dtype) and x rows of very different sizes (the norm is per row)."""
     if kernel and kernels._ext is None:
@@ -179,6 +180,10 @@ def test_norm_and_residual_ride_on_the_product(kernel, M, monkeypatch):
     both = kernels.linear_rows_q(x, packed, N, norm=w, eps=eps, residual=r)
     check(both, r + reference(h, q, s, b, 32, 4), K)
     assert both.shape == (1, M, N) and both.dtype == mx.float32
+    gu = mx.random.normal((1, M, 2 * K), key=mx.random.key(63)) * 3.0  # [g | u] of a fused gate/up output
+    g, u = gu[..., :K], gu[..., K:]
+    act = g * mx.sigmoid(g) * u
+    check(kernels.linear_rows_q(gu, packed, N, residual=r, gate=True), r + reference(act, q, s, b, 32, 4), K)
 
 
 def test_pack_rejects_what_the_kernel_cannot_read():
