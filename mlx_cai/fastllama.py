@@ -28,7 +28,9 @@ known when a step is traced): on the CPU with the C++ kernels, up to Q_ROWS_MAX 
 prefill chunks of up to that many tokens) `kernels.linear_rows_q` over a pack made once at build (there the
 weight stays in its original (unfused) blocks and the pack is the only fused copy); more rows on the CPU
 dequantize the block just for that product and use BLAS (MLX's CPU quantized matmul is single-threaded, ~25-60x
-slower than the kernel at 8-32 rows); elsewhere (Metal, CUDA) mx.quantized_matmul, the fast path there.
+slower than the kernel at 8-32 rows); elsewhere (Metal, CUDA) mx.quantized_matmul, the fast path there. Where
+a product is one plain kernel call (no LoRA, one part), the norm before it, the SwiGLU and the residual add after
+it go into that call (`_norm_mm`, `_add_mm`, `_mlp`): fewer graph nodes per decode step.
 
 Prefix reuse: when a batch ends, each row's K/V (its prompt and the generated tokens fed back) goes to the
 model's `PrefixStore`; a later prompt that starts with the same token ids (the revision request of a
@@ -451,7 +453,7 @@ class FastLlama:
         x = self._add_mm(x, o, lyr.w_o, mm, 1)
         gu = self._norm_mm(x, lyr.norm_post, lyr.w_gu, mm, 2)
         q = _kernel_qweight(gu, lyr.w_down)  # (its rows are gu's)
-        if self.cpu and q is not None and x.shape == gu.shape[:-1] + (q.n_out,):  # SwiGLU, down, residual: one call
+        if q is not None and x.shape == gu.shape[:-1] + (q.n_out,):  # SwiGLU, down projection, residual: one call
             return kernels.linear_rows_q(gu, q.packed, q.n_out, residual=x, gate=True)
         if self.cpu and kernels.enabled():  # one C++ pass over the fused [g | u]
             act = kernels.silu_mul(gu)
@@ -521,7 +523,7 @@ class FastLlama:
             x, K, V = self._layer(lyr, x, K, V, start, offsets, mask, end, holes, decode, cossin, real, write)
             new.append((K, V))
         x = x[:, -1, :] if last is None else x[last]
-        if isinstance(self.lm_head, QLinear) and _kernel_qweight(x, self.lm_head) is not None:
+        if _kernel_qweight(x, self.lm_head) is not None:  # the final norm inside the head's kernel call
             return self._norm_mm(x, self.norm, self.lm_head, None, None), new
         x = mx.fast.rms_norm(x, self.norm, self.eps)
         if self.head_packed is not None:

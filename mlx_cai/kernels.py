@@ -18,8 +18,11 @@ that module imports, the default device is the CPU and MLX_CAI_KERNELS is not 0 
   and training for frozen layers (`packed_t`: the input gradient over w.T packed).
 - `linear_rows_q(x, packed, n)`: the same for weights in MLX's affine quantization (`mx.quantize`, 4 or 8 bits,
   groups of 32/64/128; GGUF Q4_1 and Q8_0 map onto 4- and 8-bit groups of 32), packed by `pack_quantized` into
-  16-row panels that carry group size and bits in their shape; weights are dequantized in registers, never
-  materialized (forward only: decoding). At one row a 4-bit weight reads ~1/6 of float32's bytes.
+  16-row panels that carry group size and bits in their shape; under 16 rows weights are dequantized in
+  registers, never materialized; from 16 rows each panel is dequantized once per call into a small float32
+  buffer that every row reuses (forward only: decoding). At one row a 4-bit weight reads ~1/6 of float32's
+  bytes. Optional `norm`, `gate` and `residual` put a decode step's rms_norm, SwiGLU and residual add into
+  the same call (each is otherwise a few graph nodes, and node overhead was a third of a batch-1 step).
 - `decode_attention`, `rope_cache`, `silu_mul`: the rest of a decode step (attention over the KV cache read
   in place, rotary embedding with the cache write in place, the SwiGLU gate), each one pass split over the
   threads; `silu_mul` is differentiable and serves training too.
