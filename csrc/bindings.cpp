@@ -18,8 +18,10 @@ NB_MODULE(_kernels, m) {
         "x (..., K) @ w.T for w (n_out, K) packed as (ceil(n_out / 32), K, 32); differentiable in x given packed_t "
         "(w.T packed the same way); CPU only.");
   m.def("linear_rows_q", &mlx_cai::linear_rows_q, "x"_a, "packed"_a, "n_out"_a, "threads"_a = 1,
+        "norm"_a = nb::none(), "eps"_a = 0.0f, "residual"_a = nb::none(), "gate"_a = false,
         "x (..., K) @ w.T for w (n_out, K) quantized by mx.quantize (4/8 bits, groups of 32/64/128) and packed by "
-        "mlx_cai.kernels.pack_quantized; forward only, CPU only.");
+        "mlx_cai.kernels.pack_quantized; with norm, rms_norm(x, norm, eps) in place of x; with gate, x is [g | u] "
+        "and silu(g) * u takes its place; with residual, residual + the product. Forward only, CPU only.");
   m.def("attention_softmax", &mlx_cai::attention_softmax, "scores"_a, "scale"_a, "causal"_a,
         "holes"_a = nb::none(), "threads"_a = 1,
         "softmax(scale * scores) over the last axis; causal: row t of (..., T, S) sees slots <= t + S - T. CPU only.");

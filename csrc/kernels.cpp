@@ -185,6 +185,47 @@ void check_cpu_layout(const array& a, const char* what) {
   if (!a.flags().row_contiguous) throw std::invalid_argument(std::string("mlx_cai kernels: ") + what + " must be row-contiguous");
 }
 
+// A float32 array (any strides, any rank) into a row-contiguous buffer.
+void copy_rows_f32(const array& a, float* out) {
+  const float* src = a.data<float>();
+  const auto& sh = a.shape();
+  const auto& st = a.strides();
+  int nd = a.ndim();
+  std::vector<int64_t> idx(nd, 0);
+  for (int64_t i = 0, n = a.size(); i < n; ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; ++d) off += idx[d] * st[d];
+    out[i] = src[off];
+    for (int d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < sh[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+// A float32 input of a decode kernel (x of linear_rows_q, silu_mul's gate): its data, or a row-contiguous copy
+// made in the dispatched task when the graph gave it other strides. The graph then needs no Contiguous node
+// per call (~1 us each, ~9 per layer of a decode step).
+struct RowsInput {
+  array a;
+  std::shared_ptr<std::vector<float>> copy;
+  explicit RowsInput(const array& in) : a(array::unsafe_weak_copy(in)) {
+    if (!in.flags().row_contiguous) copy = std::make_shared<std::vector<float>>(in.size());
+  }
+  const float* data() {  // in the task only (the input's data is computed by then)
+    if (!copy) return a.data<float>();
+    copy_rows_f32(a, copy->data());
+    return copy->data();
+  }
+};
+
+// A kernel input as it is when it is float32 already evaluated row-contiguous (a pack made at build); else
+// astype + contiguous nodes.
+array constant_input(const array& a, Dtype t, const Stream& s) {
+  if (a.dtype() == t && a.is_available() && a.flags().row_contiguous) return a;
+  return contiguous(astype(a, t, s), false, s);
+}
+
 template <typename F>
 void with_index_type(const array& targets, F f) {
   switch (targets.dtype()) {
@@ -458,16 +499,15 @@ class LinearRows : public UnaryPrimitive {
  public:
   LinearRows(Stream s, int threads) : UnaryPrimitive(s), threads_(threads) {}
   void eval_cpu(const std::vector<array>& in, array& out) override {
-    check_cpu_layout(in[0], "linear_rows: x");
     check_cpu_layout(in[1], "linear_rows: wt");
     out.set_data(allocator::malloc(out.nbytes()));
     auto& enc = cpu::get_command_encoder(stream());
     enc.set_input_array(in[0]);
     enc.set_output_array(out);
-    enc.dispatch([x = array::unsafe_weak_copy(in[0]), wt = array::unsafe_weak_copy(in[1]),
-                  out = array::unsafe_weak_copy(out), n = threads_]() mutable {
-      int64_t P = wt.shape(0), K = wt.shape(1), N = out.shape(-1), M = x.size() / K;
-      linear_rows_impl(x.data<float>(), M, K, wt.data<float>(), P, N, out.data<float>(), n);
+    enc.dispatch([x = RowsInput(in[0]), wt = array::unsafe_weak_copy(in[1]), out = array::unsafe_weak_copy(out),
+                  n = threads_]() mutable {
+      int64_t P = wt.shape(0), K = wt.shape(1), N = out.shape(-1), M = x.a.size() / K;
+      linear_rows_impl(x.data(), M, K, wt.data<float>(), P, N, out.data<float>(), n);
     });
   }
   void eval_gpu(const std::vector<array>&, array&) override {
@@ -663,18 +703,17 @@ class DecodeAttention : public UnaryPrimitive {
   void eval_cpu(const std::vector<array>& in, array& out) override {
     const char* what[] = {"decode_attention: q", "decode_attention: K", "decode_attention: V",
                           "decode_attention: holes", "decode_attention: slot"};
-    for (size_t i = 0; i < in.size(); ++i) check_cpu_layout(in[i], what[i]);
+    for (size_t i = 3; i < in.size(); ++i) check_cpu_layout(in[i], what[i]);  // q, K, V: copied if strided
     out.set_data(allocator::malloc(out.nbytes()));
     auto& enc = cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([q = array::unsafe_weak_copy(in[0]), k = array::unsafe_weak_copy(in[1]),
-                  v = array::unsafe_weak_copy(in[2]), h = array::unsafe_weak_copy(in[3]),
+    enc.dispatch([q = RowsInput(in[0]), k = RowsInput(in[1]), v = RowsInput(in[2]), h = array::unsafe_weak_copy(in[3]),
                   sl = array::unsafe_weak_copy(in[4]), out = array::unsafe_weak_copy(out), scale = scale_,
                   end = end_, n = threads_]() mutable {
-      int64_t B = k.shape(0), KVH = k.shape(1), S = k.shape(2), D = k.shape(3), H = q.shape(1);
+      int64_t B = k.a.shape(0), KVH = k.a.shape(1), S = k.a.shape(2), D = k.a.shape(3), H = q.a.shape(1);
       int64_t slot = sl.data<int32_t>()[0];
-      decode_attention_impl(q.data<float>(), k.data<float>(), v.data<float>(), h.data<int32_t>(), slot,
+      decode_attention_impl(q.data(), k.data(), v.data(), h.data<int32_t>(), slot,
                             out.data<float>(), B, KVH, H / KVH, S, D, std::min<int64_t>(end, S), scale, n);
     });
   }
@@ -749,8 +788,7 @@ class RopeCache : public UnaryPrimitive {
         threads_(threads) {}
   void eval_cpu(const std::vector<array>& in, array& out) override {
     // in: qkv, cossin, slot[, cache]
-    const char* what[] = {"rope_cache: qkv", "rope_cache: cossin", "rope_cache: slot"};
-    for (size_t i = 0; i < 3; ++i) check_cpu_layout(in[i], what[i]);
+    check_cpu_layout(in[2], "rope_cache: slot");  // qkv and cossin: copied if strided
     bool copy = false;
     if (part_ == 0) {
       out.set_data(allocator::malloc(out.nbytes()));
@@ -763,15 +801,14 @@ class RopeCache : public UnaryPrimitive {
     auto& enc = cpu::get_command_encoder(stream());
     for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([x = array::unsafe_weak_copy(in[0]), off = array::unsafe_weak_copy(in[1]),
-                  sl = array::unsafe_weak_copy(in[2]), c0 = array::unsafe_weak_copy(in[part_ == 0 ? 0 : 3]),
+    enc.dispatch([x = RowsInput(in[0]), off = RowsInput(in[1]), sl = array::unsafe_weak_copy(in[2]), c0 = array::unsafe_weak_copy(in[part_ == 0 ? 0 : 3]),
                   y = array::unsafe_weak_copy(out), part = part_, H = heads_, KVH = kv_heads_, trad = traditional_, n = threads_, copy]() mutable {
       if (copy) copy_4d(c0, y.data<float>());
-      int64_t B = x.shape(0), D = part == 0 ? y.shape(2) : y.shape(3), W = (H + 2 * KVH) * D;
+      int64_t B = x.a.shape(0), D = part == 0 ? y.shape(2) : y.shape(3), W = (H + 2 * KVH) * D;
       int64_t S = part == 0 ? 1 : y.shape(2), slot = sl.data<int32_t>()[0];
       if (part > 0 && (slot < 0 || slot >= S)) return;  // nothing to write (checked in Python)
-      const float* xs = x.data<float>();
-      const float* cossin = off.data<float>();
+      const float* xs = x.data();
+      const float* cossin = off.data();
       float* yo = y.data<float>();
       parallel_rows(B, n, [=](int64_t a, int64_t b) {
         for (int64_t r = a; r < b; ++r) {
@@ -990,9 +1027,8 @@ array linear_rows(const array& x, const array& packed, int n_out, int threads, c
     throw std::invalid_argument("linear_rows: packed_t must be the weight transposed, packed as (ceil(K / 32), N, 32)");
   }
   auto s = to_stream(StreamOrDevice{});
-  array xx = contiguous(astype(x, float32, s), false, s);
-  std::vector<array> inputs = {xx, contiguous(astype(packed, float32, s), false, s)};
-  if (packed_t) inputs.push_back(contiguous(astype(*packed_t, float32, s), false, s));
+  std::vector<array> inputs = {astype(x, float32, s), constant_input(packed, float32, s)};
+  if (packed_t) inputs.push_back(constant_input(*packed_t, float32, s));
   Shape shape = x.shape();
   shape.back() = n_out;
   return array(shape, float32, std::make_shared<LinearRows>(s, std::max(1, threads)), inputs);
@@ -1014,7 +1050,8 @@ array decode_attention(const array& q, const array& k, const array& v, const arr
   auto f32 = [&](const array& a) { return contiguous(astype(a, float32, s), false, s); };
   auto i32 = [&](const array& a) { return contiguous(astype(a, int32, s), false, s); };
   return array(q.shape(), float32, std::make_shared<DecodeAttention>(s, scale, end, std::max(1, threads)),
-               {f32(q), f32(k), f32(v), i32(holes), i32(reshape(slot, {1}, s))});
+               {astype(q, float32, s), astype(k, float32, s), astype(v, float32, s), i32(holes),
+                i32(reshape(slot, {1}, s))});
 }
 }  // namespace mlx_cai
 
@@ -1031,7 +1068,7 @@ std::vector<array> rope_cache(const array& qkv, const array& k, const array& v, 
   auto f32 = [&](const array& a) { return contiguous(astype(a, float32, s), false, s); };
   auto i32 = [&](const array& a) { return contiguous(astype(a, int32, s), false, s); };
   int B = qkv.shape(0), D = k.shape(3), KVH = k.shape(1);
-  std::vector<array> common = {f32(qkv), f32(cossin), i32(reshape(slot, {1}, s))};
+  std::vector<array> common = {astype(qkv, float32, s), astype(cossin, float32, s), i32(reshape(slot, {1}, s))};
   auto make = [&](int part, const Shape& shape, std::optional<array> cache) {
     auto inputs = common;
     // the cache as it is: a new node in between (astype, contiguous) would keep it from being donated
@@ -1168,6 +1205,101 @@ void qlinear_rows(const float* x, int64_t M, int64_t K, const uint32_t* panel, i
   else if (gs == 64) qlinear_rows_gs<BITS, 64>(x, M, K, panel, G, y, N, nvalid, next);
   else qlinear_rows_gs<BITS, 128>(x, M, K, panel, G, y, N, nvalid, next);
 }
+
+// ---- 16 and more rows: the panel dequantized once into a buffer, then a float32 tile with rows in lanes ----
+//
+// The tiles above dequantize every weight vector once per 8 rows (shift + shuffle per 16 weights against 8
+// FMAs), which held 8-32 rows at ~0.65-0.75 of the FMA peak. Here each panel's 16 outputs x K weights are
+// dequantized once per call into a per-thread buffer (float32; in 16-k chunks, each the 16 outputs' 16 weights:
+// wb[(k / 16) * 256 + c * 16 + k % 16], so the 16 weights read at one k share a 1 KB block), and
+// the product runs as float32 linear_rows does, but transposed: x arrives as blocks of 8 rows (xt[rb][k][8],
+// zero rows past M), each accumulator is one output's 8 rows in a 256-bit vector, and each weight is one
+// broadcast serving RB row blocks. Zen 4 retires two 256-bit FMAs a cycle, the same rate as one 512-bit FMA,
+// so 8-row vectors lose nothing and leave no padding waste at M = 8 * n.
+constexpr int Q_RB = 8;  // rows per vector of the transposed x
+
+// wb (16 x K in 16-k chunks, see above) = the panel dequantized to float32.
+template <int BITS, int GS>
+void qdequant_panel(const uint32_t* __restrict panel, int64_t G, float* __restrict wb, int64_t K) {
+  constexpr int64_t wpg = GS * BITS / 32, W = Q_NC * (2 + wpg);
+  const __m512i shifts = _mm512_set_epi64(28, 24, 20, 16, 12, 8, 4, 0);
+  const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint32_t* blk = panel + g * W;
+    const float* sc = reinterpret_cast<const float*>(blk);
+    const uint32_t* q = blk + 2 * Q_NC;
+    for (int c = 0; c < Q_NC; ++c) {
+      __m512 s = _mm512_set1_ps(sc[c]), b = _mm512_set1_ps(sc[Q_NC + c]);
+      __m512 tab = _mm512_fmadd_ps(iota, s, b);
+      float* dst = wb + (g * GS / 16 * Q_NC + c) * 16;
+      for (int64_t ch = 0; ch < GS / 16; ++ch) {
+        __m512 w;
+        if constexpr (BITS == 4) {
+          uint64_t nib;
+          std::memcpy(&nib, q + c * wpg + ch * 2, sizeof(nib));
+          w = _mm512_permutexvar_ps(_mm512_srlv_epi64(_mm512_set1_epi64(nib), shifts), tab);
+        } else {
+          __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * wpg + ch * 4));
+          w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), s, b);
+        }
+        _mm512_storeu_ps(dst + ch * Q_NC * 16, w);
+      }
+    }
+  }
+}
+
+// Row blocks [0, RB) (of 8 rows each, xt at the first) times outputs [c0, c0 + CO) of the dequantized panel wb,
+// over the whole K: RB * CO accumulators, RB vectors of x and CO broadcast weights in registers (<= 32).
+template <int RB, int CO>
+inline void qk_tile(const float* __restrict xt, int64_t K, const float* __restrict wb, int c0, int64_t M,
+                    float* __restrict y, int64_t N, int64_t nvalid) {
+  __m256 acc[RB * CO];
+#pragma GCC unroll 32
+  for (int i = 0; i < RB * CO; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* w0 = wb + (k / 16 * Q_NC + c0) * 16 + k % 16;
+    __m256 xv[RB];
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) xv[r] = _mm256_loadu_ps(xt + (r * K + k) * Q_RB);
+#pragma GCC unroll 16
+    for (int c = 0; c < CO; ++c) {
+      __m256 w = _mm256_broadcast_ss(w0 + c * 16);
+#pragma GCC unroll 4
+      for (int r = 0; r < RB; ++r) acc[r * CO + c] = _mm256_fmadd_ps(xv[r], w, acc[r * CO + c]);
+    }
+  }
+  // each accumulator goes straight from its register to y's column (a masked scatter over its rows)
+  const __m256i rows8 = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(N));
+#pragma GCC unroll 4
+  for (int r = 0; r < RB; ++r) {
+    int64_t rows = std::min<int64_t>(Q_RB, M - r * Q_RB);
+    __mmask8 mask = static_cast<__mmask8>((1u << rows) - 1);
+#pragma GCC unroll 16
+    for (int c = 0; c < CO; ++c)
+      if (c0 + c < nvalid) _mm256_mask_i32scatter_ps(y + r * Q_RB * N + c0 + c, mask, rows8, acc[r * CO + c], 4);
+  }
+}
+
+// All M rows of one panel from its dequantized buffer: row blocks in pairs (16 x 8 tiles), a last odd block
+// as 8 x 16 (4 x 4 tiles of 32 rows were ~25% slower at 32 rows).
+inline void qk_panel(const float* xt, int64_t M, int64_t K, const float* wb, float* y, int64_t N, int64_t nvalid) {
+  int64_t nrb = (M + Q_RB - 1) / Q_RB, rb = 0;
+  for (; rb + 2 <= nrb; rb += 2)
+    for (int c0 = 0; c0 < Q_NC; c0 += 8)
+      qk_tile<2, 8>(xt + rb * K * Q_RB, K, wb, c0, M - rb * Q_RB, y + rb * Q_RB * N, N, nvalid);
+  if (rb < nrb) qk_tile<1, 16>(xt + rb * K * Q_RB, K, wb, 0, M - rb * Q_RB, y + rb * Q_RB * N, N, nvalid);
+}
+
+template <int BITS>
+void qk_rows(const float* xt, int64_t M, int64_t K, const uint32_t* panel, int64_t G, int64_t gs, float* y,
+             int64_t N, int64_t nvalid, float* wb) {
+  if (gs == 32) qdequant_panel<BITS, 32>(panel, G, wb, K);
+  else if (gs == 64) qdequant_panel<BITS, 64>(panel, G, wb, K);
+  else qdequant_panel<BITS, 128>(panel, G, wb, K);
+  qk_panel(xt, M, K, wb, y, N, nvalid);
+}
+#endif
+#if defined(__AVX512F__)
 #else
 // Portable form (no AVX-512): per group, scale * (x . q) + bias * sum(x), the same value to rounding.
 template <int BITS>
@@ -1200,11 +1332,35 @@ void qlinear_rows(const float* x, int64_t M, int64_t K, const uint32_t* panel, i
 }
 #endif
 
+// Rows from which linear_rows_q dequantizes each panel once into a buffer (qk_rows) instead of per 8-row tile
+// (one thread, 3072x576 and 4096x4096 4-bit: at 8 rows the 8-row tiles were faster, from 16 rows the buffer).
+constexpr int64_t Q_KTILE_ROWS = 16;
+
 // y (M, N) = x (M, K) @ w.T over the pack (P, G, W): panels split over the threads, each read from memory once
 // (every row block after the first finds it in cache), the first row block prefetching the thread's next one.
+// From Q_KTILE_ROWS rows (AVX-512): x transposed once into 8-row blocks, each panel dequantized once.
 void linear_rows_q_impl(const float* x, int64_t M, int64_t K, const uint32_t* packed, int64_t P, int64_t G,
                         int64_t gs, int bits, int64_t N, float* y, int threads) {
   const int64_t panel_words = G * Q_NC * (2 + gs * bits / 32);
+#if defined(__AVX512F__)
+  if (M >= Q_KTILE_ROWS) {
+    int64_t nrb = (M + Q_RB - 1) / Q_RB;
+    std::vector<float> xt(nrb * K * Q_RB, 0.0f);  // xt[rb][k][i] = x[rb * 8 + i, k]
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xt[((m / Q_RB) * K + k) * Q_RB + m % Q_RB] = x[m * K + k];
+    const float* xtp = xt.data();
+    parallel_rows(P, threads, [=](int64_t a, int64_t b) {
+      thread_local std::vector<float> wb;
+      if (wb.size() < static_cast<size_t>(Q_NC * K)) wb.resize(Q_NC * K);
+      for (int64_t p = a; p < b; ++p) {
+        int64_t n = p * Q_NC, nvalid = std::min<int64_t>(Q_NC, N - n);
+        if (bits == 4) qk_rows<4>(xtp, M, K, packed + p * panel_words, G, gs, y + n, N, nvalid, wb.data());
+        else qk_rows<8>(xtp, M, K, packed + p * panel_words, G, gs, y + n, N, nvalid, wb.data());
+      }
+    }, 2);
+    return;
+  }
+#endif
   parallel_rows(P, threads, [=](int64_t a, int64_t b) {
     for (int64_t p = a; p < b; ++p) {
       const uint32_t* panel = packed + p * panel_words;
@@ -1216,23 +1372,56 @@ void linear_rows_q_impl(const float* x, int64_t M, int64_t K, const uint32_t* pa
   }, 2);
 }
 
+// h (M, K) = rms_norm of each row of x times w: x * (1 / sqrt(mean(x^2) + eps)) * w, as mx.fast.rms_norm.
+void rms_norm_rows(const float* x, const float* w, float eps, int64_t M, int64_t K, float* h) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float r = 1.0f / std::sqrt(lane_sum(xr, xr, K) / static_cast<float>(K) + eps);
+    float* hr = h + m * K;
+    for (int64_t k = 0; k < K; ++k) hr[k] = xr[k] * r * w[k];
+  }
+}
+
 class LinearRowsQ : public UnaryPrimitive {
  public:
-  LinearRowsQ(Stream s, int n_out, int threads) : UnaryPrimitive(s), n_out_(n_out), threads_(threads) {}
+  // inputs: x, packed[, norm][, residual]
+  // gate: x is [g | u] (..., 2K) and silu(g) * u takes its place (fastllama's fused gate/up output)
+  LinearRowsQ(Stream s, int n_out, int threads, bool norm = false, float eps = 0.0f, bool residual = false,
+              bool gate = false)
+      : UnaryPrimitive(s), n_out_(n_out), threads_(threads), norm_(norm), eps_(eps), residual_(residual),
+        gate_(gate) {}
   void eval_cpu(const std::vector<array>& in, array& out) override {
-    check_cpu_layout(in[0], "linear_rows_q: x");
     check_cpu_layout(in[1], "linear_rows_q: packed");
     out.set_data(allocator::malloc(out.nbytes()));
     auto& enc = cpu::get_command_encoder(stream());
-    enc.set_input_array(in[0]);
-    enc.set_input_array(in[1]);
+    for (auto& a : in) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([x = array::unsafe_weak_copy(in[0]), w = array::unsafe_weak_copy(in[1]),
-                  out = array::unsafe_weak_copy(out), n = threads_]() mutable {
-      int64_t P = w.shape(0), G = w.shape(1), K = x.shape(-1), gs = K / G, M = x.size() / K;
+    size_t i = 2;
+    std::optional<RowsInput> nw, res;
+    if (norm_) nw.emplace(in[i++]);
+    if (residual_) res.emplace(in[i++]);
+    enc.dispatch([x = RowsInput(in[0]), w = array::unsafe_weak_copy(in[1]), out = array::unsafe_weak_copy(out),
+                  nw, res, eps = eps_, gate = gate_, n = threads_]() mutable {
+      int64_t K = gate ? x.a.shape(-1) / 2 : x.a.shape(-1);
+      int64_t P = w.shape(0), G = w.shape(1), gs = K / G, M = x.a.size() / x.a.shape(-1), N = out.shape(-1);
       int bits = static_cast<int>(32 * (w.shape(2) / Q_NC - 2) / gs);
-      linear_rows_q_impl(x.data<float>(), M, K, w.data<uint32_t>(), P, G, gs, bits, out.shape(-1),
-                         out.data<float>(), n);
+      const float* xp = x.data();
+      std::vector<float> h;
+      if (gate) {
+        h.resize(M * K);
+        for (int64_t m = 0; m < M; ++m) silu_mul_span(xp + m * 2 * K, xp + m * 2 * K + K, h.data() + m * K, K);
+        xp = h.data();
+      } else if (nw) {
+        h.resize(M * K);
+        rms_norm_rows(xp, nw->data(), eps, M, K, h.data());
+        xp = h.data();
+      }
+      float* y = out.data<float>();
+      linear_rows_q_impl(xp, M, K, w.data<uint32_t>(), P, G, gs, bits, N, y, n);
+      if (res) {
+        const float* r = res->data();
+        for (int64_t j = 0; j < M * N; ++j) y[j] = r[j] + y[j];
+      }
     });
   }
   void eval_gpu(const std::vector<array>&, array&) override {
@@ -1250,20 +1439,26 @@ class LinearRowsQ : public UnaryPrimitive {
   const char* name() const override { return "LinearRowsQ"; }
   bool is_equivalent(const Primitive& other) const override {
     auto& o = static_cast<const LinearRowsQ&>(other);
-    return n_out_ == o.n_out_ && threads_ == o.threads_;
+    return n_out_ == o.n_out_ && threads_ == o.threads_ && norm_ == o.norm_ && eps_ == o.eps_ &&
+           residual_ == o.residual_ && gate_ == o.gate_;
   }
 
  private:
   int n_out_, threads_;
+  bool norm_;
+  float eps_;
+  bool residual_, gate_;
 };
 
 }  // namespace
 
-array linear_rows_q(const array& x, const array& packed, int n_out, int threads) {
-  bool ok = x.ndim() >= 1 && packed.ndim() == 3 && packed.dtype() == uint32 && packed.shape(1) > 0 &&
-            x.shape(-1) % packed.shape(1) == 0 && packed.shape(2) % Q_NC == 0 && n_out > 0 &&
-            n_out <= packed.shape(0) * Q_NC;
-  int64_t gs = ok ? x.shape(-1) / packed.shape(1) : 0;
+array linear_rows_q(const array& x, const array& packed, int n_out, int threads, const std::optional<array>& norm,
+                    float eps, const std::optional<array>& residual, bool gate) {
+  int64_t K = x.ndim() >= 1 ? (gate ? x.shape(-1) / 2 : x.shape(-1)) : 0;
+  bool ok = x.ndim() >= 1 && packed.ndim() == 3 && packed.dtype() == uint32 && packed.shape(1) > 0 && K > 0 &&
+            (!gate || x.shape(-1) % 2 == 0) && K % packed.shape(1) == 0 && packed.shape(2) % Q_NC == 0 &&
+            n_out > 0 && n_out <= packed.shape(0) * Q_NC;
+  int64_t gs = ok ? K / packed.shape(1) : 0;
   int64_t wpg = ok ? packed.shape(2) / Q_NC - 2 : 0;
   if (!ok || (gs != 32 && gs != 64 && gs != 128) || (wpg * 32 != gs * 4 && wpg * 32 != gs * 8)) {
     throw std::invalid_argument(
@@ -1273,8 +1468,19 @@ array linear_rows_q(const array& x, const array& packed, int n_out, int threads)
   auto s = to_stream(StreamOrDevice{});
   Shape shape = x.shape();
   shape.back() = n_out;
-  return array(shape, float32, std::make_shared<LinearRowsQ>(s, n_out, std::max(1, threads)),
-               {contiguous(astype(x, float32, s), false, s), contiguous(packed, false, s)});
+  if (norm && (gate || norm->ndim() != 1 || norm->shape(0) != K)) {
+    throw std::invalid_argument("linear_rows_q: norm must be (K,) for x (..., K), and not with gate");
+  }
+  if (residual && residual->shape() != shape) {
+    throw std::invalid_argument("linear_rows_q: residual must have the output's shape (..., n_out)");
+  }
+  std::vector<array> inputs = {astype(x, float32, s), constant_input(packed, uint32, s)};
+  if (norm) inputs.push_back(astype(*norm, float32, s));
+  if (residual) inputs.push_back(astype(*residual, float32, s));
+  return array(shape, float32,
+               std::make_shared<LinearRowsQ>(s, n_out, std::max(1, threads), norm.has_value(), eps,
+                                             residual.has_value(), gate),
+               inputs);
 }
 
 }  // namespace mlx_cai

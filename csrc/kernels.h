@@ -31,7 +31,13 @@ array linear_rows(const array& x, const array& packed, int n_out, int threads, c
 // or 128), float32, from the pack of mlx_cai.kernels.pack_quantized: uint32 (ceil(N / 16), K / group_size,
 // 16 * (2 + group_size * bits / 32)), which carries group size and bits in its shape. Dequantized in registers,
 // each panel of 16 outputs streamed once per call. Forward only (decoding).
-array linear_rows_q(const array& x, const array& packed, int n_out, int threads);
+// With `norm` (K,): x is first replaced by rms_norm(x) * norm (eps `eps`, as mx.fast.rms_norm), and with
+// `residual` (..., N) the result is residual + x @ w.T: the decode step's norm and residual add ride on the
+// product instead of being nodes of their own. With `gate`, x is [g | u] (..., 2K) and silu(g) * u takes its
+// place (the SwiGLU of a fused gate/up projection, before the down projection).
+array linear_rows_q(const array& x, const array& packed, int n_out, int threads,
+                    const std::optional<array>& norm = std::nullopt, float eps = 0.0f,
+                    const std::optional<array>& residual = std::nullopt, bool gate = false);
 
 // One decode step of grouped-query attention: q (B, H, D) against K/V caches (B, KVH, S, D) at slots
 // [0, min(end, slot + 1)), batch row b skipping slots [holes[b, 0], holes[b, 1]) but `slot` itself

@@ -28,7 +28,9 @@ known when a step is traced): on the CPU with the C++ kernels, up to Q_ROWS_MAX 
 prefill chunks of up to that many tokens) `kernels.linear_rows_q` over a pack made once at build (there the
 weight stays in its original (unfused) blocks and the pack is the only fused copy); more rows on the CPU
 dequantize the block just for that product and use BLAS (MLX's CPU quantized matmul is single-threaded, ~25-60x
-slower than the kernel at 8-32 rows); elsewhere (Metal, CUDA) mx.quantized_matmul, the fast path there.
+slower than the kernel at 8-32 rows); elsewhere (Metal, CUDA) mx.quantized_matmul, the fast path there. Where
+a product is one plain kernel call (no LoRA, one part), the norm before it, the SwiGLU and the residual add after
+it go into that call (`_norm_mm`, `_add_mm`, `_mlp`): fewer graph nodes per decode step.
 
 Prefix reuse: when a batch ends, each row's K/V (its prompt and the generated tokens fed back) goes to the
 model's `PrefixStore`; a later prompt that starts with the same token ids (the revision request of a
@@ -240,6 +242,15 @@ def _qmm(x: mx.array, q: QWeight) -> mx.array:
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
 
 
+def _kernel_qweight(x: mx.array, w) -> "QWeight | None":
+    """The one QWeight of w when x @ w.T would be a plain kernels.linear_rows_q call (see _qmm), else None."""
+    if not isinstance(w, QLinear) or w.lora is not None or len(w.parts) != 1:
+        return None
+    q = w.parts[0]
+    rows = x.size // x.shape[-1]
+    return q if q.packed is not None and rows <= Q_ROWS_MAX and kernels.enabled() else None
+
+
 def _qlinear(x: mx.array, q: QLinear) -> mx.array:
     """x (..., K) @ W.T (+ the LoRA side term) for a quantized projection."""
     outs = [_qmm(x, p) for p in q.parts]
@@ -403,8 +414,7 @@ class FastLlama:
                 return mx.concatenate([a @ x.T for x in w], axis=-1)
             return a @ w.T
 
-        h = mx.fast.rms_norm(x, lyr.norm_in, self.eps)
-        qkv = mm(h, 0, lyr.w_qkv)
+        qkv = self._norm_mm(x, lyr.norm_in, lyr.w_qkv, mm, 0)
         if lyr.b_qkv is not None:  # qwen2's q/k/v biases (llama: no op)
             qkv = qkv + lyr.b_qkv
         if real is not None:  # projections on the real tokens only; attention on the padded block
@@ -440,15 +450,33 @@ class FastLlama:
 
     def _mlp(self, lyr: Layer, x, o, mm, fast_ops=True):
         """The rest of a layer after attention's output o (B, T, H*D): o-projection, residual, norm, SwiGLU."""
-        x = x + mm(o, 1, lyr.w_o)
-        h = mx.fast.rms_norm(x, lyr.norm_post, self.eps)
-        gu = mm(h, 2, lyr.w_gu)
+        x = self._add_mm(x, o, lyr.w_o, mm, 1)
+        gu = self._norm_mm(x, lyr.norm_post, lyr.w_gu, mm, 2)
+        q = _kernel_qweight(gu, lyr.w_down)  # (its rows are gu's)
+        if q is not None and x.shape == gu.shape[:-1] + (q.n_out,):  # SwiGLU, down projection, residual: one call
+            return kernels.linear_rows_q(gu, q.packed, q.n_out, residual=x, gate=True)
         if self.cpu and kernels.enabled():  # one C++ pass over the fused [g | u]
             act = kernels.silu_mul(gu)
         else:
             g, u = mx.split(gu, 2, axis=-1)
             act = fastmath.silu_mul(g, u) if fast_ops else nn.silu(g) * u
-        return x + mm(act, 3, lyr.w_down)
+        return self._add_mm(x, act, lyr.w_down, mm, 3)
+
+    # A quantized projection on the kernel takes the norm before it and the residual add after it into its one
+    # call: each is otherwise a few graph nodes, and per-node overhead (~1-3 us) is much of a batch-1 decode step.
+    def _norm_mm(self, x, norm, w, mm, i):
+        """mm(rms_norm(x, norm), i, w)."""
+        q = _kernel_qweight(x, w)
+        if q is not None:
+            return kernels.linear_rows_q(x, q.packed, q.n_out, norm=norm, eps=self.eps)
+        return mm(mx.fast.rms_norm(x, norm, self.eps), i, w)
+
+    def _add_mm(self, x, a, w, mm, i):
+        """x + mm(a, i, w)."""
+        q = _kernel_qweight(a, w)
+        if q is not None and x.shape == a.shape[:-1] + (q.n_out,):
+            return kernels.linear_rows_q(a, q.packed, q.n_out, residual=x)
+        return x + mm(a, i, w)
 
     def _forward(self, tokens, caches, start, pad, prefix, end=None, prefill=False, real=None, write=None):
         """tokens (B, T) at slots [start, start+T). Returns (last-position logits (B, V), new caches).
@@ -494,7 +522,10 @@ class FastLlama:
         for lyr, (K, V) in zip(self.layers, caches):
             x, K, V = self._layer(lyr, x, K, V, start, offsets, mask, end, holes, decode, cossin, real, write)
             new.append((K, V))
-        x = mx.fast.rms_norm(x[:, -1, :] if last is None else x[last], self.norm, self.eps)
+        x = x[:, -1, :] if last is None else x[last]
+        if _kernel_qweight(x, self.lm_head) is not None:  # the final norm inside the head's kernel call
+            return self._norm_mm(x, self.norm, self.lm_head, None, None), new
+        x = mx.fast.rms_norm(x, self.norm, self.eps)
         if self.head_packed is not None:
             return kernels.linear_rows(x, self.head_packed, self.lm_head.shape[0]), new
         if isinstance(self.lm_head, QLinear):

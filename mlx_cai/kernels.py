@@ -18,8 +18,11 @@ that module imports, the default device is the CPU and MLX_CAI_KERNELS is not 0 
   and training for frozen layers (`packed_t`: the input gradient over w.T packed).
 - `linear_rows_q(x, packed, n)`: the same for weights in MLX's affine quantization (`mx.quantize`, 4 or 8 bits,
   groups of 32/64/128; GGUF Q4_1 and Q8_0 map onto 4- and 8-bit groups of 32), packed by `pack_quantized` into
-  16-row panels that carry group size and bits in their shape; weights are dequantized in registers, never
-  materialized (forward only: decoding). At one row a 4-bit weight reads ~1/6 of float32's bytes.
+  16-row panels that carry group size and bits in their shape; under 16 rows weights are dequantized in
+  registers, never materialized; from 16 rows each panel is dequantized once per call into a small float32
+  buffer that every row reuses (forward only: decoding). At one row a 4-bit weight reads ~1/6 of float32's
+  bytes. Optional `norm`, `gate` and `residual` put a decode step's rms_norm, SwiGLU and residual add into
+  the same call (each is otherwise a few graph nodes, and node overhead was a third of a batch-1 step).
 - `decode_attention`, `rope_cache`, `silu_mul`: the rest of a decode step (attention over the KV cache read
   in place, rotary embedding with the cache write in place, the SwiGLU gate), each one pass split over the
   threads; `silu_mul` is differentiable and serves training too.
@@ -234,13 +237,22 @@ def _reorder_nibbles(w: mx.array, to_pack: bool) -> mx.array:
     return (nib << shifts).sum(axis=-1).astype(mx.uint32).reshape(N, -1)
 
 
-def linear_rows_q(x: mx.array, packed: mx.array, n_out: int) -> mx.array:
+def linear_rows_q(x: mx.array, packed: mx.array, n_out: int, norm: mx.array | None = None, eps: float = 0.0,
+                  residual: mx.array | None = None, gate: bool = False) -> mx.array:
     """x (..., K) @ W.T, float32, for W (n_out, K) quantized by mx.quantize and packed by `pack_quantized`: equal
     to x @ mx.dequantize(...).T to float32 rounding. For decode rows (up to ~64): every weight is read once
     per call and dequantized in registers, so a 4-bit weight costs ~1/6 of the memory traffic of its float32
-    linear_rows (mx.quantized_matmul on the CPU runs single-threaded, ~0.5 GB/s). Forward only."""
+    linear_rows (mx.quantized_matmul on the CPU runs single-threaded, ~0.5 GB/s). Forward only.
+    `norm` (K,): mx.fast.rms_norm(x, norm, eps) takes x's place; `gate`: x is [g | u] (..., 2K) and
+    silu(g) * u takes its place; `residual` (..., n_out): added to the result. All inside the one kernel call (a
+    decode step's norm, SwiGLU and residual add are then no graph nodes of their own)."""
     if enabled():
-        return _ext.linear_rows_q(x, packed, n_out, backend.cpu_threads())
+        return _ext.linear_rows_q(x, packed, n_out, backend.cpu_threads(), norm, eps, residual, gate)
+    if gate:
+        x = silu_mul(x)
+    if norm is not None:
+        x = mx.fast.rms_norm(x.astype(mx.float32), norm, eps)
     w, scales, biases, group_size, bits = unpack_quantized(packed, x.shape[-1], n_out)
-    return mx.quantized_matmul(x.astype(mx.float32), w, scales, biases, transpose=True, group_size=group_size,
-                               bits=bits)
+    y = mx.quantized_matmul(x.astype(mx.float32), w, scales, biases, transpose=True, group_size=group_size,
+                            bits=bits)
+    return y if residual is None else residual + y

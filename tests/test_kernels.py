@@ -266,6 +266,30 @@ def test_rope_cache_rotates_like_mlx_rope_and_writes_the_slot(kernel, traditiona
 
 
 @built
+def test_decode_kernels_take_strided_inputs():
+    """q/K/V of decode_attention and qkv/cossin of rope_cache as strided views (no Contiguous node is added to
+    the graph for them any more: the kernels copy such inputs themselves) give what their dense copies give."""
+    B, H, KVH, D, S, slot = 2, 6, 2, 16, 12, 5
+    q = mx.random.normal((H, B, D), key=mx.random.key(51)).transpose(1, 0, 2)
+    k = mx.random.normal((B, S, KVH, D), key=mx.random.key(52)).transpose(0, 2, 1, 3)
+    v = mx.random.normal((B, KVH, S, 2 * D), key=mx.random.key(53))[..., ::2]
+    holes = mx.array([[0, 0], [1, 3]], dtype=mx.int32)
+    dense = [mx.array(np.array(a)) for a in (q, k, v)]
+    got = kernels.decode_attention(q, k, v, holes, mx.array(slot), 0.25, S)
+    want = kernels.decode_attention(*dense, holes, mx.array(slot), 0.25, S)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-6)
+    qkv = mx.random.normal(((H + 2 * KVH) * D, B), key=mx.random.key(54)).T
+    cossin = kernels.rope_angles(mx.array([3, 9]), D, 10000.0)
+    cs_view = mx.concatenate([cossin, cossin], axis=1)[:, ::2]  # another (B, D) of other strides
+    K0, V0 = mx.zeros((B, KVH, S, D)), mx.zeros((B, KVH, S, D))
+    for cs in (cossin, cs_view):
+        got = kernels.rope_cache(qkv, K0, V0, cs, mx.array(slot), H, False)
+        want = kernels.rope_cache(mx.array(np.array(qkv)), K0, V0, mx.array(np.array(cs)), mx.array(slot), H, False)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-6)
+
+
+@built
 def test_rope_cache_updates_a_cache_nobody_else_holds_in_place():
     """The decode loop's case: the old cache's only use is the update, so its buffer is reused (no copy)."""
     B, H, KVH, D, S = 2, 3, 1, 8, 64

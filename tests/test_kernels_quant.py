@@ -52,6 +52,51 @@ def test_linear_rows_q_matches_dequantize_matmul(bits, group_size, M):
 
 
 @built
+@pytest.mark.parametrize("bits,group_size,K", [(4, 32, 96), (8, 32, 416), (4, 128, 384), (8, 64, 192)])
+@pytest.mark.parametrize("M", [1, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40])
+def test_linear_rows_q_row_tiles_and_the_buffered_panel(bits, group_size, K, M):
+    """Both kernels: under 16 rows the 8/4/2/1-row tiles, from 16 the panel dequantized once and x in 8-row
+    blocks (pairs of blocks, then a last odd block, its rows past M zero), every edge of those; an odd number
+    of groups (K 96 = 3 x 32, 416 = 13 x 32) and 23 outputs (a half-empty last panel). Each row is compared,
+    so a row block written to the wrong rows, or a padded row leaking into y, fails."""
+    N = 23
+    q, s, b = quantized(N, K, group_size, bits, seed=M + K)
+    packed = kernels.pack_quantized(q, s, b, group_size, bits)
+    x = mx.random.normal((M, K), key=mx.random.key(100 + M))
+    want = reference(x, q, s, b, group_size, bits)
+    for threads in (1, 2):
+        got = kernels._ext.linear_rows_q(x, packed, N, threads)
+        assert got.shape == (M, N)
+        check(got, want, K)
+        # a row alone gives the same values as in the batch (no row's result depends on the others)
+        check(kernels._ext.linear_rows_q(x[M - 1 :], packed, N, threads), want[M - 1 :], K)
+
+
+@built
+@pytest.mark.parametrize("M", [1, 5, 32])
+def test_strided_x_needs_no_contiguous_node(M):
+    """x as a transposed view, a column slice, or a broadcast row (no Contiguous node in the graph any more: the
+    kernel copies such an x itself) gives the same result as its contiguous copy, for linear_rows_q and
+    linear_rows; inside mx.compile too."""
+    N, K = 40, 64
+    q, s, b = quantized(N, K, 32, 4, seed=5)
+    packed = kernels.pack_quantized(q, s, b, 32, 4)
+    w = mx.random.normal((N, K), key=mx.random.key(6))
+    wp = kernels.pack_weight(w)
+    mx.eval(packed, wp)
+    base = mx.random.normal((K, 2 * M), key=mx.random.key(M))
+    views = [base.T[::2], base[:, :M].T, mx.broadcast_to(base[:, 0], (M, K))]
+    for x in views:
+        dense = mx.array(np.array(x))
+        want_q = reference(dense, q, s, b, 32, 4)
+        for f in (lambda x: kernels._ext.linear_rows_q(x, packed, N, 2),
+                  mx.compile(lambda x: kernels._ext.linear_rows_q(x, packed, N, 2))):
+            check(f(x), want_q, K)
+        got = kernels._ext.linear_rows(x, wp, N, 2, None)
+        np.testing.assert_allclose(np.array(got), np.array(dense @ w.T), rtol=1e-5, atol=1e-4)
+
+
+@built
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 32), (4, 64)])
 def test_linear_rows_q_vocab_sized_and_leading_axes(bits, group_size):
     """A 49152-token head (many panels over 2 threads, each prefetching the next) and x with leading axes."""
@@ -110,6 +155,35 @@ def test_fallback_matches_the_kernel(monkeypatch):
         monkeypatch.delenv("MLX_CAI_KERNELS")
         check(fast, slow, K)
         check(slow, reference(x, q, s, b, gs, bits), K)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("M", [1, 3, 20])
+def test_norm_and_residual_ride_on_the_product(kernel, M, monkeypatch):
+    """linear_rows_q(x, ..., norm=w, eps=e) = mx.fast.rms_norm(x, w, e) @ W.T, residual=r adds r, gate=True
+    multiplies silu(g) * u of x = [g | u]: with the
+    kernel (one call) and without it (MLX ops), for both row kernels (under and from 16 rows), with a norm
+    weight in bfloat16 (a model's dtype) and x rows of very different sizes (the norm is per row)."""
+    if kernel and kernels._ext is None:
+        pytest.skip("kernels not built")
+    if not kernel:
+        monkeypatch.setenv("MLX_CAI_KERNELS", "0")
+    N, K, eps = 48, 128, 1e-5
+    q, s, b = quantized(N, K, 32, 4, seed=M)
+    packed = kernels.pack_quantized(q, s, b, 32, 4)
+    x = mx.random.normal((1, M, K), key=mx.random.key(60)) * mx.arange(1, M + 1).reshape(1, M, 1)
+    w = (1.0 + 0.1 * mx.random.normal((K,), key=mx.random.key(61))).astype(mx.bfloat16)
+    r = mx.random.normal((1, M, N), key=mx.random.key(62))
+    h = mx.fast.rms_norm(x, w.astype(mx.float32), eps)
+    check(kernels.linear_rows_q(x, packed, N, norm=w, eps=eps), reference(h, q, s, b, 32, 4), K)
+    check(kernels.linear_rows_q(x, packed, N, residual=r), r + reference(x, q, s, b, 32, 4), K)
+    both = kernels.linear_rows_q(x, packed, N, norm=w, eps=eps, residual=r)
+    check(both, r + reference(h, q, s, b, 32, 4), K)
+    assert both.shape == (1, M, N) and both.dtype == mx.float32
+    gu = mx.random.normal((1, M, 2 * K), key=mx.random.key(63)) * 3.0  # [g | u] of a fused gate/up output
+    g, u = gu[..., :K], gu[..., K:]
+    act = g * mx.sigmoid(g) * u
+    check(kernels.linear_rows_q(gu, packed, N, residual=r, gate=True), r + reference(act, q, s, b, 32, 4), K)
 
 
 def test_pack_rejects_what_the_kernel_cannot_read():
