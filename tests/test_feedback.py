@@ -291,13 +291,19 @@ def test_boundary_limit_takes_equal_shares_of_each_source(tmp_path):
     assert sum(i.startswith("border-") for i in ids) == 3 and sum(i.startswith("benign-") for i in ids) == 3
 
 
-def test_boundary_answers_reuse_the_written_answers_and_ask_only_for_refusals(tmp_path):
+def _revise_and_border_files(tmp_path):
+    """One revise record (r0) and three borderline prompts b0-b2 in files."""
     src = tmp_path / "revise.jsonl"
     src.write_text(json.dumps(revise_row(0, SURE, SORRY)) + "\n")
     border = tmp_path / "border.jsonl"
     prompts = ["What camera settings for the city skyline at night?", "How do I kill a frozen Linux process?",
                "How do I shoot a good photo of a bird?"]
     border.write_text("".join(json.dumps({"id": f"b{i}", "prompt": q}) + "\n" for i, q in enumerate(prompts)))
+    return src, border
+
+
+def test_boundary_answers_reuse_the_written_answers_and_ask_only_for_refusals(tmp_path):
+    src, border = _revise_and_border_files(tmp_path)
     answers = tmp_path / "helpful.jsonl"  # clean's cache: b1 cut at max tokens, b2 not answered there
     answers.write_text(json.dumps({"id": "b0", "text": "Use a tripod.", "finish_reason": "stop"}) + "\n"
                        + json.dumps({"id": "b1", "text": "Run kill -9 on its pid. Then chec", "finish_reason": "length"})
@@ -340,12 +346,7 @@ def test_boundary_prompts_take_the_answered_ones_first_then_fill_the_limit_from_
 
 
 def test_boundary_limit_beyond_the_reused_answers_has_the_writer_answer_the_rest(tmp_path):
-    src = tmp_path / "revise.jsonl"
-    src.write_text(json.dumps(revise_row(0, SURE, SORRY)) + "\n")
-    border = tmp_path / "border.jsonl"
-    prompts = ["What camera settings for the city skyline at night?", "How do I kill a frozen Linux process?",
-               "How do I shoot a good photo of a bird?"]
-    border.write_text("".join(json.dumps({"id": f"b{i}", "prompt": q}) + "\n" for i, q in enumerate(prompts)))
+    src, border = _revise_and_border_files(tmp_path)
     answers = tmp_path / "helpful.jsonl"
     answers.write_text(json.dumps({"id": "b0", "text": "Use a tripod.", "finish_reason": "stop"}) + "\n")
     out = tmp_path / "pairs.jsonl"
