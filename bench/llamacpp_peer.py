@@ -22,6 +22,7 @@ throughput is compared, not outputs. K/V reuse is off (MLX_CAI_KV_REUSE_MB=0), t
 finished rows here anyway.
 
     PYTHONPATH=. .venv/bin/python bench/llamacpp_peer.py --llama-bench PATH/llama-batched-bench [--batches 1,32]
+        [--weights "float32,4-bit kept"]
         [--threads N] [--write [--out FILE]]
 """
 
@@ -107,6 +108,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of both engines (default: what mlx-cai picks at import, see above)")
+    ap.add_argument("--weights", default="float32,4-bit kept",
+                    help="mlx-cai engines to run, comma-separated (float32, 4-bit kept)")
     ap.add_argument("--write", action="store_true", help="write/replace the section in BENCHMARKS.md")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     args = ap.parse_args()
@@ -116,6 +119,8 @@ def main() -> None:
     gguf = str(embedded.gguf_path(embedded.DEFAULT))
     engines, held = {}, []
     for name, deq in (("float32", True), ("4-bit kept", False)):
+        if name not in args.weights.split(","):
+            continue
         model, tok = models.load(embedded.DEFAULT, dequantize_weights=deq)
         fast = FastLlama.for_model(model)
         if fast is None:
