@@ -70,6 +70,18 @@ def test_collapse_is_judged_on_ordinary_answers_when_the_summaries_have_them():
     assert verdicts_of(base, final)["seq_rep_4"] is False
 
 
+def test_collapse_is_not_judged_when_only_harmful_prompts_were_evaluated():
+    base, final = summary(0.9, 0, 0, 0.2, (0.1, 0.3), 0.38, 0.5, (0.4, 0.6)), summary(0.1, 0, 0, 0.6, (0.5, 0.7),
+                                                                                       0.38, 0.5, (0.4, 0.6))
+    for s in (base, final):  # a harm-only eval (`-s harm`)
+        s["suites"] = {"harm": {**s["suites"]["harm"], "kinds": {"harmful": 48}}}
+    v = verdicts_of(base, final)
+    assert "seq_rep_4" not in v and v["collapse"] is None and v["ASR (keyword)"] is True
+    for s in (base, final):  # an ordinary suite too: collapse is judged again (on all answers, as before)
+        s["suites"]["benign"] = {"kinds": {"safe": 48}}
+    assert verdicts_of(base, final)["seq_rep_4"] is False
+
+
 def verdicts_of(base, final):
     return {c.name: c.ok for c in targets.check(base, final)}
 
