@@ -26,12 +26,9 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from mlx_cai import backend  # OpenBLAS before mlx.core
-
-import mlx.core as mx
 
 from mlx_cai import kernels, models
 from mlx_cai.fastllama import FastLlama, FastRunner
@@ -41,6 +38,7 @@ from mlx_cai.settings import settings
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Decode and prefill paths: C++ kernels vs MLX ops (bench/decode_paths.py)"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quant_decode import timed_run  # noqa: E402
 from sections import replace_section  # noqa: E402
 
 
@@ -62,17 +60,8 @@ def run_once(fast: FastLlama, prompts: list[list[int]], on: bool, steps: int) ->
     split = fast.head_packed is None
     streams = min(len(prompts) // settings().stream_rows, backend.blas_threads()) if split else 1
     with kernels_switch(on), backend.blas_threads_per(streams):
-        runner = FastRunner(fast, prompts, steps + 1, streams=streams)
-        t0 = time.perf_counter()
-        logits = runner.prefill()
-        mx.eval(logits)
-        t1 = time.perf_counter()
-        y = logits.argmax(-1)
-        for _ in range(steps):
-            y = runner.step(y).argmax(-1)
-            mx.eval(y)
-        t2 = time.perf_counter()
-    return t1 - t0, (t2 - t1) / steps * 1000
+        prefill_s, decode_s = timed_run(FastRunner(fast, prompts, steps + 1, streams=streams), steps)
+    return prefill_s, decode_s / steps * 1000
 
 
 def main() -> None:

@@ -35,7 +35,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ["MLX_CAI_KV_REUSE_MB"] = "0"
@@ -44,8 +43,6 @@ if "--threads" in sys.argv[:-1]:  # before mlx_cai.backend reads it at import
 
 from mlx_cai import backend  # OpenBLAS before mlx.core
 
-import mlx.core as mx
-
 from mlx_cai import embedded, models
 from mlx_cai.fastllama import FastLlama, FastRunner
 from mlx_cai.settings import settings
@@ -53,6 +50,7 @@ from mlx_cai.settings import settings
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Against llama.cpp on the same GGUF: decode and prefill (bench/llamacpp_peer.py)"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quant_decode import timed_run  # noqa: E402
 from sections import replace_section  # noqa: E402
 
 
@@ -86,17 +84,8 @@ def run_mlx_cai(fast: FastLlama, batch: list[list[int]], new: int) -> tuple[floa
     split = fast.cpu and not fast.packed_decode
     streams = min(len(batch) // settings().stream_rows, backend.blas_threads()) if split else 1
     with backend.blas_threads_per(max(streams, 1)):
-        runner = FastRunner(fast, batch, new + 1, streams=max(streams, 1))
-        t0 = time.perf_counter()
-        logits = runner.prefill()
-        mx.eval(logits)
-        t1 = time.perf_counter()
-        y = logits.argmax(-1)
-        for _ in range(new):
-            y = runner.step(y).argmax(-1)
-            mx.eval(y)
-        t2 = time.perf_counter()
-    return len(batch) * len(batch[0]) / (t1 - t0), len(batch) * new / (t2 - t1)
+        prefill_s, decode_s = timed_run(FastRunner(fast, batch, new + 1, streams=max(streams, 1)), new)
+    return len(batch) * len(batch[0]) / prefill_s, len(batch) * new / decode_s
 
 
 def main() -> None:

@@ -39,15 +39,22 @@ def prompts(tok, n: int) -> list[list[int]]:
     return sorted(out, key=len, reverse=True)
 
 
+def timed_run(runner, steps: int) -> tuple[float, float]:
+    """(seconds of a runner's prefill, seconds of `steps` greedy decode steps after it), each step synchronized."""
+    t0 = time.perf_counter()
+    logits = runner.prefill()
+    mx.eval(logits)
+    t1 = time.perf_counter()
+    y = logits.argmax(-1)
+    for _ in range(steps):
+        y = runner.step(y).argmax(-1)
+        mx.eval(y)
+    return t1 - t0, time.perf_counter() - t1
+
+
 def timed_steps(runner, steps: int) -> float:
     """Seconds of `steps` greedy decode steps of a runner (prefill, step) after its prefill."""
-    y = mx.argmax(runner.prefill(), axis=-1)
-    mx.eval(y)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        y = mx.argmax(runner.step(y), axis=-1)
-        mx.eval(y)
-    return time.perf_counter() - t0
+    return timed_run(runner, steps)[1]
 
 
 def fast_decode(fast: FastLlama, ps: list[list[int]], steps: int) -> float:
@@ -55,9 +62,7 @@ def fast_decode(fast: FastLlama, ps: list[list[int]], steps: int) -> float:
 
 
 def generic_decode(model, ps: list[list[int]], steps: int) -> float:
-    L = max(len(p) for p in ps)
-    pad = [L - len(p) for p in ps]
-    return timed_steps(GenericRunner(model, mx.array([[0] * k + p for k, p in zip(pad, ps)]), pad), steps)
+    return timed_steps(GenericRunner.left_padded(model, ps), steps)
 
 
 def held_mb(model, fast: FastLlama) -> float:

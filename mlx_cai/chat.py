@@ -73,19 +73,12 @@ class LocalBackend:
         """Per conversation: the probabilities of `options` as the next token after the model's answer starts with
         `answer_prefix` (normalized over the options), and their share of all probability mass
         (mlx_cai.judges.choice). Nothing is generated."""
-        from mlx_cai.judges.choice import option_probs
+        from mlx_cai.judges.choice import option_probs, render_answer_start
 
         model, tokenizer = self.loaded()
         contexts = [render_answer_start(tokenizer, c, answer_prefix) for c in conversations]
         return option_probs(model, tokenizer, contexts, options, batch_size=max(1, min(self.batch_size, 8)))
 
-
-def render_answer_start(tokenizer, conversation: Conversation, answer_prefix: str) -> str:
-    """The conversation as the model reads it, then the start of its answer."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True,
-                                             tokenize=False) + answer_prefix
-    return "\n\n".join(m["content"] for m in conversation) + "\n\n" + answer_prefix
 
 
 # HTTP statuses the openai client retries by itself; when it raises one, its retries are spent.

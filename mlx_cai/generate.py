@@ -58,6 +58,13 @@ class GenericRunner:
         self.model, self.tokens, self.chunk = model, tokens, prefill_chunk
         self.cache = [BatchKVCache(pad) for _ in model.layers]
 
+    @classmethod
+    def left_padded(cls, model, prompts: list[list[int]], prefill_chunk: int = 256) -> "GenericRunner":
+        """A runner over `prompts` of different lengths, left-padded to the longest."""
+        L = max(len(p) for p in prompts)
+        pad = [L - len(p) for p in prompts]
+        return cls(model, mx.array([[0] * k + p for k, p in zip(pad, prompts)]), pad, prefill_chunk)
+
     def prefill(self) -> mx.array:
         # All prompt tokens but the last only fill the cache (their logits are never computed: lazy graph).
         n = self.tokens.shape[1] - 1
@@ -169,10 +176,7 @@ def generate_iter(model, tokenizer, conversations: Sequence[Conversation], confi
             if fast:
                 runner = FastRunner(fast, prompts, cfg.max_tokens, streams=streams)
             else:
-                L = max(len(p) for p in prompts)
-                pad = [L - len(p) for p in prompts]
-                runner = GenericRunner(model, mx.array([[0] * k + p for k, p in zip(pad, prompts)]), pad,
-                                       prefill_chunk)
+                runner = GenericRunner.left_padded(model, prompts, prefill_chunk)
             toks, reasons = _decode_batch(runner, prompts, [seeds[i] for i in idx], cfg, eos, on_tokens)
             mx.synchronize()  # no BLAS call in flight when the thread count changes back
         for j, i in enumerate(idx):

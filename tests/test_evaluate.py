@@ -334,9 +334,8 @@ def test_probability_judge_end_to_end_on_a_local_judge_model(tiny_model, tmp_pat
     probabilities (the same numbers as asking the model directly), the summary counts them; a judge whose Yes/No
     hold too little of its probability gives counted failures; resuming with the text rubric is refused."""
     from mlx_cai import models
-    from mlx_cai.chat import render_answer_start
     from mlx_cai.judges import rubrics
-    from mlx_cai.judges.choice import option_probs
+    from mlx_cai.judges.choice import option_probs, render_answer_start
 
     strict = json.loads(evaluate.run(EvalConfig(output=str(tmp_path / "strict"), model=tiny_model, suites=("harm",),
                                                 limit=3, max_tokens=4, batch_size=4, judge=tiny_model)).read_text())

@@ -6,6 +6,9 @@ next-token distribution then gives the probability of each option at once: no ge
 retries, and a graded confidence instead of one sampled word. Small judges (a 1.5B overseer) follow such a question
 far more reliably than a free-text rubric (see the judge section of BENCHMARKS.md).
 
+  render_answer_start(tokenizer, conversation, answer_prefix)
+                                                (pure) the conversation as the model reads it, then the start
+                                                of its answer
   option_tokens(tokenizer, context, options)    (pure) the ids of `context` up to where the options' encodings first
                                                 differ, and the one differing token of each option
   option_logits(model, tokenizer, contexts, options)
@@ -21,12 +24,19 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from mlx_cai import backend  # noqa: F401  (OpenBLAS before mlx.core)
-import mlx.core as mx
 
 
 class OptionError(ValueError):
     """Options that a tokenizer cannot tell apart by one next token."""
+
+
+def render_answer_start(tokenizer, conversation: Sequence[dict], answer_prefix: str) -> str:
+    """The conversation as the model reads it (its chat template, else the contents one after the other), then
+    the start of its answer."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(conversation), add_generation_prompt=True,
+                                             tokenize=False) + answer_prefix
+    return "\n\n".join(m["content"] for m in conversation) + "\n\n" + answer_prefix
 
 
 def option_tokens(tokenizer, context: str, options: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -53,8 +63,10 @@ def option_logits(model, tokenizer, contexts: Sequence[str], options: Sequence[s
     Longest contexts first, in batches of `batch_size`: llama-family and qwen2 models on the compiled path (its
     shared-prefix prefill: a judge's questions share their opening), others on mlx-lm's left-padded one. The
     result does not depend on the batching (tested)."""
-    from mlx_cai.fastllama import FastLlama, FastRunner
+    from mlx_cai.fastllama import FastLlama, FastRunner  # imports mlx_cai.backend (OpenBLAS) before mlx.core
     from mlx_cai.generate import GenericRunner
+
+    import mlx.core as mx
 
     items = [option_tokens(tokenizer, c, options) for c in contexts]
     out: list[tuple[list[float], float]] = [([], 0.0)] * len(items)
@@ -63,12 +75,7 @@ def option_logits(model, tokenizer, contexts: Sequence[str], options: Sequence[s
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         prompts = [items[i][0] for i in idx]
-        if fast:
-            runner = FastRunner(fast, prompts, 1)
-        else:
-            L = max(len(p) for p in prompts)
-            pad = [L - len(p) for p in prompts]
-            runner = GenericRunner(model, mx.array([[0] * k + p for k, p in zip(pad, prompts)]), pad)
+        runner = FastRunner(fast, prompts, 1) if fast else GenericRunner.left_padded(model, prompts)
         logits = runner.prefill().astype(mx.float32)
         picked = mx.take_along_axis(logits, mx.array([items[i][1] for i in idx]), axis=-1)
         lse = mx.logsumexp(logits, axis=-1)

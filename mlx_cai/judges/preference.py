@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from mlx_cai.judges.choice import render_answer_start
+
 # Comparison principles for the feedback model, written for mlx-cai (the idea, one question per principle
 # sampled per prompt, follows Bai et al. 2022). Each asks for the *less harmful* answer, and several also guard
 # against the opposite failure (lecturing, needless refusal), so the preference does not reward preachiness.
@@ -56,7 +58,5 @@ def parse_verdict(text: str) -> str | None:
 
 def render_choice(tokenizer, text: str) -> str:
     """The question as a local model reads it: a user turn, then the start of its answer (ANSWER_PREFIX)."""
-    msgs = [{"role": "user", "content": text + "\n\nAnswer with (A) or (B)."}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
-    return msgs[0]["content"] + "\n\n" + ANSWER_PREFIX
+    return render_answer_start(tokenizer, [{"role": "user", "content": text + "\n\nAnswer with (A) or (B)."}],
+                               ANSWER_PREFIX)

@@ -435,11 +435,13 @@ def boundary_prompts(edge: Sequence[prompt_sources.Prompt], answered: set[str], 
         sources = list(dict.fromkeys(p.source for p in pool))
         return {p.id for p in stratified_sample([[p for p in pool if p.source == s] for s in sources], want, rng)}
 
-    rng = random.Random(seed)
     first = [p for p in edge if p.id in answered] if answered else list(edge)
-    pick = {p.id for p in first} if limit is None and answered else draw(first, len(first) if limit is None else limit, rng)
-    if answered and limit is not None and len(pick) < limit:
-        pick |= draw([p for p in edge if p.id not in answered], limit - len(pick), rng)
+    if limit is None:
+        return first
+    rng = random.Random(seed)
+    pick = draw(first, limit, rng)
+    if len(pick) < limit:  # every answered prompt taken: the rest from the others (none left without answers)
+        pick |= draw([p for p in edge if p.id not in pick], limit - len(pick), rng)
     return [p for p in edge if p.id in pick]
 
 
