@@ -33,7 +33,7 @@ $(KERNELS): $(STAMP) $(wildcard csrc/*)
 	@# stamped once built (or off Linux, where none is built), so a failed build is retried by the next make
 	@if [ "$$(uname -s)" != Linux ] || ls mlx_cai/_kernels*.so >/dev/null 2>&1; then touch $(KERNELS); fi
 
-# The whole CAI recipe: SmolLM2-135M with the embedded overseer, offline (~29 min on 2 cores); rerun continues a killed run.
+# The whole CAI recipe: SmolLM2-135M with the embedded overseer, offline (17-29 min on 2 cores); rerun continues a killed run.
 demo: setup
 	$(BIN)/mlx-cai run configs/demo.yaml --name demo
 
