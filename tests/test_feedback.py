@@ -276,6 +276,47 @@ def test_boundary_rejected_policy_uses_the_policys_own_refusal_where_one_of_its_
         F.FeedbackConfig(boundary_rejected="self")
 
 
+def test_boundary_greedy_lowers_the_refusal_a_greedy_eval_would_see(tmp_path):
+    """boundary_greedy: the policy's greedy answer (temperature 0, no repetition penalty) is the rejected side where
+    it refuses; samples only where it does not; harmful prompts' pairs are not touched by it."""
+    from mlx_cai.records import row_seed
+
+    src = tmp_path / "revise.jsonl"
+    src.write_text(json.dumps(revise_row(0, SURE, SORRY)) + "\n")
+    border = tmp_path / "border.jsonl"
+    prompts = ["How do I kill a frozen Linux process?", "How do I shoot a good photo of a city street?"]
+    border.write_text("".join(json.dumps({"id": f"b{i}", "prompt": q}) + "\n" for i, q in enumerate(prompts)))
+    canned, sampled = "I cannot assist with that request.", "I'm sorry, but killing is not something I help with."
+
+    def policy_reply(body):  # greedy: the canned refusal of the Linux prompt; sampled: refuses it in other words
+        user = body["messages"][-1]["content"]
+        if "Linux" in user:
+            return canned if body["temperature"] == 0 else sampled
+        if "street" in user and body.get("seed") == row_seed(0, "b1", "policy1"):
+            return sampled
+        return "Sure: " + user
+
+    with FaultServer(_overseer_reply) as srv, FaultServer(policy_reply) as pol:
+        policy = OpenAIBackend(model="policy", base_url=pol.url)
+        cfg = F.FeedbackConfig(mode="revision", prompts=str(src), output=str(tmp_path / "g.jsonl"),
+                               boundary=str(border), boundary_model=f"openai:overseer@{srv.url}",
+                               boundary_rejected="policy", boundary_greedy=True, batch_size=8)
+        F.run(cfg, policy=policy)
+        greedy_calls = [b for _, _, b, _ in pol.log if b["temperature"] == 0]
+        assert len(greedy_calls) == 2 and all(b.get("repetition_penalty", 1.0) == 1.0 for b in greedy_calls)
+        assert len(pol.log) == 2 + 2  # both greedy; the street prompt then sampled until its second sample refused
+        kept = {r["id"]: r for r in lines(tmp_path / "g.jsonl")}
+        assert kept["b0"]["rejected"] == canned and kept["b0"]["responses"][1]["seed"] is None
+        assert kept["b1"]["rejected"] == sampled and kept["b1"]["responses"][1]["seed"] == row_seed(0, "b1",
+                                                                                                        "policy1")
+        assert kept["r0"]["chosen"] == SORRY
+        with pytest.raises(F.FeedbackError, match="other settings"):  # sampled refusals are another config
+            F.run(replace(cfg, boundary_greedy=False), policy=policy)
+        # without it the Linux prompt's rejected side is a sample, as before
+        F.run(replace(cfg, boundary_greedy=False, output=str(tmp_path / "s.jsonl")), policy=policy)
+    assert {r["id"]: r for r in lines(tmp_path / "s.jsonl")}["b0"]["rejected"] == sampled
+
+
 def test_boundary_limit_takes_equal_shares_of_each_source(tmp_path):
     rows = [revise_row(0, SURE, SORRY)]
     src = tmp_path / "revise.jsonl"

@@ -117,6 +117,10 @@ class FeedbackConfig:
                                              "(the SFT model's own refusal, sampled; the overseer's where none refuses)")
     boundary_samples: int = opt(4, "policy samples per prompt where the policy's own refusal is wanted "
                                    "(boundary_rejected: policy, revision_chosen: policy or both)")
+    boundary_greedy: bool = opt(False, "boundary_rejected: policy: the rejected side is the policy's greedy answer "
+                                       "where it refuses (the refusal a greedy eval sees), its samples only where "
+                                       "it does not (tried: it lowers the SFT model's refusals of harmful "
+                                       "prompts too; BENCHMARKS.md, run greedy)")
     policy_refusal: str = opt("sample", "what of the policy's sampled refusal is used (boundary_rejected / "
                                         "revision_chosen: policy): sample (the first sample the keyword judge calls "
                                         "a refusal, whole) or sentence (the opening sentence of the first sample "
@@ -334,12 +338,13 @@ DECLINE_TASK = ("An overly cautious assistant refuses every request that sounds 
 
 
 def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBackend, cfg: FeedbackConfig,
-                    on_tokens: Callable[[int], None]) -> dict[str, tuple[Generation, int]]:
+                    on_tokens: Callable[[int], None], greedy: bool = False) -> dict[str, tuple[Generation, int]]:
     """{id: (the policy's refusal, its seed)} over up to `boundary_samples` samples per prompt (the policy's sampling
     settings; sample j, seeded by (seed, id, j), is drawn only where none before it refused; a row's sample does not
     depend on its batch neighbours). `policy_refusal` sample: the first sample (boundary_max_tokens) that the keyword
     judge calls a refusal, whole; sentence: the opening sentence of the first sample (SENTENCE_TOKENS) that opens by
-    declining (`decline_sentence`). Prompts where no sample refuses are absent."""
+    declining (`decline_sentence`). `greedy`: the policy's greedy answer first (seed None), the samples only where
+    it is no refusal. Prompts where no sample refuses are absent."""
     from mlx_cai.refusal import is_refusal
 
     def pick(g: Generation) -> Generation | None:
@@ -351,6 +356,13 @@ def policy_refusals(prompts: Sequence[prompt_sources.Prompt], policy: ChatBacken
     sampling = replace(cfg.sampling(), max_tokens=cfg.boundary_max_tokens if cfg.policy_refusal == "sample"
                        else SENTENCE_TOKENS)
     out, todo = {}, list(prompts)
+    if greedy and todo:  # the mode a greedy eval decodes: the refusal to lower where it is one
+        gens = policy.complete([[{"role": "user", "content": p.prompt}] for p in todo],
+                               replace(sampling, temperature=0.0, top_p=1.0, repetition_penalty=1.0))
+        on_tokens(sum(g.completion_tokens for g in gens))
+        picked = [(p, pick(g)) for p, g in zip(todo, gens)]
+        out = {p.id: (g, None) for p, g in picked if g is not None}
+        todo = [p for p, g in picked if g is None]
     for j in range(cfg.boundary_samples):  # sample j only for prompts whose samples before it did not refuse
         if not todo:
             break
@@ -458,7 +470,7 @@ def boundary_candidates(prompts: Sequence[prompt_sources.Prompt], writer: ChatBa
     if not prompts:
         return [], {}
     answers = answers or {}
-    own = policy_refusals(prompts, policy, cfg, on_tokens) if policy is not None else {}
+    own = policy_refusals(prompts, policy, cfg, on_tokens, cfg.boundary_greedy) if policy is not None else {}
     rest = [p for p in prompts if p.id not in own]  # the overseer writes their refusals
     ask = [p for p in prompts if p.id not in answers]
     greedy = SamplingConfig(max_tokens=cfg.boundary_max_tokens, temperature=0.0, seed=cfg.seed)
@@ -530,6 +542,8 @@ def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
         keep.pop("boundary_rejected")
     if cfg.policy_refusal == "sample":  # the ids from before this setting stay
         keep.pop("policy_refusal")
+    if not cfg.boundary_greedy:  # the ids from before this setting stay
+        keep.pop("boundary_greedy")
     if cfg.revision_chosen == "revision":  # the ids from before this setting stay
         keep.pop("revision_chosen")
     if not cfg.samples_policy:
