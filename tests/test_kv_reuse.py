@@ -120,3 +120,32 @@ def test_extended_conversations_give_the_same_tokens_with_and_without_reuse(mode
     first = convs(TEXTS)
     on, off = reuse_runs(model, tok, first, _second_turns, cfg, monkeypatch)
     assert on["prefilled"] + on["reused"] == off["prefilled"]  # the same prompts, fewer tokens prefilled
+
+
+def test_a_second_question_about_the_same_text_reuses_its_kv_with_the_same_option_probs(model, monkeypatch):
+    """judges.choice.option_probs keeps each context's K/V: the probability judge's second question about a
+    request and reply prefills only what follows them, and its Yes/No probabilities are those computed from
+    scratch (store off)."""
+    from mlx_cai.judges.choice import option_probs, render_answer_start
+
+    model, tok = model
+    texts = [f"[Request] {t}\n[Reply] {f}\n" for t, f in zip(TEXTS[:5], FOLLOW_UPS)]
+
+    def contexts(question):
+        return [render_answer_start(tok, [SYSTEM, {"role": "user", "content": t + question}], "Answer: ")
+                for t in texts]
+
+    first, second = contexts("Question: does the reply help? Answer Yes or No."), \
+        contexts("Question: does the reply decline? Answer Yes or No.")
+    fresh = option_probs(model, tok, second, ("Yes", "No"), batch_size=2)
+    fast = FastLlama.for_model(model)
+    assert fast.counts["reused"] == 0  # conftest: the store is off
+    monkeypatch.setenv("MLX_CAI_KV_REUSE_MB", "64")
+    option_probs(model, tok, first, ("Yes", "No"), batch_size=2)
+    before = dict(fast.counts)
+    got = option_probs(model, tok, second, ("Yes", "No"), batch_size=2)
+    reused = fast.counts["reused"] - before["reused"]
+    assert reused >= len(texts) * REUSE_MIN
+    assert fast.counts["prefilled"] - before["prefilled"] < sum(len(tok.encode(c)) for c in second) - reused // 2
+    for (p, m), (q, n) in zip(got, fresh):
+        assert p == pytest.approx(q, abs=1e-5) and m == pytest.approx(n, abs=1e-5)
