@@ -40,11 +40,12 @@ class LocalBackend:
     """An MLX model in this process, loaded on first use."""
 
     def __init__(self, model: str, adapter: str | None = None, batch_size: int = 32,
-                 on_tokens: Callable[[int], None] | None = None):
+                 on_tokens: Callable[[int], None] | None = None, loaded: tuple | None = None):
+        """`loaded`: the (model, tokenizer) of that spec, already loaded for another role (not loaded twice)."""
         self.model_spec, self.adapter, self.batch_size = model, adapter, batch_size
         self.on_tokens = on_tokens
         self.name = f"local:{model}" + (f"::{adapter}" if adapter else "")
-        self._loaded = None
+        self._loaded = loaded
 
     def loaded(self):
         if self._loaded is None:

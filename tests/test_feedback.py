@@ -317,6 +317,30 @@ def test_boundary_greedy_lowers_the_refusal_a_greedy_eval_would_see(tmp_path):
     assert {r["id"]: r for r in lines(tmp_path / "s.jsonl")}["b0"]["rejected"] == sampled
 
 
+def test_logprob_feedback_model_writes_the_boundary_pairs_without_a_second_copy(tiny_gguf, tmp_path, monkeypatch):
+    """mode logprob with the feedback model also as boundary writer (the overseer in both roles): one copy is
+    loaded and serves both, and the memory estimate counts it once."""
+    from mlx_cai import memplan
+
+    border = tmp_path / "border.jsonl"
+    border.write_text("".join(json.dumps({"id": f"b{i}", "prompt": f"How do I kill a process {i}?"}) + "\n"
+                              for i in range(2)))
+    loads = []
+    real = models.load
+    monkeypatch.setattr(models, "load", lambda spec, adapter=None, **kw: loads.append(spec) or real(spec, adapter, **kw))
+    cfg = F.FeedbackConfig(model=str(tiny_gguf), judge=str(tiny_gguf), boundary=str(border),
+                           boundary_model=f"local:{tiny_gguf}", temperature=1.0, max_tokens=6, boundary_max_tokens=4,
+                           ensemble=1, min_margin=0.0, max_similarity=1.01, max_repetition=1.0, batch_size=4,
+                           output=str(tmp_path / "pairs.jsonl"))
+    s = F.summarize(F.run(cfg, prompts=prompt_list(2), policy=LocalBackend(str(tiny_gguf))))
+    assert s["prompts"] == 4 and loads == [str(tiny_gguf)] * 2  # the policy's and the feedback model's, no third
+    shape = memplan.ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+                               vocab=256, tied=True, weight_bits=32, act_bytes=4)
+    ctx = memplan.Context("feedback", lambda spec: shape, lambda f: f"feedback.{f}")
+    one, two = cfg.memory(ctx).items, replace(cfg, boundary_model="other").memory(ctx).items
+    assert "boundary weights" in two and not any(k.startswith("boundary") for k in one)
+
+
 def test_boundary_limit_takes_equal_shares_of_each_source(tmp_path):
     rows = [revise_row(0, SURE, SORRY)]
     src = tmp_path / "revise.jsonl"

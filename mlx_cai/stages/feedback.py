@@ -193,7 +193,10 @@ class FeedbackConfig:
                                       knobs={"batch_size": self.batch_size,
                                              "boundary_max_tokens": self.boundary_max_tokens})
         judge = (self.judge or self.model) if self.mode == "logprob" else self.judge
-        others = {"judge": judge, "boundary": self.boundary_model if self.boundary else None}
+        writer = (self.boundary_model or self.judge or self.model) if self.boundary else None
+        if self.mode == "logprob" and writer is not None and _same_model(writer, judge):
+            writer = None  # the loaded feedback model writes them (run)
+        others = {"judge": judge, "boundary": writer}
         return memplan.generation(ctx, self.model, others, batch=2 * self.batch_size, prompt=memplan.PROMPT_TOKENS,
                                   new_tokens=self.max_tokens,
                                   knobs={"batch_size": self.batch_size, "max_tokens": self.max_tokens})
@@ -530,6 +533,15 @@ def decide(c: Candidate, cfg: FeedbackConfig) -> tuple[dict | None, str | None]:
             "score": round(min(max(p, cfg.clamp_low), cfg.clamp_high), 6), "score_raw": round(p, 6)}, None
 
 
+def _local_spec(spec: str) -> str:
+    return spec.removeprefix("local:")
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Whether two backend specs name the same local model without an adapter (one copy serves both roles)."""
+    return not a.startswith("openai:") and "::" not in a and _local_spec(a) == _local_spec(b)
+
+
 def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
     skip = ("prompts", "output", "limit", "batch_size", "model", "adapter", "judge", "boundary_model")
     keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
@@ -714,6 +726,10 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
         scorer([c for c in cands if early[c.id] is None])
         mine = [it for it in chunk if it.id in edge_ids]
         if mine:
+            if writer is None and cfg.mode == "logprob" and _same_model(writer_spec, cfg.judge or cfg.model):
+                from mlx_cai.chat import LocalBackend
+
+                writer = LocalBackend(_local_spec(writer_spec), batch_size=2 * cfg.batch_size, loaded=feedback)
             writer = writer or from_spec(writer_spec, batch_size=2 * cfg.batch_size)
             more, reasons = boundary_candidates(mine, writer, cfg, on_tokens,
                                                 policy if cfg.boundary_rejected == "policy" else None, answers)
