@@ -211,3 +211,33 @@ def test_two_cpu_streams_match_one(tiny_gguf, tmp_path, sft_adapter, monkeypatch
         assert ra["examples"] == rb["examples"] == 4
         for k in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), k
+
+
+def test_batch_mix_groups_puts_each_kind_of_pair_in_every_batch(tiny_gguf, tmp_path, sft_adapter, monkeypatch):
+    """batch_mix: groups reads each pair's source.kind and cuts batches that mix the kinds in proportion; by length
+    (the default) the short harmful-style pairs and the long boundary-style pairs fall into batches of their own."""
+    # interleave (pure): members keep their order, groups spread in proportion (3 b's among 6 a's)
+    assert data.interleave(list(range(9)), ["a"] * 6 + ["b"] * 3) == [0, 6, 1, 2, 7, 3, 4, 8, 5]
+    kinds = ["boundary"] * 4 + [""] * 4
+    lengths = [40, 41, 42, 43, 10, 11, 12, 13]  # boundary pairs are the long ones, as in the demo
+    by_length = data.BatchOrder(lengths, 2, 0)
+    mixed = data.BatchOrder(lengths, 2, 0, kinds)
+    assert all(len({kinds[i] for i in b}) == 1 for b in by_length.batches)
+    assert all(len({kinds[i] for i in b}) == 2 for b in mixed.batches)
+    assert sorted(i for b in mixed.batches for i in b) == list(range(8))
+    assert data.BatchOrder(lengths, 2, 0, [""] * 8).batches == by_length.batches  # one group: as by length
+
+    rows = [{"id": f"p{i}", "prompt": p, "chosen": c, "rejected": r, **({"source": {"kind": "boundary"}} if i % 2
+                                                                        else {})} for i, (p, c, r) in enumerate(PAIRS)]
+    pairs, _ = dpo.read_pairs(write_pairs(tmp_path / "k.jsonl", rows))
+    assert [p.group for p in pairs] == ["", "boundary", "", "boundary"]
+    seen = []
+    real = data.BatchOrder
+    monkeypatch.setattr(data, "BatchOrder", lambda *a: seen.append(a) or real(*a))  # what training batches by
+    out = dpo.run(config(tiny_gguf, tmp_path, sft_adapter, pairs=str(tmp_path / "k.jsonl"), batch_mix="groups",
+                         iters=2, steps_per_save=2))
+    assert all(math.isfinite(r["loss"]) for r in metric_rows(out))
+    assert sorted(seen[0][3]) == ["", "", "boundary", "boundary"]
+    assert all(len({seen[0][3][i] for i in b}) == 2 for b in real(*seen[0]).batches)
+    with pytest.raises(TrainingError, match="batch_mix"):
+        config(tiny_gguf, tmp_path, sft_adapter, batch_mix="random")

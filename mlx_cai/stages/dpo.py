@@ -69,6 +69,9 @@ class DPOConfig(TrainConfig):
     truncation: str = opt("truncate", "pairs over max_seq_length: truncate, skip or error")
     valid_fraction: float = opt(0.0, "share of pairs held out for validation metrics (by id hash)")
     learning_rate: float = opt(5e-6, "peak learning rate (mlx-lm LoRA convention: scale 20)")
+    batch_mix: str = opt("length", "length: batches of pairs of similar length; groups: each batch mixes the "
+                                   "pairs' groups (their source.kind: feedback's boundary pairs and the others) "
+                                   "in proportion, so no step pushes only one way")
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,6 +84,8 @@ class DPOConfig(TrainConfig):
             raise TrainingError(f"label_smoothing must be in [0, {limit}] for {self.loss_type}")
         if self.beta <= 0:
             raise TrainingError(f"beta must be > 0, got {self.beta}")
+        if self.batch_mix not in ("length", "groups"):
+            raise TrainingError(f"batch_mix must be length or groups, got '{self.batch_mix}'")
         if self.truncation not in TRUNCATION:
             raise TrainingError(f"truncation must be one of {', '.join(TRUNCATION)}, got '{self.truncation}'")
         if not 1 <= self.max_prompt_length < self.max_seq_length:
@@ -95,6 +100,7 @@ class Pair:
     prompt: list[dict]
     chosen: str
     rejected: str
+    group: str = ""  # the pair's `source.kind` (feedback: "boundary"), for batch_mix: groups
 
 
 @dataclass
@@ -103,6 +109,7 @@ class TokenPair:
     prompt: list[int]
     chosen: list[int]  # answer tokens, end-of-turn included
     rejected: list[int]
+    group: str = ""
 
     def sequences(self) -> tuple[list[int], list[int]]:
         return self.prompt + self.chosen, self.prompt + self.rejected
@@ -166,7 +173,9 @@ def read_pairs(path: str | Path, markers: tuple[str, ...] = FOREIGN_MARKUP) -> t
             counts["skipped_duplicate"] += 1
             continue
         seen.add(pid)
-        pairs.append(Pair(pid, prompt, chosen, rejected))
+        source = row.get("source")
+        pairs.append(Pair(pid, prompt, chosen, rejected,
+                          str(source.get("kind") or "") if isinstance(source, dict) else ""))
     if not pairs:
         raise TrainingError(f"{path}: no usable pairs ({counts})")
     return pairs, counts
@@ -194,7 +203,7 @@ def tokenize(tokenizer, pairs: list[Pair], cfg: DPOConfig) -> tuple[list[TokenPa
             room = cfg.max_seq_length - len(prompt)
             c, r = c[:room], r[:room]
             counts["truncated"] += 1
-        out.append(TokenPair(p.id, prompt, c, r))
+        out.append(TokenPair(p.id, prompt, c, r, p.group))
     return out, counts
 
 
@@ -325,7 +334,8 @@ def run(config: DPOConfig, progress: Progress | None = None, *, model=None, toke
             raise TrainingError("valid_fraction left no training pairs")
         return fit.Examples(train_pairs, valid_pairs, lambda p: p.length, {
             "pairs": read_counts, "length_policy": length_counts, "train_pairs": len(train_pairs),
-            "valid_pairs": len(valid_pairs)}, unit="pairs")
+            "valid_pairs": len(valid_pairs)}, unit="pairs",
+            group=(lambda p: p.group) if cfg.batch_mix == "groups" else None)
 
     def reference(model, out: Path) -> dict:
         """Reference log-probs with the SFT adapter as loaded: before the checkpoint and any step."""

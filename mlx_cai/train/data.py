@@ -51,13 +51,18 @@ class BatchOrder:
     """Batch k (counted over all epochs) from (seed, k) alone, so the data position is one integer.
 
     Examples are sorted by length and cut into batches (little padding); each epoch visits the batches in
-    a seeded random order. The last batch of an epoch may be smaller.
+    a seeded random order. The last batch of an epoch may be smaller. With `groups` (a label per example), each
+    group is sorted by length and the groups are interleaved in proportion before the cut, so every batch holds
+    examples of each group as far as their sizes allow (DPO: harmful-prompt pairs beside boundary pairs, so no
+    step pushes only one way).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int):
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, groups: Sequence[str] | None = None):
         if not lengths:
             raise TrainingError("no training examples")
         idx = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        if groups is not None and len(set(groups)) > 1:
+            idx = interleave(idx, groups)
         self.batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
         self.seed = seed
 
@@ -68,6 +73,15 @@ class BatchOrder:
         epoch, pos = divmod(k, len(self.batches))
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.batches))
         return self.batches[perm[pos]]
+
+
+def interleave(order: Sequence[int], groups: Sequence[str]) -> list[int]:
+    """(pure) `order` with each group's members kept in their order and the groups spread in proportion: member r
+    of a group of n sits at (r + 0.5) / n of the way (ties: by group name)."""
+    names = sorted(set(groups[i] for i in order))
+    members = {g: [i for i in order if groups[i] == g] for g in names}
+    keyed = [((r + 0.5) / len(m), names.index(g), i) for g, m in members.items() for r, i in enumerate(m)]
+    return [i for _, _, i in sorted(keyed)]
 
 
 def eval_batches(lengths: Sequence[int], batch_size: int, limit: int) -> list[list[int]]:

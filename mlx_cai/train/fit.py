@@ -36,6 +36,7 @@ class Examples:
     length: Callable[[Any], int]  # an example's tokens: batches are cut from length-sorted examples
     summary: dict  # the stage's counts: the first fields of the start row and of summary.json
     unit: str = "examples"  # what the epoch warning calls them
+    group: Callable[[Any], str] | None = None  # an example's group: batches then mix the groups (BatchOrder)
 
 
 @dataclass
@@ -90,7 +91,8 @@ def fit(cfg: TrainConfig, stage: str, *, adapter: Callable[[Any], dict], example
     if ckpt is not None:
         pos = checkpoint.restore_checkpoint(ckpt, model, optimizer)
         checkpoint.trim_metrics(out / "metrics.jsonl", pos.step)
-    order = data.BatchOrder([sets.length(e) for e in sets.train], cfg.batch_size, cfg.seed)
+    order = data.BatchOrder([sets.length(e) for e in sets.train], cfg.batch_size, cfg.seed,
+                            [sets.group(e) for e in sets.train] if sets.group else None)
     val_idx = data.eval_batches([sets.length(e) for e in sets.valid], cfg.batch_size, cfg.val_batches)
     val_batch = partial(batch, sets.valid)
     evaluate = (lambda: loop.evaluate_batches(model, loss_fn, data.local_batches(val_idx, val_batch))) \
