@@ -71,7 +71,8 @@ class DPOConfig(TrainConfig):
     learning_rate: float = opt(5e-6, "peak learning rate (mlx-lm LoRA convention: scale 20)")
     batch_mix: str = opt("length", "length: batches of pairs of similar length; groups: each batch mixes the "
                                    "pairs' groups (their source.kind: feedback's boundary pairs and the others) "
-                                   "in proportion, so no step pushes only one way")
+                                   "in proportion, so no step pushes only one way (tried on the demo: it ends "
+                                   "at the helpful end, ASR 83-96%; BENCHMARKS.md)")
 
     def __post_init__(self):
         super().__post_init__()
