@@ -81,7 +81,6 @@ class LocalBackend:
         return option_probs(model, tokenizer, contexts, options, batch_size=max(1, min(self.batch_size, 8)))
 
 
-
 # HTTP statuses the openai client retries by itself; when it raises one, its retries are spent.
 _TRANSIENT = frozenset({408, 409, 429})
 

@@ -25,7 +25,6 @@ import math
 from typing import Sequence
 
 
-
 class OptionError(ValueError):
     """Options that a tokenizer cannot tell apart by one next token."""
 

@@ -185,7 +185,7 @@ class FeedbackConfig:
             if not self.boundary and not self.samples_policy:
                 return None
             policy = self.model if self.samples_policy else None
-            main, others = ((self.boundary_model or self.judge or self.model, {"policy": policy}) if self.boundary
+            main, others = ((self.writer_spec, {"policy": policy}) if self.boundary
                             else (self.model, {}))
             return memplan.generation(ctx, main, others,
                                       batch=2 * self.batch_size, prompt=memplan.PROMPT_TOKENS,
@@ -193,13 +193,24 @@ class FeedbackConfig:
                                       knobs={"batch_size": self.batch_size,
                                              "boundary_max_tokens": self.boundary_max_tokens})
         judge = (self.judge or self.model) if self.mode == "logprob" else self.judge
-        writer = (self.boundary_model or self.judge or self.model) if self.boundary else None
-        if self.mode == "logprob" and writer is not None and _same_model(writer, judge):
-            writer = None  # the loaded feedback model writes them (run)
+        writer = None if not self.boundary or self.writer_is_feedback_model else self.writer_spec
         others = {"judge": judge, "boundary": writer}
         return memplan.generation(ctx, self.model, others, batch=2 * self.batch_size, prompt=memplan.PROMPT_TOKENS,
                                   new_tokens=self.max_tokens,
                                   knobs={"batch_size": self.batch_size, "max_tokens": self.max_tokens})
+
+    @property
+    def writer_spec(self) -> str:
+        """The spec of the boundary pairs' writer."""
+        return self.boundary_model or self.judge or self.model
+
+    @property
+    def writer_is_feedback_model(self) -> bool:
+        """Whether logprob mode's loaded feedback model also writes the boundary pairs (the same local model without
+        an adapter): one copy serves both roles."""
+        w, f = self.writer_spec, self.judge or self.model
+        return (self.mode == "logprob" and not w.startswith("openai:") and "::" not in w
+                and w.removeprefix("local:") == f.removeprefix("local:"))
 
     @property
     def samples_policy(self) -> bool:
@@ -533,15 +544,6 @@ def decide(c: Candidate, cfg: FeedbackConfig) -> tuple[dict | None, str | None]:
             "score": round(min(max(p, cfg.clamp_low), cfg.clamp_high), 6), "score_raw": round(p, 6)}, None
 
 
-def _local_spec(spec: str) -> str:
-    return spec.removeprefix("local:")
-
-
-def _same_model(a: str, b: str) -> bool:
-    """Whether two backend specs name the same local model without an adapter (one copy serves both roles)."""
-    return not a.startswith("openai:") and "::" not in a and _local_spec(a) == _local_spec(b)
-
-
 def config_id(cfg: FeedbackConfig, policy: str, judge: str) -> str:
     skip = ("prompts", "output", "limit", "batch_size", "model", "adapter", "judge", "boundary_model")
     keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
@@ -686,7 +688,7 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
                                     "name the file of their answers or set boundary_answers: none")
         edge = boundary_prompts(edge, set(answers), cfg.boundary_limit, records.row_seed(cfg.seed, "boundary"))
         items = items + edge
-        writer_spec = cfg.boundary_model or cfg.judge or cfg.model
+        writer_spec = cfg.writer_spec
         judge_name += f"; boundary {writer_spec}"
         if cfg.boundary_rejected == "policy":
             judge_name += f", rejected by {policy.name}"
@@ -726,10 +728,9 @@ def run(config: FeedbackConfig, progress: Progress | None = None, *, prompts: Se
         scorer([c for c in cands if early[c.id] is None])
         mine = [it for it in chunk if it.id in edge_ids]
         if mine:
-            if writer is None and cfg.mode == "logprob" and _same_model(writer_spec, cfg.judge or cfg.model):
-                from mlx_cai.chat import LocalBackend
-
-                writer = LocalBackend(_local_spec(writer_spec), batch_size=2 * cfg.batch_size, loaded=feedback)
+            if writer is None and cfg.writer_is_feedback_model:
+                writer = LocalBackend(writer_spec.removeprefix("local:"), batch_size=2 * cfg.batch_size,
+                                      loaded=feedback)
             writer = writer or from_spec(writer_spec, batch_size=2 * cfg.batch_size)
             more, reasons = boundary_candidates(mine, writer, cfg, on_tokens,
                                                 policy if cfg.boundary_rejected == "policy" else None, answers)
