@@ -2,8 +2,9 @@
 
 The eval split stays the final check; this is the set to choose between variants or checkpoints without
 looking at it. A run's used prompts are every user prompt in revise.jsonl, clean/{train,valid}.jsonl and
-pairs.jsonl; the rest of the shipped train split of harm (harmful) and benign + borderline (safe) is written to
-RUN/validation/{harm,safe}.jsonl and each model is evaluated on it with the keyword judge, greedy, like the
+pairs.jsonl; of the rest of the shipped train split, `--limit` harmful and `--limit` benign + borderline (safe)
+prompts (round-robin over categories, apart from the select stage's held-out ones: mlx_cai.heldout) are written
+to RUN/validation/{harm,safe}.jsonl and each model is evaluated on them with the keyword judge, greedy, like the
 run's own eval stages.
 
   python bench/validation.py runs/overseer [--limit 48] [--checkpoints] [--adapter NAME=PATH ...] [--skip NAME ...]
@@ -19,37 +20,27 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlx_cai import records
+from mlx_cai import heldout
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def used_prompts(run: Path) -> set[str]:
-    """Every user prompt a run's data stages read (SL-CAI, the helpful mix, preference pairs)."""
-    used = {r["prompt"] for r in records.read_jsonl(run / "revise.jsonl")}
-    for name in ("clean/train.jsonl", "clean/valid.jsonl"):
-        for r in records.read_jsonl(run / name):
-            used.update(m["content"] for m in r["messages"] if m["role"] == "user")
-    if (run / "pairs.jsonl").exists():
-        for r in records.read_jsonl(run / "pairs.jsonl"):
-            p = r["prompt"]
-            used.update(m["content"] for m in p if m["role"] == "user") if isinstance(p, list) else used.add(p)
-    return used
-
-
-def unused(run: Path) -> dict[str, Path]:
-    """Write the unused train prompts: {'harm': path, 'safe': path}."""
-    used = used_prompts(run)
+def unused(run: Path, limit: int) -> dict[str, Path]:
+    """Write the validation prompts, `limit` unused train prompts of each kind (mlx_cai.heldout.split):
+    {'harm': path, 'safe': path}. They are apart from the select stage's held-out prompts (checked)."""
+    used = heldout.used_prompts([run / "revise.jsonl", run / "clean", run / "pairs.jsonl"])
     out = run / "validation"
     out.mkdir(exist_ok=True)
     paths = {}
-    for kind, files in (("harm", ("harmful",)), ("safe", ("benign", "borderline"))):
-        rows = [r for f in files for r in records.read_jsonl(ROOT / "data" / f"{f}.jsonl")
-                if r.get("split") == "train" and r["prompt"] not in used]
-        paths[kind] = out / f"{kind}.jsonl"
-        paths[kind].write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "category")}) + "\n"
-                                       for r in rows))
-        print(f"{kind}: {len(rows)} unused train prompts", file=sys.stderr)
+    for kind in heldout.KINDS:
+        left = heldout.unused(kind, used)
+        items = heldout.split(left, 0, limit)[0]
+        chosen = heldout.user_prompts(run / "select" / "held_out" / f"{kind}.jsonl")
+        if chosen & {it.prompt for it in items}:
+            raise SystemExit(f"{run}/select/held_out/{kind}.jsonl shares prompts with this validation set: "
+                             f"use --limit {heldout.VALIDATION} (the size select keeps apart)")
+        paths[kind] = heldout.write(items, out / f"{kind}.jsonl")
+        print(f"{kind}: {len(items)} of {len(left)} unused train prompts", file=sys.stderr)
     return paths
 
 
@@ -66,10 +57,10 @@ def models(run: Path, checkpoints: bool, extra: list[str]) -> dict[str, str | No
     return out
 
 
-def evaluate(run: Path, name: str, adapter: str | None, paths: dict[str, Path], limit: int, model: str) -> dict:
+def evaluate(run: Path, name: str, adapter: str | None, paths: dict[str, Path], model: str) -> dict:
     out = run / "validation" / name
     cmd = [sys.executable, "-m", "mlx_cai", "eval", "-o", str(out), "--model", model,
-           "--suite", f"{paths['harm']}:harmful,{paths['safe']}:safe", "--limit", str(limit),
+           "--suite", f"{paths['harm']}:harmful,{paths['safe']}:safe",
            "--max-tokens", "96", "--batch-size", "48"]
     if adapter:
         cmd += ["--adapter", adapter]
@@ -91,12 +82,12 @@ def main() -> None:
                                                                 "variant that shares them with a run measured before)")
     args = ap.parse_args()
     model = _run_model(args.run)
-    paths = unused(args.run)
+    paths = unused(args.run, args.limit)
     rows = ["| model | ASR (unused harmful) | over-refusal (unused safe) |", "|---|---:|---:|"]
     for name, adapter in models(args.run, args.checkpoints, args.adapter).items():
         if name in args.skip:
             continue
-        s = evaluate(args.run, name, adapter, paths, args.limit, model)["suites"]
+        s = evaluate(args.run, name, adapter, paths, model)["suites"]
         rows.append(f"| {name} | {pct(s['harm']['metrics'].get('asr_keyword'))} | "
                     f"{pct(s['safe']['metrics'].get('over_refusal'))} |")
         print(rows[-1], file=sys.stderr, flush=True)  # as it comes, beside eval's progress

@@ -1,6 +1,6 @@
 """`mlx-cai run CONFIG.yaml`: the whole Constitutional AI recipe, one stage after another, resumable.
 
-  revise -> clean -> sft -> feedback -> dpo -> eval-base -> eval-sft -> eval-dpo -> report
+  revise -> clean -> sft -> feedback -> dpo -> select -> eval-base -> eval-sft -> eval-dpo -> report
 
 The stages and where their inputs and outputs live come from the registry (mlx_cai.stages.PIPELINE).
 Reads one YAML (see configs/demo.yaml): top-level `name`, `model`, `seed`, `runs_dir`, `skip`, and a section
@@ -9,7 +9,8 @@ per stage whose keys are that stage's config fields. Writes runs/<name>/:
   config.yaml          the resolved config (defaults < YAML < command line)
   revise.jsonl         clean/  sft/  pairs.jsonl  dpo/  eval/{base,sft,dpo}/  report.html
   stages/<stage>.json  completion marker: the stage's resolved settings, wall time, outputs
-  final -> dpo/        the final adapter (sft/ when dpo is disabled), loadable with --adapter
+  final -> dpo/        the final adapter (select/ when it chose a DPO checkpoint, sft/ when dpo is disabled),
+                       loadable with --adapter
 
 A stage whose marker exists (with the same settings) is skipped; a stage without one is run, and each
 stage itself continues a partial output (every stage appends per record or checkpoints). So killing the
@@ -42,7 +43,7 @@ from mlx_cai.stages import NAMES, REGISTRY, SECTIONS, Layout, Stage
 STAGES = NAMES
 RUN_FIELDS = ("name", "model", "seed", "runs_dir", "skip")
 SHARED_FIELDS = ("model", "seed")  # run-level settings handed to every stage config that has such a field
-FINAL_FROM = ("dpo", "sft")  # the final adapter: the last of these that ran
+FINAL_FROM = ("select", "dpo", "sft")  # the final adapter: the first of these that wrote one
 
 
 class PipelineError(ValueError):
@@ -112,7 +113,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
 
 
 def layout(cfg: RunConfig) -> Layout:
-    return Layout(cfg.run_dir, tuple(cfg.enabled()))
+    enabled = tuple(cfg.enabled())
+    selects = {"select", "dpo"} <= set(enabled) and bool(cfg.section("select").get("held_out"))
+    return Layout(cfg.run_dir, enabled, selects)
 
 
 def stage_config(cfg: RunConfig, stage: str, where: str = "config"):

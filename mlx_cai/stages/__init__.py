@@ -20,6 +20,7 @@ class Layout:
 
     root: Path
     enabled: tuple[str, ...]
+    selects: bool = False  # the select stage chooses the final DPO checkpoint (select.held_out > 0)
 
     def __truediv__(self, name: str) -> Path:
         return self.root / name
@@ -67,7 +68,11 @@ def _adapter(run: Layout, stage: str) -> dict:
 
 
 def _eval(which: str) -> Stage:
-    adapter = (lambda run: {"adapter": None}) if which == "base" else (lambda run: {"adapter": str(run / which)})
+    def adapter(run: Layout) -> dict:
+        if which == "base":
+            return {"adapter": None}
+        return {"adapter": str(run / ("select" if which == "dpo" and run.selects else which))}
+
     return Stage(f"eval-{which}", "evaluate", "EvalConfig", "eval", True,
                  lambda run, _: {"output": str(run / "eval" / which), **adapter(run)}, (f"eval/{which}",))
 
@@ -84,6 +89,10 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("dpo", "dpo", "DPOConfig", "dpo", True,
           lambda run, _: {"pairs": str(run / "pairs.jsonl"), "output": str(run / "dpo"), "resume": True,
                           **_adapter(run, "sft")}, ("dpo",)),
+    # the final DPO checkpoint, chosen on held-out train prompts (off unless select.held_out is set)
+    Stage("select", "select", "SelectConfig", "select", True,
+          lambda run, _: {"checkpoints": str(run / "dpo"), "output": str(run / "select"),
+                          "used": [str(run / p) for p in ("revise.jsonl", "clean", "pairs.jsonl")]}, ("select",)),
     _eval("base"),
     _eval("sft"),
     _eval("dpo"),
