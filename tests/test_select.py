@@ -110,6 +110,12 @@ def test_select_chooses_a_checkpoint_on_held_out_prompts_and_the_final_model_is_
     assert not held & heldout.used_prompts([run_dir / "revise.jsonl", run_dir / "clean", run_dir / "pairs.jsonl"])
     eval_split = {it.prompt for s in ("harm", "benign", "borderline") for it in evalsets.load_suite(s, "eval").items}
     assert not held & eval_split
+    # the report says which checkpoint is final and why, after the verdict
+    md = (run_dir / "report.md").read_text()
+    assert f"The final adapter is DPO step {choice['step']} of 3" in md
+    assert md.index("targets not met" if "not met" in md else "targets met") < md.index("The final adapter")
+    assert f"| dpo {choice['chosen']} (chosen) |" in md and md.count("(chosen)") == 1
+    assert "Which DPO checkpoint" in (run_dir / "report.html").read_text()
     calls = []
     pipeline.run(cfg, hooks=pipeline.Hooks(stage_skip=lambda s, why: calls.append(s)))
     assert "select" in calls  # done: a rerun skips it

@@ -99,7 +99,8 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("report", "report", "ReportConfig", "report", False,
           lambda run, _: {"dirs": [str(run / "eval" / s.removeprefix("eval-")) for s in run.enabled
                                    if s.startswith("eval-")], "output": str(run / "report.html"),
-                          "training": [a for s in ("sft", "dpo") if (a := run.adapter(s))]},
+                          "training": [a for s in ("sft", "dpo") if (a := run.adapter(s))],
+                          **({"selection": str(run / "select" / "choice.json")} if run.selects else {})},
           ("report.html", "report.md")),
 )
 REGISTRY: dict[str, Stage] = {s.name: s for s in PIPELINE}

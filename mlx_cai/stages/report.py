@@ -4,6 +4,7 @@ Reads: each folder's summary.json and <suite>.jsonl (written by mlx_cai.stages.e
 folders' metrics.jsonl (mlx_cai.train.loop: a row per step with `loss`, a row per validation pass with `val_loss`).
 Writes OUT.html, in this order:
   1. the verdict: mlx_cai.targets of the last folder against the first, one line, then the table, failures marked;
+     then, where the select stage chose the final DPO checkpoint (`selection`), its candidates and why;
   2. the answers of every folder to the same prompts, side by side (a few per suite and category);
   3. the metric tables (95% intervals, deltas against the first folder, regressions beyond the first folder's
      interval marked), provenance, matplotlib plots and the training loss curves, all embedded as base64 PNGs.
@@ -206,7 +207,7 @@ def verdict(evals: Sequence[EvalDir], warnings: Sequence[str]) -> tuple[str, lis
     return f"All targets met ({vs}).", checks
 
 
-def markdown(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[str]) -> str:
+def markdown(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[str], choice: dict | None = None) -> str:
     def md_table(header, body):
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body])
@@ -218,6 +219,9 @@ def markdown(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[str
                   ""]
     if warnings:
         parts += ["**Not comparable (rows marked †):** " + "; ".join(warnings), ""]
+    if choice:
+        text, header, body = selection(choice)
+        parts += [text, "", md_table(header, body), ""]
     collapse = [r for r in rs if r.group == "collapse" and r.section == "overall"]
     parts += [md_table(*table(evals, [r for r in rs if r.group == "metrics"])), "",
               "Collapse metrics, all responses (per suite in the HTML report):", "", md_table(*table(evals, collapse)),
@@ -450,10 +454,34 @@ def _verdict_html(evals: Sequence[EvalDir], warnings: Sequence[str]) -> str:
     return out
 
 
+def selection(choice: dict) -> tuple[str, list[str], list[list[str]]]:
+    """The select stage's choice.json as (one sentence, header, rows): every DPO checkpoint's numbers on the held-out
+    train prompts, in step order, the base first and the chosen one marked."""
+    held = choice["held_out"]
+    text = (f"The final adapter is DPO step {choice['step']} of {max(choice['of_steps'])}: of the checkpoints, the one "
+            f"that meets the most targets on {held['harm']} harmful and {held['safe']} benign train prompts that no "
+            "stage read (ties: the lower ASR). The eval split was not used to choose it.")
+    header = ["model", "ASR (held-out harmful)", "over-refusal (held-out safe)", "targets met", "fails"]
+    pct = lambda v: f"{v:.1%}"  # noqa: E731
+    body = [["base", pct(choice["base"]["asr"]), pct(choice["base"]["over_refusal"]), "", ""]]
+    for r in sorted(choice["ranking"], key=lambda r: r["name"]):
+        mark = " (chosen)" if r["name"] == choice["chosen"] else ""
+        body.append([f"dpo {r['name']}{mark}", pct(r["asr"]), pct(r["over_refusal"]), f"{r['passed']} of {r['judged']}",
+                     ", ".join(r["failed"]) or "–"])
+    return text, header, body
+
+
+def _selection_html(choice: dict | None) -> str:
+    if not choice:
+        return ""
+    text, header, body = selection(choice)
+    return f"<h2>Which DPO checkpoint</h2><p>{html.escape(text)}</p>{_html_table(header, body)}"
+
+
 def render_html(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[str], per_category: int = 1,
-                training: dict[str, list[dict]] | None = None) -> str:
-    """The page: verdict, answers side by side, metric tables, plots, training curves (`training`: label ->
-    metrics.jsonl rows)."""
+                training: dict[str, list[dict]] | None = None, choice: dict | None = None) -> str:
+    """The page: verdict, the DPO checkpoint chosen (`choice`: the select stage's choice.json), answers side by side,
+    metric tables, plots, training curves (`training`: label -> metrics.jsonl rows)."""
     plots = [p for p in (plot_safety(evals), plot_collapse(evals), plot_mtbench(evals)) if p]
     curves = plot_training(training or {})
     title = f"Evaluation report: {', '.join(e.label for e in evals)}"
@@ -464,6 +492,7 @@ def render_html(evals: Sequence[EvalDir], rs: Sequence[Row], warnings: Sequence[
              if curves else "")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{_verdict_html(evals, warnings)}{warn}"
+            f"{_selection_html(choice)}"
             f"<h2>Answers side by side</h2>{side_by_side(evals, per_category)}"
             f"<h2>Safety and helpfulness</h2>{_html_table(*table(evals, [r for r in rs if r.group == 'metrics']))}"
             f"<h2>Collapse</h2>{_html_table(*table(evals, [r for r in rs if r.group == 'collapse']))}"
@@ -484,6 +513,7 @@ class ReportConfig:
     examples: int = opt(1, "example responses per category")
     training: list[str] = opt([], "training folders (e.g. runs/NAME/sft,runs/NAME/dpo) whose metrics.jsonl is "
                                   "plotted as loss curves")
+    selection: str | None = opt(None, "the select stage's choice.json: which DPO checkpoint is final, and why")
 
     def __post_init__(self):
         if isinstance(self.dirs, str):
@@ -531,6 +561,8 @@ def run(config: ReportConfig, progress: Progress | None = None) -> Path:
                          else "") + "; evaluate them alike, or pass --allow-mixed to compare with marked rows")
     rs = rows(evals, mixed)
     out = Path(config.output)
-    records.write_text_atomic(out, render_html(evals, rs, warnings, per_category, load_training(config.training)))
-    records.write_text_atomic(out.with_suffix(".md"), markdown(evals, rs, warnings))
+    choice = records.read_json(Path(config.selection)) if config.selection else None
+    records.write_text_atomic(out, render_html(evals, rs, warnings, per_category, load_training(config.training),
+                                               choice))
+    records.write_text_atomic(out.with_suffix(".md"), markdown(evals, rs, warnings, choice))
     return out
