@@ -149,3 +149,25 @@ def test_a_second_question_about_the_same_text_reuses_its_kv_with_the_same_optio
     assert fast.counts["prefilled"] - before["prefilled"] < sum(len(tok.encode(c)) for c in second) - reused // 2
     for (p, m), (q, n) in zip(got, fresh):
         assert p == pytest.approx(q, abs=1e-5) and m == pytest.approx(n, abs=1e-5)
+
+
+def test_option_logits_keeps_no_kv_when_told_nothing_asks_again(model, monkeypatch):
+    """keep=False (feedback's (A)/(B) questions, each asked once): the contexts' K/V is not copied to the store, so
+    asking again prefills from scratch, with the same logits."""
+    from mlx_cai.judges.choice import option_logits, render_answer_start
+
+    model, tok = model
+    ctx = [render_answer_start(tok, [SYSTEM, {"role": "user", "content": f"[Request] {t}\nWhich? (A) or (B)."}],
+                               "Answer: ") for t in TEXTS[:4]]
+    monkeypatch.setenv("MLX_CAI_KV_REUSE_MB", "64")
+    fast = FastLlama.for_model(model)
+    first = option_logits(model, tok, ctx, ("(A)", "(B)"), batch_size=2, keep=False)
+    before = dict(fast.counts)
+    again = option_logits(model, tok, ctx, ("(A)", "(B)"), batch_size=2, keep=False)
+    assert fast.counts["reused"] == before["reused"]
+    kept = option_logits(model, tok, ctx, ("(A)", "(B)"), batch_size=2)  # keep=True: stored for the next call
+    assert fast.counts["reused"] == before["reused"]
+    option_logits(model, tok, ctx, ("(A)", "(B)"), batch_size=2)
+    assert fast.counts["reused"] > before["reused"]
+    for a, b, c in zip(first, again, kept):
+        assert a[0] == pytest.approx(b[0], abs=1e-4) and a[0] == pytest.approx(c[0], abs=1e-4)

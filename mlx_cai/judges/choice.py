@@ -57,13 +57,14 @@ def option_tokens(tokenizer, context: str, options: Sequence[str]) -> tuple[list
 
 
 def option_logits(model, tokenizer, contexts: Sequence[str], options: Sequence[str],
-                  batch_size: int = 8) -> list[tuple[list[float], float]]:
+                  batch_size: int = 8, keep: bool = True) -> list[tuple[list[float], float]]:
     """Per context: (the next-token logits of each option's token, logsumexp of all next-token logits).
     Longest contexts first, in batches of `batch_size`: llama-family and qwen2 models on the compiled path (its
     shared-prefix prefill: a judge's questions share their opening), others on mlx-lm's left-padded one. On the
     compiled path each context's K/V goes to the model's PrefixStore, so a later call asking another question
-    about the same request and reply (ProbHarmJudge's second question) prefills only what follows them. The
-    result does not depend on the batching nor on the reuse (tested)."""
+    about the same request and reply (ProbHarmJudge's second question) prefills only what follows them; `keep=False`
+    skips that copy where no later call asks about the same text (feedback's (A)/(B) questions). The result does not
+    depend on the batching nor on the reuse (tested)."""
     from mlx_cai.fastllama import FastLlama, FastRunner  # imports mlx_cai.backend (OpenBLAS) before mlx.core
     from mlx_cai.generate import GenericRunner
 
@@ -78,7 +79,8 @@ def option_logits(model, tokenizer, contexts: Sequence[str], options: Sequence[s
         prompts = [items[i][0] for i in idx]
         runner = FastRunner(fast, prompts, 1) if fast else GenericRunner.left_padded(model, prompts)
         logits = runner.prefill().astype(mx.float32)
-        runner.retire(list(range(len(idx))), prompts)  # later questions about the same text reuse its K/V
+        if keep:
+            runner.retire(list(range(len(idx))), prompts)  # later questions about the same text reuse its K/V
         picked = mx.take_along_axis(logits, mx.array([items[i][1] for i in idx]), axis=-1)
         lse = mx.logsumexp(logits, axis=-1)
         for i, row, total in zip(idx, picked.tolist(), lse.tolist()):

@@ -289,7 +289,8 @@ def choose_principles(pool: Sequence[str], k: int, seed: int, pid: str) -> tuple
 
 def option_probs(model, tokenizer, contexts: list[str], batch_size: int = 8) -> list[float]:
     """P("(A)") / (P("(A)") + P("(B)")) after each context, from next-token logits (mlx_cai.judges.choice)."""
-    rows = option_logits(model, tokenizer, contexts, OPTIONS, batch_size=batch_size)
+    # each (A)/(B) question is asked once: nothing reuses its K/V, so none is kept
+    rows = option_logits(model, tokenizer, contexts, OPTIONS, batch_size=batch_size, keep=False)
     if not rows:
         return []
     diff = mx.array([a - b for (a, b), _ in rows], dtype=mx.float32)
