@@ -285,8 +285,9 @@ def load_suites(specs: Iterable[str], split: str = "eval") -> list[Suite]:
 
 
 def select(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
-    """The first `limit` items taken round-robin over categories (file order within each), so a small limit
-    still covers every category; deterministic, so a rerun selects the same items."""
+    """The first `limit` items (anything with `id` and `category`: eval items, training prompts) taken round-robin
+    over categories (file order within each), so a small limit still covers every category; deterministic, so a
+    rerun selects the same items."""
     if limit is None or limit >= len(items):
         return list(items)
     by_cat: dict[str, list[EvalItem]] = {}

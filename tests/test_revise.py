@@ -219,6 +219,23 @@ def test_principle_per_category(tiny, tmp_path: Path) -> None:
     assert {r["rounds"][0]["principle"] for r in uniform} - written  # uniform draws others too
 
 
+def test_spread_takes_the_limit_round_robin_over_categories(tiny, tmp_path: Path) -> None:
+    """revise.spread: `limit` prompts over every category of the source (the shipped train:harmful file is ordered by
+    category, so its first 48 cover 3 of its 11); off: the first `limit` in file order, as before."""
+    first = R.load_prompts("train:harmful", 48)
+    spread = R.load_prompts("train:harmful", 48, spread=True)
+    every = {p.category for p in R.load_prompts("train:harmful", None)}
+    assert len(every) == 11 and len({p.category for p in first}) == 3
+    assert len(spread) == 48 and {p.category for p in spread} == every
+    counts = [sum(p.category == c for p in spread) for c in every]
+    assert max(counts) - min(counts) <= 1
+    assert [p.id for p in first] == [p.id for p in R.load_prompts("train:harmful", None)][:48]
+    mixed = [Prompt(f"m{i}", f"prompt {i}", "test", "ab"[i % 4 == 0], True) for i in range(8)]  # 2 of b, 6 of a
+    recs = read(R.run(replace(cfg(shots=0, batch_size=4, max_tokens=2, limit=4, spread=True),
+                              output=str(tmp_path / "s.jsonl")), prompts=mixed, responder=Tiny(tiny)))
+    assert sorted(r["id"] for r in recs) == ["m0", "m1", "m2", "m4"]  # a: m1, m2; b: m0, m4
+
+
 def test_deterministic_per_seed(tiny, tmp_path: Path) -> None:
     strip = lambda recs: [{k: v for k, v in r.items() if k != "config_id"} for r in recs]  # noqa: E731
     a = read(R.run(replace(cfg(), output=str(tmp_path / "a.jsonl")), prompts=PROMPTS[:4], responder=Tiny(tiny)))

@@ -72,6 +72,9 @@ class ReviseConfig:
     shots_in_initial: bool = opt(False, "also show the demos before the initial answer")
     seed: int = opt(0, "drives shots, principles and sampling seeds")
     limit: int | None = opt(None, "only the first N prompts")
+    spread: bool = opt(False, "with limit: the N prompts taken round-robin over the prompts' categories (file order "
+                              "within each), so every category is revised; off: the first N in file order (the "
+                              "shipped train:harmful file is ordered by category: its first 48 cover 3 of 11)")
     max_tokens: int = opt(256, "new tokens per turn")
     temperature: float = opt(0.0, "0 = greedy")
     top_p: float = opt(1.0, "nucleus sampling mass")
@@ -160,7 +163,7 @@ def plan(prompt: prompt_sources.Prompt, con: constitution.Constitution, cfg: Rev
 
 def config_id(cfg: ReviseConfig, con: constitution.Constitution, responder: str, critic: str) -> str:
     """What must match for records to belong in one output file (not batch size or limit; principles via con.ids)."""
-    skip = ("prompts", "output", "batch_size", "limit", "model", "critic", "constitution", "principles")
+    skip = ("prompts", "output", "batch_size", "limit", "spread", "model", "critic", "constitution", "principles")
     keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
     for k, default in (("framing", "conversation"), ("opening", "free"), ("principle_choice", "uniform"),
                        ("critic_max_tokens", None),
@@ -279,7 +282,14 @@ def load_constitution(cfg: ReviseConfig) -> constitution.Constitution:
     return constitution.select(con, cfg.principles) if cfg.principles else con
 
 
-def load_prompts(source: str | Path | Sequence[prompt_sources.Prompt], limit: int | None) -> Sequence[prompt_sources.Prompt]:
+def load_prompts(source: str | Path | Sequence[prompt_sources.Prompt], limit: int | None,
+                 spread: bool = False) -> Sequence[prompt_sources.Prompt]:
+    """The prompts to revise: the first `limit`, or with `spread` `limit` round-robin over their categories."""
+    if spread:
+        from mlx_cai.evalsets import select
+
+        every = prompt_sources.load(source) if isinstance(source, (str, Path)) else list(source)
+        return select(list(every), limit)
     if isinstance(source, (str, Path)):
         return prompt_sources.load(source, limit=limit)
     return list(source)[:limit] if limit else list(source)
@@ -298,7 +308,7 @@ def run(config: ReviseConfig, progress: Progress | None = None, *, prompts: Sequ
         raise ReviseError("an output file is required (-o OUT.jsonl)")
     out = Path(cfg.output)
     con = load_constitution(cfg)
-    items = load_prompts(cfg.prompts if prompts is None else prompts, cfg.limit)
+    items = load_prompts(cfg.prompts if prompts is None else prompts, cfg.limit, cfg.spread)
     responder = responder or from_spec(cfg.model, batch_size=cfg.batch_size)
     if critic is None:
         critic = responder if cfg.critic in (None, cfg.model) else from_spec(cfg.critic, batch_size=cfg.batch_size)
