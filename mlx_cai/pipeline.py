@@ -113,9 +113,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
 
 
 def layout(cfg: RunConfig) -> Layout:
-    enabled = tuple(cfg.enabled())
-    selects = {"select", "dpo"} <= set(enabled) and bool(cfg.section("select").get("held_out"))
-    return Layout(cfg.run_dir, enabled, selects)
+    return Layout(cfg.run_dir, tuple(cfg.enabled()), cfg.sections)
 
 
 def stage_config(cfg: RunConfig, stage: str, where: str = "config"):

@@ -9,9 +9,9 @@ Adding a stage = its module + one line in PIPELINE + its section in the run YAML
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,12 @@ class Layout:
 
     root: Path
     enabled: tuple[str, ...]
-    selects: bool = False  # the select stage chooses the final DPO checkpoint (select.held_out > 0)
+    sections: Mapping[str, Mapping] = field(default_factory=dict, compare=False, hash=False)  # the run YAML's
+
+    @property
+    def selects(self) -> bool:
+        """Whether the select stage chooses the final DPO checkpoint (it and dpo run, select.held_out > 0)."""
+        return {"select", "dpo"} <= set(self.enabled) and bool((self.sections.get("select") or {}).get("held_out"))
 
     def __truediv__(self, name: str) -> Path:
         return self.root / name
