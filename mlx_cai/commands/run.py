@@ -154,7 +154,7 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="override a setting, e.g. --set sft.iters=50"),
     memory_budget: Optional[float] = typer.Option(None, "--memory-budget", help=BUDGET_HELP),
 ) -> None:
-    """Run revise -> clean -> sft -> feedback -> dpo -> eval (base, sft, dpo) -> report into runs/NAME.
+    """Run revise -> clean -> sft -> feedback -> dpo -> select -> eval (base, sft, dpo) -> report into runs/NAME.
     Rerun the same command after a kill: finished stages are skipped and a partial one continues."""
     from mlx_cai import memcheck, memplan, pipeline, ui
 
