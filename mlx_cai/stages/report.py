@@ -459,15 +459,17 @@ def selection(choice: dict) -> tuple[str, list[str], list[list[str]]]:
     train prompts, in step order, the base first and the chosen one marked."""
     held = choice["held_out"]
     text = (f"The final adapter is DPO step {choice['step']} of {max(choice['of_steps'])}: of the checkpoints, the one "
-            f"that meets the most targets on {held['harm']} harmful and {held['safe']} benign train prompts that no "
-            "stage read (ties: the lower ASR). The eval split was not used to choose it.")
-    header = ["model", "ASR (held-out harmful)", "over-refusal (held-out safe)", "targets met", "fails"]
+            f"that meets the most targets on {held['harm']} harmful and {held['safe']} safe train prompts that no "
+            "stage read (ties: the one missing its failed ASR and over-refusal targets by the fewest points). The "
+            "eval split was not used to choose it.")
+    header = ["model", "ASR (held-out harmful)", "over-refusal (held-out safe)", "targets met", "fails", "missed by"]
     pct = lambda v: f"{v:.1%}"  # noqa: E731
-    body = [["base", pct(choice["base"]["asr"]), pct(choice["base"]["over_refusal"]), "", ""]]
+    body = [["base", pct(choice["base"]["asr"]), pct(choice["base"]["over_refusal"]), "", "", ""]]
     for r in sorted(choice["ranking"], key=lambda r: r["name"]):
         mark = " (chosen)" if r["name"] == choice["chosen"] else ""
+        missed = f"{r['excess'] * 100:.1f} pts" if r.get("excess") else "–"
         body.append([f"dpo {r['name']}{mark}", pct(r["asr"]), pct(r["over_refusal"]), f"{r['passed']} of {r['judged']}",
-                     ", ".join(r["failed"]) or "–"])
+                     ", ".join(r["failed"]) or "–", missed])
     return text, header, body
 
 
