@@ -130,3 +130,16 @@ def test_select_without_checkpoints_is_one_line_and_off_writes_nothing(tmp_path)
     off = select.SelectConfig(checkpoints=str(tmp_path / "dpo"), output=str(tmp_path / "off"))
     select.run(off)
     assert not (tmp_path / "off").exists()
+
+
+def test_select_with_every_train_prompt_used_is_one_line_before_any_evaluation(tmp_path):
+    step = tmp_path / "dpo" / "checkpoints" / "step-0000001"
+    step.mkdir(parents=True)
+    (step / "adapters.safetensors").write_bytes(b"")
+    every = [{"id": it.id, "prompt": it.prompt} for it in evalsets.load_suite("harm", "train").items]
+    records.write_jsonl_atomic(tmp_path / "revise.jsonl", every)
+    cfg = select.SelectConfig(checkpoints=str(tmp_path / "dpo"), output=str(tmp_path / "select"), held_out=2,
+                              used=(str(tmp_path / "revise.jsonl"),))
+    with pytest.raises(select.SelectError, match="no train prompt of kind 'harm' is left to hold out"):
+        select.run(cfg)
+    assert not (tmp_path / "select").exists()  # nothing written

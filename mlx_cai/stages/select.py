@@ -118,13 +118,17 @@ def run(config: SelectConfig, progress: Progress | None = None) -> Path:
         raise SelectError(f"{config.checkpoints}/checkpoints holds no DPO checkpoint to choose from: run DPO with "
                           "steps_per_save and keep_checkpoints that keep some, or set select.held_out: 0")
     sets = out / "held_out"
-    if distributed.is_main() and not all((sets / f"{k}.jsonl").exists() for k in heldout.KINDS):
+    if not all((sets / f"{k}.jsonl").exists() for k in heldout.KINDS):
+        # every process chooses (alike), so none waits at the barrier behind a rank 0 that stopped
         used = heldout.used_prompts(config.used)
-        for kind in heldout.KINDS:
-            items = heldout.split(heldout.unused(kind, used), config.held_out)[1]
-            if not items:
-                raise SelectError(f"no unused train prompts of kind '{kind}' are left to hold out")
-            heldout.write(items, sets / f"{kind}.jsonl")
+        chosen = {kind: heldout.split(heldout.unused(kind, used), config.held_out)[1] for kind in heldout.KINDS}
+        empty = [kind for kind, items in chosen.items() if not items]
+        if empty:
+            raise SelectError(f"no train prompt of kind '{empty[0]}' is left to hold out (the data stages and the "
+                              "validation set take them all): set select.held_out: 0 or give the stages fewer")
+        if distributed.is_main():
+            for kind, items in chosen.items():
+                heldout.write(items, sets / f"{kind}.jsonl")
     distributed.barrier()
     suites = (f"{sets / 'harm.jsonl'}:harmful", f"{sets / 'safe.jsonl'}:safe")
     summaries = {}
