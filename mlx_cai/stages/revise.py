@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 from mlx_cai import constitution, memplan
 from mlx_cai import distributed
-from mlx_cai import framing
+from mlx_cai import evalsets, framing
 from mlx_cai import prompts as prompt_sources
 from mlx_cai import records
 from mlx_cai.config import opt
@@ -286,10 +286,8 @@ def load_prompts(source: str | Path | Sequence[prompt_sources.Prompt], limit: in
                  spread: bool = False) -> Sequence[prompt_sources.Prompt]:
     """The prompts to revise: the first `limit`, or with `spread` `limit` round-robin over their categories."""
     if spread:
-        from mlx_cai.evalsets import select
-
-        every = prompt_sources.load(source) if isinstance(source, (str, Path)) else list(source)
-        return select(list(every), limit)
+        every = prompt_sources.load(source) if isinstance(source, (str, Path)) else source
+        return evalsets.select(list(every), limit)
     if isinstance(source, (str, Path)):
         return prompt_sources.load(source, limit=limit)
     return list(source)[:limit] if limit else list(source)
